@@ -1,0 +1,195 @@
+//! Counters a caller can read while a stream runs, mirrored to the `metrics` facade.
+
+use std::fmt;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+
+use metrics::{Counter, Gauge, SharedString};
+
+use crate::window::lru::Observed;
+
+/// Name of the counter of items accepted (first seen, passed downstream).
+pub const ACCEPTED_TOTAL: &str = "stream_dedup_accepted_total";
+/// Name of the counter of items dropped as duplicates.
+pub const DUPLICATES_TOTAL: &str = "stream_dedup_duplicates_total";
+/// Name of the counter of keys forgotten because the window was full.
+pub const EVICTED_TOTAL: &str = "stream_dedup_evicted_total";
+/// Name of the counter of keys forgotten because their ttl ran out.
+pub const EXPIRED_TOTAL: &str = "stream_dedup_expired_total";
+/// Name of the gauge of keys the window holds.
+pub const KEYS: &str = "stream_dedup_keys";
+/// Name of the label that carries [`Window::name`](crate::Window::name) on every metric.
+pub const WINDOW_LABEL: &str = "window";
+
+#[derive(Debug, Default)]
+struct Counters {
+    accepted: AtomicU64,
+    duplicates: AtomicU64,
+    evicted: AtomicU64,
+    expired: AtomicU64,
+    keys: AtomicU64,
+}
+
+/// A live view of one window's counters, cheap to clone and to read from any thread.
+///
+/// Every operator and every [`SharedWindow`](crate::SharedWindow) has one. Reads are
+/// `Relaxed`: each number is exact once the stream is idle, and never more than a few items
+/// behind while it runs.
+///
+/// # Examples
+///
+/// ```
+/// use futures::{stream, StreamExt};
+/// use stream_dedup::{DedupStreamExt, Window};
+///
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() {
+/// let unique = stream::iter([1, 2, 1, 3, 2]).dedup_by_key(|n| *n, Window::max_keys(100));
+/// let stats = unique.stats();
+/// let out: Vec<_> = unique.collect().await;
+/// assert_eq!(out, [1, 2, 3]);
+/// assert_eq!((stats.accepted(), stats.duplicates(), stats.keys()), (3, 2, 3));
+/// # }
+/// ```
+#[derive(Clone, Default)]
+pub struct Stats(Arc<Counters>);
+
+impl Stats {
+    /// Items accepted: their key was not in the window, so they went downstream.
+    pub fn accepted(&self) -> u64 {
+        self.0.accepted.load(Relaxed)
+    }
+
+    /// Items dropped because their key was in the window.
+    pub fn duplicates(&self) -> u64 {
+        self.0.duplicates.load(Relaxed)
+    }
+
+    /// Keys forgotten to make room for a new key in a full window (least recently seen first).
+    pub fn evicted(&self) -> u64 {
+        self.0.evicted.load(Relaxed)
+    }
+
+    /// Keys forgotten because their ttl ran out.
+    pub fn expired(&self) -> u64 {
+        self.0.expired.load(Relaxed)
+    }
+
+    /// Keys the window holds now.
+    pub fn keys(&self) -> u64 {
+        self.0.keys.load(Relaxed)
+    }
+
+    /// All counters at once.
+    pub fn snapshot(&self) -> StatsSnapshot {
+        StatsSnapshot {
+            accepted: self.accepted(),
+            duplicates: self.duplicates(),
+            evicted: self.evicted(),
+            expired: self.expired(),
+            keys: self.keys(),
+        }
+    }
+}
+
+impl fmt::Debug for Stats {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Debug::fmt(&self.snapshot(), f)
+    }
+}
+
+/// The counters of [`Stats`] read at one moment.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub struct StatsSnapshot {
+    /// See [`Stats::accepted`].
+    pub accepted: u64,
+    /// See [`Stats::duplicates`].
+    pub duplicates: u64,
+    /// See [`Stats::evicted`].
+    pub evicted: u64,
+    /// See [`Stats::expired`].
+    pub expired: u64,
+    /// See [`Stats::keys`].
+    pub keys: u64,
+}
+
+/// The writing side: owned by exactly one window, which is only ever written through `&mut`
+/// (directly, or under the shared window's mutex). With a single writer a plain load + store
+/// is an exact increment and costs no locked instruction on the hot path.
+pub(crate) struct Recorder {
+    counters: Stats,
+    accepted: Counter,
+    duplicates: Counter,
+    evicted: Counter,
+    expired: Counter,
+    keys: Gauge,
+}
+
+#[inline]
+fn bump(c: &AtomicU64, n: u64) {
+    c.store(c.load(Relaxed) + n, Relaxed);
+}
+
+impl Recorder {
+    /// Registers the metrics under `name` with whatever recorder is installed now.
+    pub(crate) fn new(name: &SharedString) -> Self {
+        let label = [(WINDOW_LABEL, name.clone())];
+        Recorder {
+            counters: Stats::default(),
+            accepted: metrics::counter!(ACCEPTED_TOTAL, &label),
+            duplicates: metrics::counter!(DUPLICATES_TOTAL, &label),
+            evicted: metrics::counter!(EVICTED_TOTAL, &label),
+            expired: metrics::counter!(EXPIRED_TOTAL, &label),
+            keys: metrics::gauge!(KEYS, &label),
+        }
+    }
+
+    pub(crate) fn stats(&self) -> &Stats {
+        &self.counters
+    }
+
+    #[inline]
+    pub(crate) fn observed(&self, o: Observed, keys: usize) {
+        let c = &self.counters.0;
+        if o.duplicate {
+            bump(&c.duplicates, 1);
+            self.duplicates.increment(1);
+        } else {
+            bump(&c.accepted, 1);
+            self.accepted.increment(1);
+        }
+        if o.evicted {
+            bump(&c.evicted, 1);
+            self.evicted.increment(1);
+        }
+        if o.expired > 0 {
+            bump(&c.expired, u64::from(o.expired));
+            self.expired.increment(u64::from(o.expired));
+        }
+        self.set_keys(keys);
+    }
+
+    pub(crate) fn expired(&self, n: u32, keys: usize) {
+        if n > 0 {
+            bump(&self.counters.0.expired, u64::from(n));
+            self.expired.increment(u64::from(n));
+            self.set_keys(keys);
+        }
+    }
+
+    #[inline]
+    pub(crate) fn set_keys(&self, keys: usize) {
+        let keys = keys as u64;
+        if self.counters.0.keys.load(Relaxed) != keys {
+            self.counters.0.keys.store(keys, Relaxed);
+            self.keys.set(keys as f64);
+        }
+    }
+}
+
+impl fmt::Debug for Recorder {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_tuple("Recorder").field(&self.counters).finish()
+    }
+}

@@ -1,0 +1,154 @@
+use core::fmt;
+use core::hash::Hash;
+use core::pin::Pin;
+use core::task::{Context, Poll, ready};
+
+use futures_core::{FusedStream, Stream, TryStream};
+use pin_project::pin_project;
+
+use crate::hook::{DropDuplicates, OnDuplicate};
+use crate::stats::Stats;
+use crate::window::Handle;
+
+/// Stream for the [`try_dedup_by_key`](crate::TryDedupStreamExt::try_dedup_by_key) method.
+#[pin_project]
+#[must_use = "streams do nothing unless polled"]
+pub struct TryDedupByKey<St, F, K, H = DropDuplicates> {
+    #[pin]
+    stream: St,
+    key_fn: F,
+    window: Handle<K>,
+    on_duplicate: H,
+}
+
+impl<St, F, K, H> fmt::Debug for TryDedupByKey<St, F, K, H>
+where
+    St: fmt::Debug,
+{
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("TryDedupByKey")
+            .field("stream", &self.stream)
+            .field("window", &self.window)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<St, F, K> TryDedupByKey<St, F, K> {
+    pub(crate) fn new(stream: St, key_fn: F, window: Handle<K>) -> Self {
+        TryDedupByKey {
+            stream,
+            key_fn,
+            window,
+            on_duplicate: DropDuplicates,
+        }
+    }
+}
+
+impl<St, F, K, H> TryDedupByKey<St, F, K, H> {
+    /// Calls `hook` with the `Ok` value of every item dropped as a duplicate, in order
+    /// (replacing any earlier hook). `Err` items are never dropped, so never reach it.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use futures::{stream, StreamExt};
+    /// use stream_dedup::{TryDedupStreamExt, Window};
+    ///
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() {
+    /// let mut dropped = 0;
+    /// let out: Vec<Result<u8, &str>> = stream::iter([Ok(1), Ok(1), Err("bad"), Ok(2)])
+    ///     .try_dedup_by_key(|n| *n, Window::max_keys(10))
+    ///     .on_duplicate(|_n| dropped += 1)
+    ///     .collect()
+    ///     .await;
+    /// assert_eq!(out, [Ok(1), Err("bad"), Ok(2)]);
+    /// assert_eq!(dropped, 1);
+    /// # }
+    /// ```
+    pub fn on_duplicate<G>(self, hook: G) -> TryDedupByKey<St, F, K, G>
+    where
+        St: TryStream,
+        G: OnDuplicate<St::Ok>,
+    {
+        TryDedupByKey {
+            stream: self.stream,
+            key_fn: self.key_fn,
+            window: self.window,
+            on_duplicate: hook,
+        }
+    }
+
+    /// This operator's counters (for a shared window: the window's, over all its streams).
+    pub fn stats(&self) -> Stats
+    where
+        K: Hash + Eq,
+    {
+        self.window.stats()
+    }
+
+    /// Acquires a reference to the underlying stream that this combinator is pulling from.
+    pub fn get_ref(&self) -> &St {
+        &self.stream
+    }
+
+    /// Acquires a mutable reference to the underlying stream that this combinator is pulling
+    /// from. It is inadvisable to pull items from it directly: they would bypass the window.
+    pub fn get_mut(&mut self) -> &mut St {
+        &mut self.stream
+    }
+
+    /// Acquires a pinned mutable reference to the underlying stream that this combinator is
+    /// pulling from. It is inadvisable to pull items from it directly.
+    pub fn get_pin_mut(self: Pin<&mut Self>) -> Pin<&mut St> {
+        self.project().stream
+    }
+
+    /// Consumes this combinator, returning the underlying stream (the window is dropped).
+    pub fn into_inner(self) -> St {
+        self.stream
+    }
+}
+
+impl<St, F, K, H> Stream for TryDedupByKey<St, F, K, H>
+where
+    St: TryStream,
+    F: FnMut(&St::Ok) -> K,
+    K: Hash + Eq,
+    H: OnDuplicate<St::Ok>,
+{
+    type Item = Result<St::Ok, St::Error>;
+
+    fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        let mut this = self.project();
+        let now = this.window.now();
+        loop {
+            let item = match ready!(this.stream.as_mut().try_poll_next(cx)) {
+                Some(Ok(item)) => item,
+                other => return Poll::Ready(other),
+            };
+            if this.window.observe((this.key_fn)(&item), now) {
+                return Poll::Ready(Some(Ok(item)));
+            }
+            this.on_duplicate.on_duplicate(item);
+            ready!(tokio::task::coop::poll_proceed(cx)).made_progress();
+        }
+    }
+
+    fn size_hint(&self) -> (usize, Option<usize>) {
+        // Any number of items may be duplicates, so no lower bound; never more than the input.
+        (0, self.stream.size_hint().1)
+    }
+}
+
+impl<St, F, K, H> FusedStream for TryDedupByKey<St, F, K, H>
+where
+    St: TryStream + FusedStream,
+    F: FnMut(&St::Ok) -> K,
+    K: Hash + Eq,
+    H: OnDuplicate<St::Ok>,
+{
+    fn is_terminated(&self) -> bool {
+        self.stream.is_terminated()
+    }
+}
