@@ -87,6 +87,7 @@ mod ext;
 mod fingerprint;
 mod hook;
 pub mod stats;
+pub mod store;
 mod try_dedup_by_key;
 mod window;
 

@@ -1,0 +1,116 @@
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, PoisonError};
+
+use tokio::time::Instant;
+
+use super::{InsertBatch, Inserted, Store, StoreFuture, Token};
+
+/// A store in this process's memory: keys with a ttl in a map, shared by every clone.
+///
+/// It survives nothing, so it adds nothing to the window in production; it exists for tests
+/// (it is the reference the other stores are checked against) and for trying the store path
+/// with no server. Expiry reads [`tokio::time::Instant`], so a paused clock drives it.
+/// Expired keys are dropped when their key is asked about again, and in a sweep whenever the
+/// map has doubled since the last one, so memory stays proportional to the live keys.
+///
+/// # Examples
+///
+/// ```
+/// use std::time::Duration;
+/// use stream_dedup::store::{InsertBatch, Inserted, MemoryStore, Store};
+///
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// let store = MemoryStore::new();
+/// let ttl = Duration::from_secs(60);
+/// let first = store.insert(InsertBatch::new(vec![b"a".to_vec()], ttl)).await?;
+/// let again = store.insert(InsertBatch::new(vec![b"a".to_vec(), b"b".to_vec()], ttl)).await?;
+/// assert_eq!(first, [Inserted::New]);
+/// assert_eq!(again, [Inserted::Present, Inserted::New]);
+/// # Ok(())
+/// # }
+/// ```
+#[derive(Clone, Debug, Default)]
+pub struct MemoryStore {
+    inner: Arc<Mutex<Inner>>,
+}
+
+#[derive(Debug, Default)]
+struct Inner {
+    keys: HashMap<Vec<u8>, Entry>,
+    /// Map size after the last sweep; the next sweep runs when it has doubled.
+    swept_at: usize,
+}
+
+#[derive(Debug)]
+struct Entry {
+    expires: Instant,
+    token: Token,
+}
+
+impl MemoryStore {
+    /// An empty store.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// How many keys it holds, expired ones included until they are swept.
+    pub fn len(&self) -> usize {
+        self.lock().keys.len()
+    }
+
+    /// Whether it holds no key.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
+        self.inner.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+impl Store for MemoryStore {
+    fn insert(&self, batch: InsertBatch) -> StoreFuture<Vec<Inserted>> {
+        let now = Instant::now();
+        let mut inner = self.lock();
+        if inner.keys.len() >= 2 * inner.swept_at.max(1024) {
+            inner.keys.retain(|_, e| e.expires > now);
+            inner.swept_at = inner.keys.len();
+        }
+        let expires = now + batch.ttl;
+        let answers = batch
+            .keys
+            .into_iter()
+            .map(|key| match inner.keys.get_mut(&key) {
+                Some(e) if e.expires > now && e.token != batch.token => Inserted::Present,
+                Some(e) if e.expires > now => Inserted::New,
+                Some(e) => {
+                    *e = Entry {
+                        expires,
+                        token: batch.token,
+                    };
+                    Inserted::New
+                }
+                None => {
+                    inner.keys.insert(
+                        key,
+                        Entry {
+                            expires,
+                            token: batch.token,
+                        },
+                    );
+                    Inserted::New
+                }
+            })
+            .collect();
+        Box::pin(std::future::ready(Ok(answers)))
+    }
+
+    fn remove(&self, keys: Vec<Vec<u8>>) -> StoreFuture<()> {
+        let mut inner = self.lock();
+        for key in &keys {
+            inner.keys.remove(key);
+        }
+        Box::pin(std::future::ready(Ok(())))
+    }
+}

@@ -1,0 +1,264 @@
+//! Stores: where keys are remembered beyond one process's memory and lifetime.
+//!
+//! The in-memory [`Window`](crate::Window) is always in front and answers most repeats with no
+//! I/O; a store behind it remembers keys across restarts and across consumers. A store is
+//! asked about whole batches of keys, one round trip a batch.
+//!
+//! | store | for | feature |
+//! |---|---|---|
+//! | [`MemoryStore`] | tests, and as the reference for the others | (always) |
+//!
+//! Implement [`Store`] for your own database: the contract is in its docs, and the crate's
+//! test suite for stores (`tests/support/store_suite.rs`) is written once and run for every
+//! backend.
+
+mod key;
+mod memory;
+
+use std::fmt;
+use std::future::Future;
+use std::hash::{BuildHasher, Hasher};
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+pub use self::key::StoreKey;
+pub use self::memory::MemoryStore;
+
+/// A boxed error from a store's backend (a database or network error), kept as the
+/// [`source`](std::error::Error::source) of a [`StoreError`] so that backend types stay out of
+/// this crate's API.
+pub type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;
+
+/// The future a [`Store`] returns: boxed, `Send`, owning everything it needs.
+pub type StoreFuture<T> = Pin<Box<dyn Future<Output = Result<T, StoreError>> + Send + 'static>>;
+
+/// Why a store call failed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum StoreError {
+    /// The store did not answer within the configured timeout. The call may still have been
+    /// applied: a retry with the same [`Token`] is safe.
+    #[error("the store did not answer within {0:?}")]
+    Timeout(Duration),
+    /// The store could not be reached (connection refused or lost, server down).
+    #[error("the store is unavailable")]
+    Unavailable(#[source] BoxError),
+    /// The store's data is not what this crate wrote (a corrupt or foreign file).
+    #[error("the store's data is corrupt or not a stream-dedup store")]
+    Corrupt(#[source] BoxError),
+    /// The store is locked by another process.
+    #[error("the store is locked by another process")]
+    Locked(#[source] BoxError),
+    /// A key is longer than the store accepts.
+    #[error("a key of {len} bytes is longer than the store's limit of {max} bytes")]
+    KeyTooLong {
+        /// The key's length in bytes.
+        len: usize,
+        /// The store's limit.
+        max: usize,
+    },
+    /// Any other failure of the backend.
+    #[error("the store failed to {operation}")]
+    Backend {
+        /// What the store was doing.
+        operation: &'static str,
+        /// The backend's error.
+        #[source]
+        source: BoxError,
+    },
+}
+
+impl StoreError {
+    /// A [`StoreError::Backend`] for `operation`.
+    pub fn backend(operation: &'static str, source: impl Into<BoxError>) -> Self {
+        StoreError::Backend {
+            operation,
+            source: source.into(),
+        }
+    }
+
+    /// Whether trying again later may succeed (timeouts and unavailability), as opposed to
+    /// errors that will not go away by themselves (corruption, a key too long).
+    pub fn is_transient(&self) -> bool {
+        matches!(
+            self,
+            StoreError::Timeout(_) | StoreError::Unavailable(_) | StoreError::Backend { .. }
+        )
+    }
+}
+
+/// Identifies one batch of one operator, so that a store can tell "recorded by this very
+/// request" from "recorded by someone else".
+///
+/// A store call that timed out may have been applied anyway (Redis measured here: 500 of 500
+/// keys written after a client-side timeout). The operator retries with the **same** token, and
+/// the store answers [`Inserted::New`] for a key that holds this token, so a retry never turns
+/// a new message into a false duplicate.
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Token(u128);
+
+impl Token {
+    /// A token unique to this process and call: 128 bits from a per-process random seed, the
+    /// process id and a counter.
+    pub fn new() -> Token {
+        static COUNTER: AtomicU64 = AtomicU64::new(0);
+        static SEED: std::sync::OnceLock<std::hash::RandomState> = std::sync::OnceLock::new();
+        let seed = SEED.get_or_init(std::hash::RandomState::new);
+        let n = COUNTER.fetch_add(1, Ordering::Relaxed);
+        let half = |salt: u64| {
+            let mut h = seed.build_hasher();
+            h.write_u64(salt);
+            h.write_u32(std::process::id());
+            h.write_u64(n);
+            h.finish()
+        };
+        Token((u128::from(half(1)) << 64) | u128::from(half(2)))
+    }
+
+    /// A token with a given value (for stores that read one back).
+    pub fn from_u128(value: u128) -> Token {
+        Token(value)
+    }
+
+    /// The token as a number.
+    pub fn as_u128(self) -> u128 {
+        self.0
+    }
+
+    /// The token's 16 bytes, big-endian.
+    pub fn to_bytes(self) -> [u8; 16] {
+        self.0.to_be_bytes()
+    }
+}
+
+impl Default for Token {
+    fn default() -> Self {
+        Token::new()
+    }
+}
+
+impl fmt::Debug for Token {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "Token({:032x})", self.0)
+    }
+}
+
+impl fmt::Display for Token {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{:032x}", self.0)
+    }
+}
+
+/// One request to [`Store::insert`].
+#[derive(Clone, Debug)]
+#[non_exhaustive]
+pub struct InsertBatch {
+    /// The keys, encoded with [`StoreKey`]; never two equal keys in one batch.
+    pub keys: Vec<Vec<u8>>,
+    /// How long the store must remember each key it records (from now).
+    pub ttl: Duration,
+    /// This request's token; the same on every retry of it.
+    pub token: Token,
+}
+
+impl InsertBatch {
+    /// A batch of distinct `keys` to remember for `ttl`, with a fresh token.
+    pub fn new(keys: Vec<Vec<u8>>, ttl: Duration) -> Self {
+        InsertBatch {
+            keys,
+            ttl,
+            token: Token::new(),
+        }
+    }
+
+    /// The same batch with `token` (to retry an earlier request).
+    pub fn with_token(mut self, token: Token) -> Self {
+        self.token = token;
+        self
+    }
+}
+
+/// What [`Store::insert`] found for one key.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum Inserted {
+    /// The key was absent (or held this batch's own token): it is recorded now. Accept the item.
+    New,
+    /// The key was already recorded by another request: the item is a duplicate.
+    Present,
+}
+
+/// A store of keys behind the in-memory window, shared by every operator that holds a clone.
+///
+/// # Contract
+///
+/// - [`insert`](Store::insert) records each key of the batch **atomically per key**: of any
+///   number of concurrent requests for one key, from any number of processes, exactly one
+///   gets [`Inserted::New`] (until the key expires or is removed). A key that already holds
+///   the request's own [`Token`] answers `New` again (a retry of a request that timed out).
+///   The answers are in the order of the keys.
+/// - A recorded key is remembered for the batch's `ttl`, then forgotten, without the store
+///   scanning all its keys to find it.
+/// - A store that answers `Ok` has made the keys durable as far as it promises durability
+///   (a file store: committed to disk) before it answers.
+/// - [`remove`](Store::remove) forgets keys (a key that is absent is not an error).
+/// - Errors are [`StoreError`]s, never panics; a failed call leaves every key either recorded
+///   or not, and the operator applies the user's failure policy.
+/// - Keys of two stores with different namespaces never meet.
+///
+/// Claims (keys in flight with a lease, then done) extend this trait; a store that offers them
+/// implements both.
+pub trait Store: fmt::Debug + Send + Sync + 'static {
+    /// Records the keys that are absent; answers, per key, whether it was new.
+    fn insert(&self, batch: InsertBatch) -> StoreFuture<Vec<Inserted>>;
+
+    /// Forgets `keys`.
+    fn remove(&self, keys: Vec<Vec<u8>>) -> StoreFuture<()>;
+}
+
+impl<S: Store + ?Sized> Store for Arc<S> {
+    fn insert(&self, batch: InsertBatch) -> StoreFuture<Vec<Inserted>> {
+        (**self).insert(batch)
+    }
+
+    fn remove(&self, keys: Vec<Vec<u8>>) -> StoreFuture<()> {
+        (**self).remove(keys)
+    }
+}
+
+impl<S: Store + ?Sized> Store for Box<S> {
+    fn insert(&self, batch: InsertBatch) -> StoreFuture<Vec<Inserted>> {
+        (**self).insert(batch)
+    }
+
+    fn remove(&self, keys: Vec<Vec<u8>>) -> StoreFuture<()> {
+        (**self).remove(keys)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tokens_are_distinct() {
+        let a = Token::new();
+        let b = Token::new();
+        assert_ne!(a, b);
+        assert_eq!(Token::from_u128(a.as_u128()), a);
+        assert_eq!(a.to_string().len(), 32);
+    }
+
+    #[test]
+    fn errors_say_what_happened() {
+        let e = StoreError::KeyTooLong { len: 10, max: 5 };
+        assert_eq!(
+            e.to_string(),
+            "a key of 10 bytes is longer than the store's limit of 5 bytes"
+        );
+        assert!(!e.is_transient());
+        assert!(StoreError::Timeout(Duration::from_millis(5)).is_transient());
+    }
+}

@@ -1,0 +1,200 @@
+//! One test suite for every [`Store`]: `store_suite!(make)` expands to a test per behaviour.
+//!
+//! `make` is an `async fn(namespace: &str) -> Option<S>`; `None` means the backend is not
+//! reachable here (no server URL set): the tests say they skipped and pass. `$expiry` is how
+//! long past a ttl the backend may take to forget a key.
+#![allow(dead_code, unreachable_pub)]
+
+use std::time::Duration;
+
+use stream_dedup::store::{InsertBatch, Inserted, Store, StoreError, Token};
+
+pub const TTL: Duration = Duration::from_secs(30);
+
+pub fn keys(ks: &[&str]) -> Vec<Vec<u8>> {
+    ks.iter().map(|k| k.as_bytes().to_vec()).collect()
+}
+
+pub async fn insert<S: Store>(store: &S, ks: &[&str]) -> Vec<Inserted> {
+    store
+        .insert(InsertBatch::new(keys(ks), TTL))
+        .await
+        .expect("insert")
+}
+
+pub async fn new_then_present<S: Store>(store: S) {
+    use Inserted::{New, Present};
+    assert_eq!(insert(&store, &["a", "b"]).await, [New, New]);
+    assert_eq!(
+        insert(&store, &["b", "c", "a"]).await,
+        [Present, New, Present]
+    );
+}
+
+pub async fn retry_with_same_token_is_new<S: Store>(store: S) {
+    let token = Token::new();
+    let batch = InsertBatch::new(keys(&["k1", "k2"]), TTL).with_token(token);
+    assert_eq!(
+        store.insert(batch.clone()).await.unwrap(),
+        [Inserted::New; 2]
+    );
+    // The first answer was "lost" (a timeout): the retry must not call our own keys duplicates.
+    assert_eq!(store.insert(batch).await.unwrap(), [Inserted::New; 2]);
+    // Anybody else sees them.
+    assert_eq!(insert(&store, &["k1"]).await, [Inserted::Present]);
+}
+
+pub async fn remove_forgets<S: Store>(store: S) {
+    insert(&store, &["x", "y"]).await;
+    store.remove(keys(&["x", "absent"])).await.unwrap();
+    assert_eq!(
+        insert(&store, &["x", "y"]).await,
+        [Inserted::New, Inserted::Present]
+    );
+}
+
+pub async fn ttl_expires<S: Store>(store: S, expiry: Duration) {
+    let ttl = Duration::from_millis(300);
+    let batch = InsertBatch::new(keys(&["short"]), ttl);
+    assert_eq!(store.insert(batch).await.unwrap(), [Inserted::New]);
+    assert_eq!(
+        store
+            .insert(InsertBatch::new(keys(&["short"]), ttl))
+            .await
+            .unwrap(),
+        [Inserted::Present]
+    );
+    tokio::time::sleep(ttl + expiry).await;
+    assert_eq!(
+        store
+            .insert(InsertBatch::new(keys(&["short"]), ttl))
+            .await
+            .unwrap(),
+        [Inserted::New]
+    );
+}
+
+pub async fn namespaces_are_isolated<S: Store>(a: S, b: S) {
+    assert_eq!(insert(&a, &["shared-key"]).await, [Inserted::New]);
+    assert_eq!(insert(&b, &["shared-key"]).await, [Inserted::New]);
+    assert_eq!(insert(&a, &["shared-key"]).await, [Inserted::Present]);
+}
+
+/// Many concurrent requests for the same keys: each key is new for exactly one of them.
+pub async fn concurrent_inserts_agree<S: Store + Clone>(store: S) {
+    let tasks: Vec<_> = (0..8)
+        .map(|_| {
+            let store = store.clone();
+            tokio::spawn(async move {
+                let ks: Vec<String> = (0..200).map(|i| format!("c{i}")).collect();
+                let refs: Vec<&str> = ks.iter().map(String::as_str).collect();
+                insert(&store, &refs).await
+            })
+        })
+        .collect();
+    let mut new_per_key = vec![0; 200];
+    for t in tasks {
+        for (i, a) in t.await.unwrap().into_iter().enumerate() {
+            if a == Inserted::New {
+                new_per_key[i] += 1;
+            }
+        }
+    }
+    assert!(new_per_key.iter().all(|&n| n == 1), "{new_per_key:?}");
+}
+
+/// Empty keys and non-UTF-8 bytes are keys like any other; a 1 MiB key is either stored or
+/// refused with `KeyTooLong`, never a panic, and never breaks the other keys of its batch.
+pub async fn odd_keys<S: Store>(store: S) {
+    let odd = vec![Vec::new(), vec![0xff, 0xfe, 0x00, 0x80], b"plain".to_vec()];
+    let first = store
+        .insert(InsertBatch::new(odd.clone(), TTL))
+        .await
+        .unwrap();
+    assert_eq!(first, [Inserted::New; 3]);
+    let again = store.insert(InsertBatch::new(odd, TTL)).await.unwrap();
+    assert_eq!(again, [Inserted::Present; 3]);
+
+    let huge = vec![vec![b'h'; 1 << 20]];
+    match store.insert(InsertBatch::new(huge.clone(), TTL)).await {
+        Ok(a) => {
+            assert_eq!(a, [Inserted::New]);
+            let again = store.insert(InsertBatch::new(huge, TTL)).await.unwrap();
+            assert_eq!(again, [Inserted::Present]);
+        }
+        Err(StoreError::KeyTooLong { len, .. }) => assert_eq!(len, 1 << 20),
+        Err(e) => panic!("a long key must be stored or refused as too long, got {e:?}"),
+    }
+}
+
+pub async fn large_batch<S: Store>(store: S) {
+    let ks: Vec<Vec<u8>> = (0..10_000u32).map(|i| i.to_be_bytes().to_vec()).collect();
+    let a = store
+        .insert(InsertBatch::new(ks.clone(), TTL))
+        .await
+        .unwrap();
+    assert!(a.iter().all(|&x| x == Inserted::New));
+    let mut mixed = ks[5_000..].to_vec();
+    mixed.extend((10_000..15_000u32).map(|i| i.to_be_bytes().to_vec()));
+    let b = store.insert(InsertBatch::new(mixed, TTL)).await.unwrap();
+    assert_eq!(b.iter().filter(|&&x| x == Inserted::Present).count(), 5_000);
+    assert!(b[5_000..].iter().all(|&x| x == Inserted::New));
+}
+
+/// Expands to one `#[tokio::test]` per behaviour. `$make` is an async fn
+/// `(namespace: String) -> Option<S>`; the namespace is unique per test and run.
+#[macro_export]
+macro_rules! store_suite {
+    ($make:path, expiry = $expiry:expr) => {
+        mod store_suite_tests {
+            use super::*;
+            use $crate::support::store_suite as suite;
+
+            fn ns(test: &str) -> String {
+                format!(
+                    "suite-{test}-{}-{}",
+                    std::process::id(),
+                    stream_dedup::store::Token::new()
+                )
+            }
+
+            macro_rules! case {
+                ($name:ident, |$s:ident| $body:expr) => {
+                    #[tokio::test]
+                    async fn $name() {
+                        let Some($s) = $make(ns(stringify!($name))).await else {
+                            eprintln!("skipped: {} (store not configured)", stringify!($name));
+                            return;
+                        };
+                        $body.await;
+                    }
+                };
+            }
+
+            case!(new_then_present, |s| suite::new_then_present(s));
+            case!(retry_with_same_token_is_new, |s| {
+                suite::retry_with_same_token_is_new(s)
+            });
+            case!(remove_forgets, |s| suite::remove_forgets(s));
+            case!(ttl_expires, |s| suite::ttl_expires(s, $expiry));
+            case!(concurrent_inserts_agree, |s| {
+                suite::concurrent_inserts_agree(s)
+            });
+            case!(odd_keys, |s| suite::odd_keys(s));
+            case!(large_batch, |s| suite::large_batch(s));
+
+            #[tokio::test]
+            async fn namespaces_are_isolated() {
+                let name = ns("namespaces");
+                let (Some(a), Some(b)) = (
+                    $make(format!("{name}-a")).await,
+                    $make(format!("{name}-b")).await,
+                ) else {
+                    eprintln!("skipped: namespaces_are_isolated (store not configured)");
+                    return;
+                };
+                suite::namespaces_are_isolated(a, b).await;
+            }
+        }
+    };
+}
