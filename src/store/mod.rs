@@ -26,16 +26,23 @@ use std::time::Duration;
 pub use self::key::StoreKey;
 pub use self::memory::MemoryStore;
 
-/// A boxed error from a store's backend (a database or network error), kept as the
-/// [`source`](std::error::Error::source) of a [`StoreError`] so that backend types stay out of
-/// this crate's API.
+/// A boxed error from a store's backend (a database or network error), what the
+/// [`StoreError`] constructors take.
 pub type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;
+
+/// A backend error as a [`StoreError`] keeps it: shared, so that the error can be cloned (one
+/// failed batch fails each of its items), and kept as the
+/// [`source`](std::error::Error::source) so that backend types stay out of this crate's API.
+pub type SharedError = Arc<dyn std::error::Error + Send + Sync + 'static>;
 
 /// The future a [`Store`] returns: boxed, `Send`, owning everything it needs.
 pub type StoreFuture<T> = Pin<Box<dyn Future<Output = Result<T, StoreError>> + Send + 'static>>;
 
 /// Why a store call failed.
-#[derive(Debug, thiserror::Error)]
+///
+/// Build one with the constructors ([`StoreError::unavailable`], [`StoreError::backend`], …),
+/// which take any error.
+#[derive(Clone, Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum StoreError {
     /// The store did not answer within the configured timeout. The call may still have been
@@ -44,13 +51,13 @@ pub enum StoreError {
     Timeout(Duration),
     /// The store could not be reached (connection refused or lost, server down).
     #[error("the store is unavailable")]
-    Unavailable(#[source] BoxError),
+    Unavailable(#[source] SharedError),
     /// The store's data is not what this crate wrote (a corrupt or foreign file).
     #[error("the store's data is corrupt or not a stream-dedup store")]
-    Corrupt(#[source] BoxError),
+    Corrupt(#[source] SharedError),
     /// The store is locked by another process.
     #[error("the store is locked by another process")]
-    Locked(#[source] BoxError),
+    Locked(#[source] SharedError),
     /// A key is longer than the store accepts.
     #[error("a key of {len} bytes is longer than the store's limit of {max} bytes")]
     KeyTooLong {
@@ -66,17 +73,32 @@ pub enum StoreError {
         operation: &'static str,
         /// The backend's error.
         #[source]
-        source: BoxError,
+        source: SharedError,
     },
 }
 
 impl StoreError {
-    /// A [`StoreError::Backend`] for `operation`.
+    /// A [`StoreError::Backend`]: the store failed to do `operation` (e.g. `"insert keys"`).
     pub fn backend(operation: &'static str, source: impl Into<BoxError>) -> Self {
         StoreError::Backend {
             operation,
-            source: source.into(),
+            source: Arc::from(source.into()),
         }
+    }
+
+    /// A [`StoreError::Unavailable`]: the store could not be reached.
+    pub fn unavailable(source: impl Into<BoxError>) -> Self {
+        StoreError::Unavailable(Arc::from(source.into()))
+    }
+
+    /// A [`StoreError::Corrupt`]: the store's data is not what this crate wrote.
+    pub fn corrupt(source: impl Into<BoxError>) -> Self {
+        StoreError::Corrupt(Arc::from(source.into()))
+    }
+
+    /// A [`StoreError::Locked`]: another process holds the store.
+    pub fn locked(source: impl Into<BoxError>) -> Self {
+        StoreError::Locked(Arc::from(source.into()))
     }
 
     /// Whether trying again later may succeed (timeouts and unavailability), as opposed to
@@ -260,5 +282,8 @@ mod tests {
         );
         assert!(!e.is_transient());
         assert!(StoreError::Timeout(Duration::from_millis(5)).is_transient());
+        let e = StoreError::unavailable("connection refused");
+        let source = std::error::Error::source(&e.clone()).map(ToString::to_string);
+        assert_eq!(source.as_deref(), Some("connection refused"));
     }
 }
