@@ -8,43 +8,52 @@ use pin_project::pin_project;
 
 use crate::hook::{DropDuplicates, OnDuplicate};
 use crate::stats::Stats;
-use crate::window::Handle;
+use crate::store::StoreError;
+use crate::stored::driver::{Driver, Out};
+use crate::window::{Attached, Handle};
 
 /// Stream for the [`dedup_by_key`](crate::DedupStreamExt::dedup_by_key) method.
 #[pin_project]
 #[must_use = "streams do nothing unless polled"]
-pub struct DedupByKey<St, F, K, H = DropDuplicates> {
+pub struct DedupByKey<St: Stream, F, K, H = DropDuplicates> {
     #[pin]
     stream: St,
     key_fn: F,
     window: Handle<K>,
+    /// The store path; `None` for an in-memory window (the fast path).
+    store: Option<Box<Driver<St::Item, K, StoreError>>>,
     on_duplicate: H,
+    /// The error that ended the stream under fail closed.
+    error: Option<StoreError>,
 }
 
 impl<St, F, K, H> fmt::Debug for DedupByKey<St, F, K, H>
 where
-    St: fmt::Debug,
+    St: Stream + fmt::Debug,
 {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("DedupByKey")
             .field("stream", &self.stream)
             .field("window", &self.window)
+            .field("queued", &self.store.as_ref().map_or(0, |d| d.queued()))
             .finish_non_exhaustive()
     }
 }
 
-impl<St, F, K> DedupByKey<St, F, K> {
-    pub(crate) fn new(stream: St, key_fn: F, window: Handle<K>) -> Self {
+impl<St: Stream, F, K: Hash + Eq> DedupByKey<St, F, K> {
+    pub(crate) fn new(stream: St, key_fn: F, window: Attached<K, StoreError>) -> Self {
         DedupByKey {
             stream,
             key_fn,
-            window,
+            window: window.handle,
+            store: window.store.map(|parts| Box::new(Driver::new(parts))),
             on_duplicate: DropDuplicates,
+            error: None,
         }
     }
 }
 
-impl<St, F, K, H> DedupByKey<St, F, K, H> {
+impl<St: Stream, F, K, H> DedupByKey<St, F, K, H> {
     /// Calls `hook` with every item dropped as a duplicate, in order (replacing any earlier
     /// hook). A broker consumer acks duplicates here, or the broker redelivers them again.
     ///
@@ -67,14 +76,15 @@ impl<St, F, K, H> DedupByKey<St, F, K, H> {
     /// ```
     pub fn on_duplicate<G>(self, hook: G) -> DedupByKey<St, F, K, G>
     where
-        St: Stream,
         G: OnDuplicate<St::Item>,
     {
         DedupByKey {
             stream: self.stream,
             key_fn: self.key_fn,
             window: self.window,
+            store: self.store,
             on_duplicate: hook,
+            error: self.error,
         }
     }
 
@@ -84,6 +94,14 @@ impl<St, F, K, H> DedupByKey<St, F, K, H> {
         K: Hash + Eq,
     {
         self.window.stats()
+    }
+
+    /// The store error that ended this stream, under
+    /// [`FailurePolicy::fail_closed`](crate::FailurePolicy::fail_closed) (a plain stream has
+    /// no error channel; [`try_dedup_by_key`](crate::TryDedupStreamExt::try_dedup_by_key)
+    /// yields the error instead).
+    pub fn store_error(&self) -> Option<&StoreError> {
+        self.error.as_ref()
     }
 
     /// Acquires a reference to the underlying stream that this combinator is pulling from.
@@ -120,6 +138,30 @@ where
 
     fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<St::Item>> {
         let mut this = self.project();
+        if let Some(driver) = this.store.as_deref_mut() {
+            if this.error.is_some() {
+                return Poll::Ready(None);
+            }
+            loop {
+                let out = ready!(driver.poll(
+                    this.window,
+                    cx,
+                    |cx| this.stream.as_mut().poll_next(cx),
+                    |item| Some((this.key_fn)(item)),
+                ));
+                match out {
+                    None => return Poll::Ready(None),
+                    Some(Out::Emit(item)) => return Poll::Ready(Some(item)),
+                    Some(Out::Duplicate(item)) => this.on_duplicate.on_duplicate(item),
+                    Some(Out::Failed(e)) => {
+                        // Fail closed with no error channel: the stream ends here.
+                        *this.error = Some(e);
+                        return Poll::Ready(None);
+                    }
+                }
+                ready!(tokio::task::coop::poll_proceed(cx)).made_progress();
+            }
+        }
         // One clock read per poll (none without a ttl): the items of one poll share a time.
         let now = this.window.now();
         loop {
@@ -137,8 +179,11 @@ where
     }
 
     fn size_hint(&self) -> (usize, Option<usize>) {
-        // Any number of items may be duplicates, so no lower bound; never more than the input.
-        (0, self.stream.size_hint().1)
+        // Any number of items may be duplicates, so no lower bound; never more than the input
+        // plus what the store path holds.
+        let queued = self.store.as_ref().map_or(0, |d| d.queued());
+        let upper = self.stream.size_hint().1;
+        (0, upper.and_then(|n| n.checked_add(queued)))
     }
 }
 
@@ -150,6 +195,9 @@ where
     H: OnDuplicate<St::Item>,
 {
     fn is_terminated(&self) -> bool {
-        self.stream.is_terminated()
+        match &self.store {
+            None => self.stream.is_terminated(),
+            Some(driver) => self.error.is_some() || driver.is_done(),
+        }
     }
 }

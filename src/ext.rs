@@ -43,7 +43,7 @@ pub trait DedupStreamExt: Stream {
         K: Hash + Eq,
         W: IntoWindow<K>,
     {
-        DedupByKey::new(self, key_fn, window.into_handle())
+        DedupByKey::new(self, key_fn, window.into_window())
     }
 }
 
@@ -74,9 +74,9 @@ pub trait TryDedupStreamExt: TryStream {
         Self: Sized,
         F: FnMut(&Self::Ok) -> K,
         K: Hash + Eq,
-        W: IntoWindow<K>,
+        W: IntoWindow<K, Self::Error>,
     {
-        TryDedupByKey::new(self, key_fn, window.into_handle())
+        TryDedupByKey::new(self, key_fn, window.into_window())
     }
 }
 

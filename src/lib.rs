@@ -88,6 +88,7 @@ mod fingerprint;
 mod hook;
 pub mod stats;
 pub mod store;
+mod stored;
 mod try_dedup_by_key;
 mod window;
 
@@ -96,5 +97,6 @@ pub use self::ext::{DedupStreamExt, TryDedupStreamExt};
 pub use self::fingerprint::Fingerprint;
 pub use self::hook::{DropDuplicates, OnDuplicate};
 pub use self::stats::{Stats, StatsSnapshot};
+pub use self::stored::{FailurePolicy, StoreWindow};
 pub use self::try_dedup_by_key::TryDedupByKey;
 pub use self::window::{IntoWindow, SharedWindow, Window, WindowSet};

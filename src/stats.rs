@@ -16,6 +16,10 @@ pub const DUPLICATES_TOTAL: &str = "stream_dedup_duplicates_total";
 pub const EVICTED_TOTAL: &str = "stream_dedup_evicted_total";
 /// Name of the counter of keys forgotten because their ttl ran out.
 pub const EXPIRED_TOTAL: &str = "stream_dedup_expired_total";
+/// Name of the counter of items passed on unchecked because the store failed (fail open).
+pub const UNCHECKED_TOTAL: &str = "stream_dedup_unchecked_total";
+/// Name of the counter of store calls that failed (after any retries).
+pub const STORE_ERRORS_TOTAL: &str = "stream_dedup_store_errors_total";
 /// Name of the gauge of keys the window holds.
 pub const KEYS: &str = "stream_dedup_keys";
 /// Name of the label that carries [`Window::name`](crate::Window::name) on every metric.
@@ -28,6 +32,8 @@ struct Counters {
     evicted: AtomicU64,
     expired: AtomicU64,
     keys: AtomicU64,
+    unchecked: AtomicU64,
+    store_errors: AtomicU64,
 }
 
 /// A live view of one window's counters, cheap to clone and to read from any thread.
@@ -80,6 +86,17 @@ impl Stats {
         self.0.keys.load(Relaxed)
     }
 
+    /// Items passed on without a verdict because the store failed and the policy is fail open
+    /// (at-least-once is kept; such an item may be a duplicate).
+    pub fn unchecked(&self) -> u64 {
+        self.0.unchecked.load(Relaxed)
+    }
+
+    /// Store calls that failed, after any retries.
+    pub fn store_errors(&self) -> u64 {
+        self.0.store_errors.load(Relaxed)
+    }
+
     /// All counters at once.
     pub fn snapshot(&self) -> StatsSnapshot {
         StatsSnapshot {
@@ -88,6 +105,8 @@ impl Stats {
             evicted: self.evicted(),
             expired: self.expired(),
             keys: self.keys(),
+            unchecked: self.unchecked(),
+            store_errors: self.store_errors(),
         }
     }
 }
@@ -112,6 +131,10 @@ pub struct StatsSnapshot {
     pub expired: u64,
     /// See [`Stats::keys`].
     pub keys: u64,
+    /// See [`Stats::unchecked`].
+    pub unchecked: u64,
+    /// See [`Stats::store_errors`].
+    pub store_errors: u64,
 }
 
 /// The writing side: owned by exactly one window, which is only ever written through `&mut`
@@ -124,6 +147,8 @@ pub(crate) struct Recorder {
     evicted: Counter,
     expired: Counter,
     keys: Gauge,
+    unchecked: Counter,
+    store_errors: Counter,
 }
 
 #[inline]
@@ -142,6 +167,8 @@ impl Recorder {
             evicted: metrics::counter!(EVICTED_TOTAL, &label),
             expired: metrics::counter!(EXPIRED_TOTAL, &label),
             keys: metrics::gauge!(KEYS, &label),
+            unchecked: metrics::counter!(UNCHECKED_TOTAL, &label),
+            store_errors: metrics::counter!(STORE_ERRORS_TOTAL, &label),
         }
     }
 
@@ -151,14 +178,39 @@ impl Recorder {
 
     #[inline]
     pub(crate) fn observed(&self, o: Observed, keys: usize) {
+        self.verdict(!o.duplicate);
+        self.window_changed(o, keys);
+    }
+
+    /// An item was accepted (`true`) or dropped as a duplicate (`false`).
+    #[inline]
+    pub(crate) fn verdict(&self, accepted: bool) {
         let c = &self.counters.0;
-        if o.duplicate {
-            bump(&c.duplicates, 1);
-            self.duplicates.increment(1);
-        } else {
+        if accepted {
             bump(&c.accepted, 1);
             self.accepted.increment(1);
+        } else {
+            bump(&c.duplicates, 1);
+            self.duplicates.increment(1);
         }
+    }
+
+    /// An item passed unchecked (fail open).
+    pub(crate) fn unchecked(&self) {
+        bump(&self.counters.0.unchecked, 1);
+        self.unchecked.increment(1);
+    }
+
+    /// A store call failed for good.
+    pub(crate) fn store_error(&self) {
+        bump(&self.counters.0.store_errors, 1);
+        self.store_errors.increment(1);
+    }
+
+    /// Evictions and expiries of one observation, and the new key count.
+    #[inline]
+    pub(crate) fn window_changed(&self, o: Observed, keys: usize) {
+        let c = &self.counters.0;
         if o.evicted {
             bump(&c.evicted, 1);
             self.evicted.increment(1);

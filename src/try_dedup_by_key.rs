@@ -8,43 +8,52 @@ use pin_project::pin_project;
 
 use crate::hook::{DropDuplicates, OnDuplicate};
 use crate::stats::Stats;
-use crate::window::Handle;
+use crate::stored::driver::{Driver, Out};
+use crate::window::{Attached, Handle};
+
+/// The store path of a try stream: its items are `Result`s, its failures become its errors.
+type TryDriver<St, K> =
+    Driver<Result<<St as TryStream>::Ok, <St as TryStream>::Error>, K, <St as TryStream>::Error>;
 
 /// Stream for the [`try_dedup_by_key`](crate::TryDedupStreamExt::try_dedup_by_key) method.
 #[pin_project]
 #[must_use = "streams do nothing unless polled"]
-pub struct TryDedupByKey<St, F, K, H = DropDuplicates> {
+pub struct TryDedupByKey<St: TryStream, F, K, H = DropDuplicates> {
     #[pin]
     stream: St,
     key_fn: F,
     window: Handle<K>,
+    /// The store path; `None` for an in-memory window (the fast path).
+    store: Option<Box<TryDriver<St, K>>>,
     on_duplicate: H,
 }
 
 impl<St, F, K, H> fmt::Debug for TryDedupByKey<St, F, K, H>
 where
-    St: fmt::Debug,
+    St: TryStream + fmt::Debug,
 {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("TryDedupByKey")
             .field("stream", &self.stream)
             .field("window", &self.window)
+            .field("queued", &self.store.as_ref().map_or(0, |d| d.queued()))
             .finish_non_exhaustive()
     }
 }
 
-impl<St, F, K> TryDedupByKey<St, F, K> {
-    pub(crate) fn new(stream: St, key_fn: F, window: Handle<K>) -> Self {
+impl<St: TryStream, F, K: Hash + Eq> TryDedupByKey<St, F, K> {
+    pub(crate) fn new(stream: St, key_fn: F, window: Attached<K, St::Error>) -> Self {
         TryDedupByKey {
             stream,
             key_fn,
-            window,
+            window: window.handle,
+            store: window.store.map(|parts| Box::new(Driver::new(parts))),
             on_duplicate: DropDuplicates,
         }
     }
 }
 
-impl<St, F, K, H> TryDedupByKey<St, F, K, H> {
+impl<St: TryStream, F, K, H> TryDedupByKey<St, F, K, H> {
     /// Calls `hook` with the `Ok` value of every item dropped as a duplicate, in order
     /// (replacing any earlier hook). `Err` items are never dropped, so never reach it.
     ///
@@ -68,13 +77,13 @@ impl<St, F, K, H> TryDedupByKey<St, F, K, H> {
     /// ```
     pub fn on_duplicate<G>(self, hook: G) -> TryDedupByKey<St, F, K, G>
     where
-        St: TryStream,
         G: OnDuplicate<St::Ok>,
     {
         TryDedupByKey {
             stream: self.stream,
             key_fn: self.key_fn,
             window: self.window,
+            store: self.store,
             on_duplicate: hook,
         }
     }
@@ -121,6 +130,27 @@ where
 
     fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
         let mut this = self.project();
+        if let Some(driver) = this.store.as_deref_mut() {
+            loop {
+                let out = ready!(driver.poll(
+                    this.window,
+                    cx,
+                    |cx| this.stream.as_mut().try_poll_next(cx),
+                    |item| item.as_ref().ok().map(|v| (this.key_fn)(v)),
+                ));
+                match out {
+                    None => return Poll::Ready(None),
+                    Some(Out::Emit(item)) => return Poll::Ready(Some(item)),
+                    Some(Out::Failed(e)) => return Poll::Ready(Some(Err(e))),
+                    Some(Out::Duplicate(item)) => {
+                        if let Ok(v) = item {
+                            this.on_duplicate.on_duplicate(v);
+                        }
+                    }
+                }
+                ready!(tokio::task::coop::poll_proceed(cx)).made_progress();
+            }
+        }
         let now = this.window.now();
         loop {
             let item = match ready!(this.stream.as_mut().try_poll_next(cx)) {
@@ -136,8 +166,11 @@ where
     }
 
     fn size_hint(&self) -> (usize, Option<usize>) {
-        // Any number of items may be duplicates, so no lower bound; never more than the input.
-        (0, self.stream.size_hint().1)
+        // Any number of items may be duplicates, so no lower bound; never more than the input
+        // plus what the store path holds.
+        let queued = self.store.as_ref().map_or(0, |d| d.queued());
+        let upper = self.stream.size_hint().1;
+        (0, upper.and_then(|n| n.checked_add(queued)))
     }
 }
 
@@ -149,6 +182,9 @@ where
     H: OnDuplicate<St::Ok>,
 {
     fn is_terminated(&self) -> bool {
-        self.stream.is_terminated()
+        match &self.store {
+            None => self.stream.is_terminated(),
+            Some(driver) => driver.is_done(),
+        }
     }
 }

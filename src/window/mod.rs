@@ -13,6 +13,9 @@ use tokio::time::Instant;
 
 use self::lru::Lru;
 use crate::stats::{Recorder, Stats};
+use crate::store::{StoreError, StoreKey};
+use crate::stored::StoreWindow;
+use crate::stored::driver::StoreParts;
 
 /// How many keys a window remembers, and for how long.
 ///
@@ -330,6 +333,19 @@ impl<K: Hash + Eq> WindowSet<K> {
         }
     }
 
+    /// Records `key` like [`observe`](Self::observe) but leaves the verdict uncounted (the
+    /// store decides it): `true` when `key` was not in the window.
+    pub(crate) fn observe_uncounted(&mut self, key: K, now: Option<Instant>) -> bool {
+        let t = self.tick(now);
+        let o = self.lru.observe(key, t);
+        self.recorder.window_changed(o, self.lru.len());
+        !o.duplicate
+    }
+
+    pub(crate) fn recorder(&self) -> &Recorder {
+        &self.recorder
+    }
+
     /// The operators' hot path: `true` when `key` is new.
     #[inline]
     pub(crate) fn observe(&mut self, key: K, now: Option<Instant>) -> bool {
@@ -459,6 +475,52 @@ impl<K: Hash + Eq> Handle<K> {
             Handle::Shared(shared) => shared.stats(),
         }
     }
+
+    pub(crate) fn observe_uncounted(&mut self, key: K, now: Option<Instant>) -> bool {
+        match self {
+            Handle::Local(set) => set.observe_uncounted(key, now),
+            Handle::Shared(shared) => shared.with(|set| set.observe_uncounted(key, now)),
+        }
+    }
+
+    pub(crate) fn remove(&mut self, key: &K) -> bool {
+        match self {
+            Handle::Local(set) => set.remove(key),
+            Handle::Shared(shared) => shared.with(|set| set.remove(key)),
+        }
+    }
+
+    /// Runs `f` on the window's recorder (under the lock, for a shared window: its counters
+    /// take a single writer).
+    pub(crate) fn record(&mut self, f: impl FnOnce(&Recorder)) {
+        match self {
+            Handle::Local(set) => f(set.recorder()),
+            Handle::Shared(shared) => shared.with(|set| f(set.recorder())),
+        }
+    }
+}
+
+/// What an operator gets from its window argument: the in-memory window, and the store behind
+/// it if there is one.
+#[doc(hidden)]
+pub struct Attached<K, E> {
+    pub(crate) handle: Handle<K>,
+    pub(crate) store: Option<StoreParts<K, E>>,
+}
+
+impl<K, E> fmt::Debug for Attached<K, E> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Debug::fmt(&self.handle, f)
+    }
+}
+
+impl<K, E> From<Handle<K>> for Attached<K, E> {
+    fn from(handle: Handle<K>) -> Self {
+        Attached {
+            handle,
+            store: None,
+        }
+    }
 }
 
 impl<K> fmt::Debug for Handle<K> {
@@ -475,39 +537,64 @@ mod sealed {
 }
 
 /// What an operator accepts as its window: a [`Window`] (a window of the stream's own), a
-/// [`SharedWindow`] (or a reference to one), or a [`WindowSet`] built earlier.
+/// [`SharedWindow`] (or a reference to one), a [`WindowSet`] built earlier, or a
+/// [`StoreWindow`] (a window with a store behind it).
+///
+/// `E` is the error type that a store failure becomes under
+/// [`FailurePolicy::fail_closed`](crate::FailurePolicy::fail_closed): the stream's error type
+/// for [`try_dedup_by_key`](crate::TryDedupStreamExt::try_dedup_by_key), which must implement
+/// `From<StoreError>` to take a `StoreWindow`.
 ///
 /// This trait is sealed; it cannot be implemented outside this crate.
-pub trait IntoWindow<K>: sealed::Sealed {
+pub trait IntoWindow<K, E = StoreError>: sealed::Sealed {
     #[doc(hidden)]
-    fn into_handle(self) -> Handle<K>;
+    fn into_window(self) -> Attached<K, E>;
 }
 
 impl sealed::Sealed for Window {}
-impl<K: Hash + Eq> IntoWindow<K> for Window {
-    fn into_handle(self) -> Handle<K> {
-        Handle::Local(WindowSet::new(self))
+impl<K: Hash + Eq, E> IntoWindow<K, E> for Window {
+    fn into_window(self) -> Attached<K, E> {
+        Handle::Local(WindowSet::new(self)).into()
     }
 }
 
 impl<K> sealed::Sealed for WindowSet<K> {}
-impl<K: Hash + Eq> IntoWindow<K> for WindowSet<K> {
-    fn into_handle(self) -> Handle<K> {
-        Handle::Local(self)
+impl<K: Hash + Eq, E> IntoWindow<K, E> for WindowSet<K> {
+    fn into_window(self) -> Attached<K, E> {
+        Handle::Local(self).into()
     }
 }
 
 impl<K> sealed::Sealed for SharedWindow<K> {}
-impl<K: Hash + Eq> IntoWindow<K> for SharedWindow<K> {
-    fn into_handle(self) -> Handle<K> {
-        Handle::Shared(self)
+impl<K: Hash + Eq, E> IntoWindow<K, E> for SharedWindow<K> {
+    fn into_window(self) -> Attached<K, E> {
+        Handle::Shared(self).into()
     }
 }
 
 impl<K> sealed::Sealed for &SharedWindow<K> {}
-impl<K: Hash + Eq> IntoWindow<K> for &SharedWindow<K> {
-    fn into_handle(self) -> Handle<K> {
-        Handle::Shared(self.clone())
+impl<K: Hash + Eq, E> IntoWindow<K, E> for &SharedWindow<K> {
+    fn into_window(self) -> Attached<K, E> {
+        Handle::Shared(self.clone()).into()
+    }
+}
+
+impl sealed::Sealed for StoreWindow {}
+impl<K, E> IntoWindow<K, E> for StoreWindow
+where
+    K: Hash + Eq + Clone + StoreKey,
+    E: From<StoreError>,
+{
+    fn into_window(self) -> Attached<K, E> {
+        Attached {
+            handle: Handle::Local(WindowSet::new(self.window.clone())),
+            store: Some(StoreParts {
+                config: self,
+                encode: <K as StoreKey>::write_key,
+                clone_key: <K as Clone>::clone,
+                convert: E::from,
+            }),
+        }
     }
 }
 

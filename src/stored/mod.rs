@@ -1,0 +1,237 @@
+//! A window with a store behind it: [`StoreWindow`] and its [`FailurePolicy`].
+
+pub(crate) mod driver;
+
+use std::fmt;
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::Window;
+use crate::store::Store;
+
+/// A [`Window`] with a [`Store`] behind it, made by [`Window::store`]. The stream operators
+/// take it where they take a `Window`.
+///
+/// The in-memory window answers the repeats it remembers with no I/O; the store decides the
+/// rest. The operator takes the items that are ready now (up to
+/// [`batch_size`](StoreWindow::batch_size), never waiting to fill a batch), asks the store
+/// about their keys in one call, keeps up to [`max_in_flight`](StoreWindow::max_in_flight)
+/// calls running, and yields in input order. Two copies of a key in one batch, or in two
+/// batches in flight, count once: the later copy waits for the earlier one's verdict.
+///
+/// A key is recorded in the store when its item is accepted (mark on emit). When the store
+/// fails or does not answer within the [`timeout`](StoreWindow::timeout), the
+/// [`FailurePolicy`] decides.
+///
+/// # Examples
+///
+/// ```
+/// use std::time::Duration;
+/// use futures::{stream, StreamExt};
+/// use stream_dedup::store::MemoryStore;
+/// use stream_dedup::{DedupStreamExt, Window};
+///
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() {
+/// let store = MemoryStore::new(); // in production: an embedded file, Redis, ...
+/// let window = || Window::max_keys(1_000).ttl(Duration::from_secs(3600)).store(store.clone());
+/// // Two consumers with windows of their own agree through the store.
+/// let a: Vec<u64> = stream::iter([1, 2, 3]).dedup_by_key(|k| *k, window()).collect().await;
+/// let b: Vec<u64> = stream::iter([3, 4, 1]).dedup_by_key(|k| *k, window()).collect().await;
+/// assert_eq!((a, b), (vec![1, 2, 3], vec![4]));
+/// # }
+/// ```
+#[derive(Clone)]
+pub struct StoreWindow {
+    pub(crate) window: Window,
+    pub(crate) store: Arc<dyn Store>,
+    pub(crate) ttl: Duration,
+    pub(crate) batch_size: usize,
+    pub(crate) max_in_flight: usize,
+    pub(crate) timeout: Duration,
+    pub(crate) max_key_len: usize,
+    pub(crate) policy: FailurePolicy,
+}
+
+impl Window {
+    /// Puts `store` behind this window. Keys are kept in the store for the window's ttl.
+    ///
+    /// Defaults: [`batch_size`](StoreWindow::batch_size) 256,
+    /// [`max_in_flight`](StoreWindow::max_in_flight) 4, [`timeout`](StoreWindow::timeout)
+    /// 250 ms, [`max_key_len`](StoreWindow::max_key_len) 64 KiB, and
+    /// [`FailurePolicy::fail_open`].
+    ///
+    /// # Panics
+    ///
+    /// If the window has no [`ttl`](Window::ttl): a store would keep every key forever. Call
+    /// `ttl` before `store`.
+    #[track_caller]
+    pub fn store(self, store: impl Store) -> StoreWindow {
+        let Some(ttl) = self.time_to_live() else {
+            panic!("Window::store: set a ttl first; a store needs to know when to forget a key")
+        };
+        StoreWindow {
+            window: self,
+            store: Arc::new(store),
+            ttl,
+            batch_size: 256,
+            max_in_flight: 4,
+            timeout: Duration::from_millis(250),
+            max_key_len: 64 * 1024,
+            policy: FailurePolicy::fail_open(),
+        }
+    }
+}
+
+impl StoreWindow {
+    /// The most items taken into one store call (default 256). The operator never waits to
+    /// fill a batch: it takes what the stream has ready.
+    ///
+    /// # Panics
+    ///
+    /// If `n` is 0.
+    #[track_caller]
+    pub fn batch_size(mut self, n: usize) -> Self {
+        assert!(
+            n > 0,
+            "StoreWindow::batch_size: a batch holds at least one item"
+        );
+        self.batch_size = n;
+        self
+    }
+
+    /// The most store calls running at once (default 4). Items wait in the operator, in
+    /// order, while their calls run; at most `batch_size × (max_in_flight + 1)` of them.
+    ///
+    /// # Panics
+    ///
+    /// If `n` is 0.
+    #[track_caller]
+    pub fn max_in_flight(mut self, n: usize) -> Self {
+        assert!(
+            n > 0,
+            "StoreWindow::max_in_flight: at least one call must be allowed"
+        );
+        self.max_in_flight = n;
+        self
+    }
+
+    /// How long one store call may take before it counts as failed (default 250 ms). A call
+    /// that timed out may still have been applied; a retry sends the same [`Token`] so that
+    /// the store recognises its own keys.
+    ///
+    /// [`Token`]: crate::store::Token
+    pub fn timeout(mut self, timeout: Duration) -> Self {
+        self.timeout = timeout;
+        self
+    }
+
+    /// Keys longer than this many bytes (encoded) are not sent to the store (default 64 KiB):
+    /// their items get the failure policy with
+    /// [`StoreError::KeyTooLong`](crate::store::StoreError::KeyTooLong), with no retry, and
+    /// the rest of their batch is unaffected. Use a [`Fingerprint`](crate::Fingerprint) for
+    /// long keys.
+    pub fn max_key_len(mut self, bytes: usize) -> Self {
+        self.max_key_len = bytes;
+        self
+    }
+
+    /// What to do when the store fails (default: [`FailurePolicy::fail_open`]).
+    pub fn on_failure(mut self, policy: FailurePolicy) -> Self {
+        self.policy = policy;
+        self
+    }
+}
+
+impl fmt::Debug for StoreWindow {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("StoreWindow")
+            .field("window", &self.window)
+            .field("store", &self.store)
+            .field("batch_size", &self.batch_size)
+            .field("max_in_flight", &self.max_in_flight)
+            .field("timeout", &self.timeout)
+            .field("max_key_len", &self.max_key_len)
+            .field("policy", &self.policy)
+            .finish()
+    }
+}
+
+/// What the operator does with an item whose store call failed (an error, or no answer within
+/// the timeout), after any retries.
+///
+/// - **Fail open** (the default): the item passes on unchecked and is counted
+///   ([`Stats::unchecked`](crate::Stats::unchecked)). At-least-once is kept; a duplicate may
+///   slip through while the store is down.
+/// - **Fail closed**: the item is not passed on. `try_dedup_by_key` yields the error in its
+///   place (converted into the stream's error type); `dedup_by_key`, which has no error
+///   channel, ends the stream there and keeps the error
+///   ([`DedupByKey::store_error`](crate::DedupByKey::store_error)). The key is forgotten, so
+///   the broker's redelivery of the item is checked again: nothing is dropped silently.
+///
+/// Either can first [`retry`](FailurePolicy::retry) transient failures with exponential
+/// backoff. Later items keep flowing while a call waits to be retried, but are yielded only
+/// after it (input order).
+///
+/// # Examples
+///
+/// ```
+/// use std::time::Duration;
+/// use stream_dedup::FailurePolicy;
+///
+/// let policy = FailurePolicy::fail_closed().retry(3, Duration::from_millis(50));
+/// assert!(!policy.is_fail_open());
+/// ```
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct FailurePolicy {
+    open: bool,
+    retries: u32,
+    backoff: Duration,
+}
+
+impl FailurePolicy {
+    /// Pass items on unchecked when the store fails (no retry).
+    pub fn fail_open() -> Self {
+        FailurePolicy {
+            open: true,
+            retries: 0,
+            backoff: Duration::ZERO,
+        }
+    }
+
+    /// Withhold items, and yield the error or end the stream, when the store fails (no retry).
+    pub fn fail_closed() -> Self {
+        FailurePolicy {
+            open: false,
+            ..Self::fail_open()
+        }
+    }
+
+    /// Retries a transient failure up to `attempts` times, waiting `backoff`, then twice that,
+    /// and so on (capped at 32 × `backoff`), before falling back to open or closed.
+    pub fn retry(mut self, attempts: u32, backoff: Duration) -> Self {
+        self.retries = attempts;
+        self.backoff = backoff;
+        self
+    }
+
+    /// Whether the fallback is fail open.
+    pub fn is_fail_open(&self) -> bool {
+        self.open
+    }
+
+    /// How long to wait before retry number `attempt` (1-based).
+    pub(crate) fn backoff(&self, attempt: u32) -> Duration {
+        self.backoff * (1u32 << attempt.saturating_sub(1).min(5))
+    }
+
+    pub(crate) fn retries(&self) -> u32 {
+        self.retries
+    }
+}
+
+impl Default for FailurePolicy {
+    fn default() -> Self {
+        Self::fail_open()
+    }
+}
