@@ -12,3 +12,4 @@ async fn make(_namespace: String) -> Option<MemoryStore> {
 }
 
 store_suite!(make, expiry = Duration::from_millis(1));
+claim_suite!(make, expiry = Duration::from_millis(1));

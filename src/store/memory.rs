@@ -3,7 +3,11 @@ use std::sync::{Arc, Mutex, PoisonError};
 
 use tokio::time::Instant;
 
-use super::{InsertBatch, Inserted, Store, StoreFuture, Token};
+use std::time::Duration;
+
+use super::{
+    ClaimBatch, ClaimStore, Claimed, HeldKey, InsertBatch, Inserted, Store, StoreFuture, Token,
+};
 
 /// A store in this process's memory: keys with a ttl in a map, shared by every clone.
 ///
@@ -46,6 +50,8 @@ struct Inner {
 struct Entry {
     expires: Instant,
     token: Token,
+    /// Committed (or inserted); `false` while a claim holds it.
+    done: bool,
 }
 
 impl MemoryStore {
@@ -69,36 +75,39 @@ impl MemoryStore {
     }
 }
 
+impl Inner {
+    /// Drops expired keys whenever the map has doubled since the last sweep.
+    fn sweep(&mut self, now: Instant) {
+        if self.keys.len() >= 2 * self.swept_at.max(1024) {
+            self.keys.retain(|_, e| e.expires > now);
+            self.swept_at = self.keys.len();
+        }
+    }
+
+    /// The live entry of `key`, if any.
+    fn live(&mut self, key: &[u8], now: Instant) -> Option<&mut Entry> {
+        self.keys.get_mut(key).filter(|e| e.expires > now)
+    }
+}
+
 impl Store for MemoryStore {
     fn insert(&self, batch: InsertBatch) -> StoreFuture<Vec<Inserted>> {
         let now = Instant::now();
         let mut inner = self.lock();
-        if inner.keys.len() >= 2 * inner.swept_at.max(1024) {
-            inner.keys.retain(|_, e| e.expires > now);
-            inner.swept_at = inner.keys.len();
-        }
-        let expires = now + batch.ttl;
+        inner.sweep(now);
+        let entry = Entry {
+            expires: now + batch.ttl,
+            token: batch.token,
+            done: true,
+        };
         let answers = batch
             .keys
             .into_iter()
-            .map(|key| match inner.keys.get_mut(&key) {
-                Some(e) if e.expires > now && e.token != batch.token => Inserted::Present,
-                Some(e) if e.expires > now => Inserted::New,
-                Some(e) => {
-                    *e = Entry {
-                        expires,
-                        token: batch.token,
-                    };
-                    Inserted::New
-                }
+            .map(|key| match inner.live(&key, now) {
+                Some(e) if e.token == batch.token && e.done => Inserted::New,
+                Some(_) => Inserted::Present,
                 None => {
-                    inner.keys.insert(
-                        key,
-                        Entry {
-                            expires,
-                            token: batch.token,
-                        },
-                    );
+                    inner.keys.insert(key, Entry { ..entry });
                     Inserted::New
                 }
             })
@@ -110,6 +119,78 @@ impl Store for MemoryStore {
         let mut inner = self.lock();
         for key in &keys {
             inner.keys.remove(key);
+        }
+        Box::pin(std::future::ready(Ok(())))
+    }
+
+    fn as_claim_store(&self) -> Option<&dyn ClaimStore> {
+        Some(self)
+    }
+}
+
+impl ClaimStore for MemoryStore {
+    fn claim(&self, batch: ClaimBatch) -> StoreFuture<Vec<Claimed>> {
+        let now = Instant::now();
+        let mut inner = self.lock();
+        inner.sweep(now);
+        let answers = batch
+            .keys
+            .into_iter()
+            .map(|key| match inner.live(&key, now) {
+                Some(e) if e.done => Claimed::Done,
+                Some(e) if e.token == batch.token => Claimed::Mine,
+                Some(_) => Claimed::InFlight,
+                None => {
+                    let entry = Entry {
+                        expires: now + batch.lease,
+                        token: batch.token,
+                        done: false,
+                    };
+                    inner.keys.insert(key, entry);
+                    Claimed::Mine
+                }
+            })
+            .collect();
+        Box::pin(std::future::ready(Ok(answers)))
+    }
+
+    fn commit(&self, keys: Vec<HeldKey>, ttl: Duration) -> StoreFuture<Vec<bool>> {
+        let now = Instant::now();
+        let mut inner = self.lock();
+        let answers = keys
+            .into_iter()
+            .map(|(key, token)| {
+                let done = Entry {
+                    expires: now + ttl,
+                    token,
+                    done: true,
+                };
+                match inner.live(&key, now) {
+                    Some(e) if e.token == token => {
+                        *e = done;
+                        true
+                    }
+                    Some(_) => false,
+                    None => {
+                        inner.keys.insert(key, done);
+                        true
+                    }
+                }
+            })
+            .collect();
+        Box::pin(std::future::ready(Ok(answers)))
+    }
+
+    fn release(&self, keys: Vec<HeldKey>) -> StoreFuture<()> {
+        let now = Instant::now();
+        let mut inner = self.lock();
+        for (key, token) in keys {
+            if inner
+                .live(&key, now)
+                .is_some_and(|e| !e.done && e.token == token)
+            {
+                inner.keys.remove(&key);
+            }
         }
         Box::pin(std::future::ready(Ok(())))
     }

@@ -58,6 +58,13 @@ pub enum StoreError {
     /// The store is locked by another process.
     #[error("the store is locked by another process")]
     Locked(#[source] SharedError),
+    /// This claim no longer holds its key: its lease ran out and another consumer took the
+    /// key, so the commit was refused (the other consumer's result stands).
+    #[error("the claim's lease ran out and another consumer holds the key")]
+    LeaseLost,
+    /// The store does not offer claims ([`Store::as_claim_store`] is `None`).
+    #[error("this store does not offer claims")]
+    ClaimsUnsupported,
     /// A key is longer than the store accepts.
     #[error("a key of {len} bytes is longer than the store's limit of {max} bytes")]
     KeyTooLong {
@@ -230,35 +237,114 @@ pub enum Inserted {
 ///   or not, and the operator applies the user's failure policy.
 /// - Keys of two stores with different namespaces never meet.
 ///
-/// Claims (keys in flight with a lease, then done) extend this trait; a store that offers them
-/// implements both.
+/// Claims (keys in flight with a lease, then done) extend this trait: a store that offers them
+/// implements [`ClaimStore`] too and returns itself from
+/// [`as_claim_store`](Store::as_claim_store).
 pub trait Store: fmt::Debug + Send + Sync + 'static {
     /// Records the keys that are absent; answers, per key, whether it was new.
     fn insert(&self, batch: InsertBatch) -> StoreFuture<Vec<Inserted>>;
 
     /// Forgets `keys`.
     fn remove(&self, keys: Vec<Vec<u8>>) -> StoreFuture<()>;
-}
 
-impl<S: Store + ?Sized> Store for Arc<S> {
-    fn insert(&self, batch: InsertBatch) -> StoreFuture<Vec<Inserted>> {
-        (**self).insert(batch)
-    }
-
-    fn remove(&self, keys: Vec<Vec<u8>>) -> StoreFuture<()> {
-        (**self).remove(keys)
+    /// This store's claims, if it offers them (default: `None`).
+    fn as_claim_store(&self) -> Option<&dyn ClaimStore> {
+        None
     }
 }
 
-impl<S: Store + ?Sized> Store for Box<S> {
-    fn insert(&self, batch: InsertBatch) -> StoreFuture<Vec<Inserted>> {
-        (**self).insert(batch)
+/// One request to [`ClaimStore::claim`].
+#[derive(Clone, Debug)]
+#[non_exhaustive]
+pub struct ClaimBatch {
+    /// The keys, encoded with [`StoreKey`]; never two equal keys in one batch.
+    pub keys: Vec<Vec<u8>>,
+    /// How long a claimed key stays in flight if its claim is neither committed nor released
+    /// (its owner died).
+    pub lease: Duration,
+    /// This request's token; the same on every retry of it. Commits and releases of these
+    /// keys present it.
+    pub token: Token,
+}
+
+impl ClaimBatch {
+    /// A batch of distinct `keys` to claim for `lease`, with a fresh token.
+    pub fn new(keys: Vec<Vec<u8>>, lease: Duration) -> Self {
+        ClaimBatch {
+            keys,
+            lease,
+            token: Token::new(),
+        }
     }
 
-    fn remove(&self, keys: Vec<Vec<u8>>) -> StoreFuture<()> {
-        (**self).remove(keys)
+    /// The same batch with `token` (to retry an earlier request).
+    pub fn with_token(mut self, token: Token) -> Self {
+        self.token = token;
+        self
     }
 }
+
+/// What [`ClaimStore::claim`] found for one key.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum Claimed {
+    /// The key was free (or already held by this batch's token): it is now in flight, ours.
+    Mine,
+    /// Another claim holds the key and its lease has not run out.
+    InFlight,
+    /// The key was committed: the item is a duplicate.
+    Done,
+}
+
+/// A key with the token of the claim that holds it, for [`ClaimStore::commit`] and
+/// [`ClaimStore::release`].
+pub type HeldKey = (Vec<u8>, Token);
+
+/// Claims: a key is **free**, **in flight** (claimed, with a lease, by a token) or **done**
+/// (committed, kept for a ttl).
+///
+/// # Contract
+///
+/// - [`claim`](ClaimStore::claim), atomically per key: a free key (or one whose lease ran
+///   out) becomes in flight with the batch's token and answers [`Claimed::Mine`]; a key in
+///   flight with the **same** token answers `Mine` too (a retry); a key in flight with another
+///   token answers [`Claimed::InFlight`]; a done key answers [`Claimed::Done`].
+/// - [`commit`](ClaimStore::commit): a key in flight with the given token (or free again, or
+///   done by the same token) becomes done for `ttl`, and answers `true`; a key another token
+///   holds or committed answers `false` (this claim's lease ran out and someone else took
+///   the key): a consumer never overwrites a key it no longer holds.
+/// - [`release`](ClaimStore::release): a key in flight with the given token becomes free;
+///   any other key is left alone.
+/// - [`Store::insert`] records keys as done, and counts an in-flight key as present.
+pub trait ClaimStore: Store {
+    /// Claims the keys; answers per key.
+    fn claim(&self, batch: ClaimBatch) -> StoreFuture<Vec<Claimed>>;
+
+    /// Marks keys done for `ttl`; answers, per key, whether this claim still held it.
+    fn commit(&self, keys: Vec<HeldKey>, ttl: Duration) -> StoreFuture<Vec<bool>>;
+
+    /// Frees keys that these claims still hold.
+    fn release(&self, keys: Vec<HeldKey>) -> StoreFuture<()>;
+}
+
+macro_rules! forward_store {
+    ($($ptr:ident),*) => {$(
+        impl<S: Store + ?Sized> Store for $ptr<S> {
+            fn insert(&self, batch: InsertBatch) -> StoreFuture<Vec<Inserted>> {
+                (**self).insert(batch)
+            }
+
+            fn remove(&self, keys: Vec<Vec<u8>>) -> StoreFuture<()> {
+                (**self).remove(keys)
+            }
+
+            fn as_claim_store(&self) -> Option<&dyn ClaimStore> {
+                (**self).as_claim_store()
+            }
+        }
+    )*};
+}
+forward_store!(Arc, Box);
 
 #[cfg(test)]
 mod tests {

@@ -198,3 +198,143 @@ macro_rules! store_suite {
         }
     };
 }
+
+// ---- Claims: for stores that implement `ClaimStore`. ----
+
+use stream_dedup::store::{ClaimBatch, ClaimStore, Claimed};
+
+pub async fn claim<S: ClaimStore>(
+    store: &S,
+    ks: &[&str],
+    lease: Duration,
+) -> (Token, Vec<Claimed>) {
+    let batch = ClaimBatch::new(keys(ks), lease);
+    let token = batch.token;
+    (token, store.claim(batch).await.expect("claim"))
+}
+
+pub fn held(ks: &[&str], token: Token) -> Vec<(Vec<u8>, Token)> {
+    keys(ks).into_iter().map(|k| (k, token)).collect()
+}
+
+/// free → in flight → done; a copy in flight is held back; a done key is a duplicate.
+pub async fn claim_states<S: ClaimStore>(store: S) {
+    use Claimed::{Done, InFlight, Mine};
+    let (t1, a) = claim(&store, &["a", "b"], TTL).await;
+    assert_eq!(a, [Mine, Mine]);
+    let (_, b) = claim(&store, &["a", "c"], TTL).await;
+    assert_eq!(b, [InFlight, Mine]);
+    assert_eq!(store.commit(held(&["a"], t1), TTL).await.unwrap(), [true]);
+    let (_, c) = claim(&store, &["a", "b"], TTL).await;
+    assert_eq!(c, [Done, InFlight]);
+    // A committed key is present for mark-on-emit too, and an in-flight one as well.
+    assert_eq!(
+        insert(&store, &["a", "b"]).await,
+        [Inserted::Present, Inserted::Present]
+    );
+}
+
+pub async fn claim_retry_with_same_token_is_mine<S: ClaimStore>(store: S) {
+    let batch = ClaimBatch::new(keys(&["r"]), TTL);
+    assert_eq!(store.claim(batch.clone()).await.unwrap(), [Claimed::Mine]);
+    assert_eq!(store.claim(batch).await.unwrap(), [Claimed::Mine]);
+}
+
+pub async fn release_frees_only_its_own_keys<S: ClaimStore>(store: S) {
+    let (t1, _) = claim(&store, &["x"], TTL).await;
+    // Somebody else's release does nothing.
+    store.release(held(&["x"], Token::new())).await.unwrap();
+    assert_eq!(claim(&store, &["x"], TTL).await.1, [Claimed::InFlight]);
+    store.release(held(&["x"], t1)).await.unwrap();
+    assert_eq!(claim(&store, &["x"], TTL).await.1, [Claimed::Mine]);
+}
+
+/// A claim whose owner died frees its key after the lease; the late owner's commit is refused
+/// and cannot overwrite the new owner's claim, nor its release free it.
+pub async fn lease_expiry_and_late_owner<S: ClaimStore>(store: S, expiry: Duration) {
+    let lease = Duration::from_millis(300);
+    let (late, _) = claim(&store, &["l"], lease).await;
+    tokio::time::sleep(lease + expiry).await;
+    let (now_owner, again) = claim(&store, &["l"], TTL).await;
+    assert_eq!(again, [Claimed::Mine]);
+    assert_eq!(
+        store.commit(held(&["l"], late), TTL).await.unwrap(),
+        [false]
+    );
+    store.release(held(&["l"], late)).await.unwrap();
+    assert_eq!(claim(&store, &["l"], TTL).await.1, [Claimed::InFlight]);
+    assert_eq!(
+        store.commit(held(&["l"], now_owner), TTL).await.unwrap(),
+        [true]
+    );
+    assert_eq!(claim(&store, &["l"], TTL).await.1, [Claimed::Done]);
+}
+
+/// Many consumers claim the same keys at once: exactly one owns each.
+pub async fn concurrent_claims_agree<S: ClaimStore + Clone>(store: S) {
+    let tasks: Vec<_> = (0..8)
+        .map(|_| {
+            let store = store.clone();
+            tokio::spawn(async move {
+                let ks: Vec<String> = (0..100).map(|i| format!("cc{i}")).collect();
+                let refs: Vec<&str> = ks.iter().map(String::as_str).collect();
+                claim(&store, &refs, TTL).await.1
+            })
+        })
+        .collect();
+    let mut mine = vec![0; 100];
+    for t in tasks {
+        for (i, c) in t.await.unwrap().into_iter().enumerate() {
+            if c == Claimed::Mine {
+                mine[i] += 1;
+            }
+        }
+    }
+    assert!(mine.iter().all(|&n| n == 1), "{mine:?}");
+}
+
+/// Expands to one `#[tokio::test]` per claims behaviour; same arguments as `store_suite!`.
+#[macro_export]
+macro_rules! claim_suite {
+    ($make:path, expiry = $expiry:expr) => {
+        mod claim_suite_tests {
+            use super::*;
+            use $crate::support::store_suite as suite;
+
+            fn ns(test: &str) -> String {
+                format!(
+                    "claims-{test}-{}-{}",
+                    std::process::id(),
+                    stream_dedup::store::Token::new()
+                )
+            }
+
+            macro_rules! case {
+                ($name:ident, |$s:ident| $body:expr) => {
+                    #[tokio::test]
+                    async fn $name() {
+                        let Some($s) = $make(ns(stringify!($name))).await else {
+                            eprintln!("skipped: {} (store not configured)", stringify!($name));
+                            return;
+                        };
+                        $body.await;
+                    }
+                };
+            }
+
+            case!(claim_states, |s| suite::claim_states(s));
+            case!(claim_retry_with_same_token_is_mine, |s| {
+                suite::claim_retry_with_same_token_is_mine(s)
+            });
+            case!(release_frees_only_its_own_keys, |s| {
+                suite::release_frees_only_its_own_keys(s)
+            });
+            case!(lease_expiry_and_late_owner, |s| {
+                suite::lease_expiry_and_late_owner(s, $expiry)
+            });
+            case!(concurrent_claims_agree, |s| suite::concurrent_claims_agree(
+                s
+            ));
+        }
+    };
+}
