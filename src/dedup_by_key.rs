@@ -9,7 +9,7 @@ use pin_project::pin_project;
 use crate::hook::{DropDuplicates, OnDuplicate};
 use crate::stats::Stats;
 use crate::store::StoreError;
-use crate::stored::driver::{Driver, Out};
+use crate::stored::driver::{Driver, Mode, Out};
 use crate::window::{Attached, Handle};
 
 /// Stream for the [`dedup_by_key`](crate::DedupStreamExt::dedup_by_key) method.
@@ -46,7 +46,9 @@ impl<St: Stream, F, K: Hash + Eq> DedupByKey<St, F, K> {
             stream,
             key_fn,
             window: window.handle,
-            store: window.store.map(|parts| Box::new(Driver::new(parts))),
+            store: window
+                .store
+                .map(|parts| Box::new(Driver::new(parts, Mode::Insert))),
             on_duplicate: DropDuplicates,
             error: None,
         }
@@ -151,8 +153,10 @@ where
                 ));
                 match out {
                     None => return Poll::Ready(None),
-                    Some(Out::Emit(item)) => return Poll::Ready(Some(item)),
-                    Some(Out::Duplicate(item)) => this.on_duplicate.on_duplicate(item),
+                    Some(Out::Emit(item, _)) => return Poll::Ready(Some(item)),
+                    Some(Out::Duplicate(item) | Out::HeldBack(item)) => {
+                        this.on_duplicate.on_duplicate(item);
+                    }
                     Some(Out::Failed(e)) => {
                         // Fail closed with no error channel: the stream ends here.
                         *this.error = Some(e);

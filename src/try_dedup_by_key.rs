@@ -8,7 +8,7 @@ use pin_project::pin_project;
 
 use crate::hook::{DropDuplicates, OnDuplicate};
 use crate::stats::Stats;
-use crate::stored::driver::{Driver, Out};
+use crate::stored::driver::{Driver, Mode, Out};
 use crate::window::{Attached, Handle};
 
 /// The store path of a try stream: its items are `Result`s, its failures become its errors.
@@ -47,7 +47,9 @@ impl<St: TryStream, F, K: Hash + Eq> TryDedupByKey<St, F, K> {
             stream,
             key_fn,
             window: window.handle,
-            store: window.store.map(|parts| Box::new(Driver::new(parts))),
+            store: window
+                .store
+                .map(|parts| Box::new(Driver::new(parts, Mode::Insert))),
             on_duplicate: DropDuplicates,
         }
     }
@@ -140,9 +142,9 @@ where
                 ));
                 match out {
                     None => return Poll::Ready(None),
-                    Some(Out::Emit(item)) => return Poll::Ready(Some(item)),
+                    Some(Out::Emit(item, _)) => return Poll::Ready(Some(item)),
                     Some(Out::Failed(e)) => return Poll::Ready(Some(Err(e))),
-                    Some(Out::Duplicate(item)) => {
+                    Some(Out::Duplicate(item) | Out::HeldBack(item)) => {
                         if let Ok(v) = item {
                             this.on_duplicate.on_duplicate(v);
                         }

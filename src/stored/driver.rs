@@ -1,5 +1,6 @@
 //! The store path of the operators: batches of ready items, store calls in flight, verdicts
-//! yielded in input order.
+//! yielded in input order. One driver serves mark-on-emit (`insert`) and claims (`claim`); a
+//! [`Gate`] is the in-memory side that answers what it can without I/O.
 
 use std::collections::{HashMap, VecDeque};
 use std::future::Future;
@@ -10,10 +11,10 @@ use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
 use sync_wrapper::SyncWrapper;
-use tokio::time::{Sleep, Timeout};
+use tokio::time::{Instant, Sleep, Timeout};
 
-use super::{FailurePolicy, StoreWindow};
-use crate::store::{InsertBatch, Inserted, Store, StoreError, StoreFuture};
+use super::StoreWindow;
+use crate::store::{ClaimBatch, Claimed, InsertBatch, Inserted, Store, StoreError, Token};
 use crate::window::Handle;
 
 /// What a [`StoreWindow`] hands an operator, with the key's capabilities captured as function
@@ -25,19 +26,106 @@ pub(crate) struct StoreParts<K, E> {
     pub(crate) convert: fn(StoreError) -> E,
 }
 
+/// A store's answer for one key, in either mode.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Answer {
+    /// Recorded (insert) or claimed (claims) for this request.
+    New,
+    /// Already recorded / done: a duplicate.
+    Present,
+    /// Held by another claim's lease.
+    InFlight,
+}
+
+/// What the in-memory side says before the store is asked.
+pub(crate) enum Pre {
+    Duplicate,
+    HeldBack,
+    Ask,
+}
+
+/// The in-memory side of the store path.
+pub(crate) trait Gate<K> {
+    /// The time for this round (`None`: no clock needed).
+    fn now(&self) -> Option<Instant>;
+    /// Answers `key` from memory if it can (`clone_key` copies a key it must keep).
+    fn pre(&mut self, key: &K, now: Option<Instant>, clone_key: fn(&K) -> K) -> Pre;
+    /// The store answered for `key` (first copies only).
+    fn answered(&mut self, key: &K, answer: Answer, token: Token, now: Option<Instant>);
+    /// The store failed for `key` (first copies only), under fail open or closed.
+    fn failed(&mut self, key: &K, open: bool);
+    /// Counts an item's fate when it leaves the operator.
+    fn count(&mut self, fate: Fate);
+}
+
+/// How an item left the operator, for the counters.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Fate {
+    Accepted,
+    Duplicate,
+    HeldBack,
+    Unchecked,
+    StoreError,
+}
+
+impl<K: Hash + Eq> Gate<K> for Handle<K> {
+    fn now(&self) -> Option<Instant> {
+        Handle::now(self)
+    }
+
+    fn pre(&mut self, key: &K, now: Option<Instant>, clone_key: fn(&K) -> K) -> Pre {
+        // Mark on emit: recorded in memory at once; the store decides the verdict.
+        if self.observe_uncounted(clone_key(key), now) {
+            Pre::Ask
+        } else {
+            Pre::Duplicate
+        }
+    }
+
+    fn answered(&mut self, _key: &K, _answer: Answer, _token: Token, _now: Option<Instant>) {}
+
+    fn failed(&mut self, key: &K, open: bool) {
+        if !open {
+            // Forget the key, so that the broker's redelivery is checked again.
+            self.remove(key);
+        }
+    }
+
+    fn count(&mut self, fate: Fate) {
+        self.record(|r| match fate {
+            Fate::Accepted => r.verdict(true),
+            Fate::Duplicate | Fate::HeldBack => r.verdict(false),
+            Fate::Unchecked => r.unchecked(),
+            Fate::StoreError => r.store_error(),
+        });
+    }
+}
+
+/// Which store operation a driver calls.
+#[derive(Clone, Copy, Debug)]
+pub(crate) enum Mode {
+    /// `Store::insert` with the window's ttl (mark on emit).
+    Insert,
+    /// `ClaimStore::claim` with this lease.
+    Claim { lease: Duration },
+}
+
 /// What the operator does with the next item.
-pub(crate) enum Out<T, E> {
-    /// Yield it.
-    Emit(T),
+pub(crate) enum Out<T, K, E> {
+    /// Yield it (with a claim mode's key and token when the store claimed it).
+    Emit(T, Option<(K, Token)>),
     /// Hand it to `on_duplicate`.
     Duplicate(T),
+    /// Its key is in flight elsewhere: neither processed nor a duplicate.
+    HeldBack(T),
     /// Its check failed under fail closed: the error takes its place.
     Failed(E),
 }
 
-enum Verdict<E> {
-    Accept,
+enum Verdict<K, E> {
+    Accept(Option<(K, Token)>),
     Duplicate,
+    HeldBack,
     /// Passed unchecked (fail open).
     Unchecked,
     /// Not a keyed item (an `Err` of a try stream): passes untouched.
@@ -45,10 +133,10 @@ enum Verdict<E> {
     Failed(E),
 }
 
-struct Entry<T, E> {
+struct Entry<T, K, E> {
     item: T,
     /// `None` while the store's answer is awaited.
-    verdict: Option<Verdict<E>>,
+    verdict: Option<Verdict<K, E>>,
 }
 
 /// Who waits for one key of a request.
@@ -58,13 +146,15 @@ struct Waiter {
     seq: u64,
     /// The key's index in the request.
     key: u32,
-    /// A later copy of the key: a duplicate of whatever the first copy turns out to be.
+    /// A later copy of the key: it follows whatever the first copy turns out to be.
     copy: bool,
 }
 
+type StoreCall = Pin<Box<dyn Future<Output = Result<Vec<Answer>, StoreError>> + Send>>;
+
 /// A store call with its timeout. The wrapper makes the operator `Sync` (the boxed future is
 /// only `Send`): it is only ever reached through `&mut`.
-type Call = SyncWrapper<Pin<Box<Timeout<StoreFuture<Vec<Inserted>>>>>>;
+type Call = SyncWrapper<Pin<Box<Timeout<StoreCall>>>>;
 
 enum Attempt {
     Calling(Call),
@@ -74,14 +164,55 @@ enum Attempt {
 struct Request<K> {
     id: u64,
     keys: Vec<K>,
-    batch: InsertBatch,
+    encoded: Vec<Vec<u8>>,
+    token: Token,
     waiters: Vec<Waiter>,
     retries: u32,
     attempt: Attempt,
 }
 
-fn call(store: &Arc<dyn Store>, batch: InsertBatch, timeout: Duration) -> Call {
-    SyncWrapper::new(Box::pin(tokio::time::timeout(timeout, store.insert(batch))))
+fn call(store: &Arc<dyn Store>, mode: Mode, ttl: Duration, keys: Vec<Vec<u8>>, token: Token) -> StoreCall {
+    match mode {
+        Mode::Insert => {
+            let fut = store.insert(InsertBatch::new(keys, ttl).with_token(token));
+            Box::pin(async move {
+                let answers = fut.await?;
+                Ok(answers
+                    .into_iter()
+                    .map(|a| match a {
+                        Inserted::New => Answer::New,
+                        Inserted::Present => Answer::Present,
+                    })
+                    .collect())
+            })
+        }
+        Mode::Claim { lease } => {
+            let Some(claims) = store.as_claim_store() else {
+                return Box::pin(std::future::ready(Err(StoreError::ClaimsUnsupported)));
+            };
+            let fut = claims.claim(ClaimBatch::new(keys, lease).with_token(token));
+            Box::pin(async move {
+                let answers = fut.await?;
+                Ok(answers
+                    .into_iter()
+                    .map(|a| match a {
+                        Claimed::Mine => Answer::New,
+                        Claimed::Done => Answer::Present,
+                        Claimed::InFlight => Answer::InFlight,
+                    })
+                    .collect())
+            })
+        }
+    }
+}
+
+/// One attempt at a request: the store call under the configured timeout.
+fn start(config: &StoreWindow, mode: Mode, keys: &[Vec<u8>], token: Token) -> Attempt {
+    let fut = call(&config.store, mode, config.ttl, keys.to_vec(), token);
+    Attempt::Calling(SyncWrapper::new(Box::pin(tokio::time::timeout(
+        config.timeout,
+        fut,
+    ))))
 }
 
 impl<K> Request<K> {
@@ -90,7 +221,8 @@ impl<K> Request<K> {
         &mut self,
         cx: &mut Context<'_>,
         config: &StoreWindow,
-    ) -> Poll<Result<Vec<Inserted>, StoreError>> {
+        mode: Mode,
+    ) -> Poll<Result<Vec<Answer>, StoreError>> {
         loop {
             match &mut self.attempt {
                 Attempt::Calling(fut) => {
@@ -105,7 +237,7 @@ impl<K> Request<K> {
                         Ok(Err(e)) => e,
                         Err(_elapsed) => StoreError::Timeout(config.timeout),
                     };
-                    let policy: &FailurePolicy = &config.policy;
+                    let policy = &config.policy;
                     if !error.is_transient() || self.retries >= policy.retries() {
                         return Poll::Ready(Err(error));
                     }
@@ -116,8 +248,7 @@ impl<K> Request<K> {
                 Attempt::Backoff(sleep) => {
                     ready!(sleep.as_mut().poll(cx));
                     // The same token: keys that the failed attempt recorded count as ours.
-                    let batch = self.batch.clone();
-                    self.attempt = Attempt::Calling(call(&config.store, batch, config.timeout));
+                    self.attempt = start(config, mode, &self.encoded, self.token);
                 }
             }
         }
@@ -127,8 +258,9 @@ impl<K> Request<K> {
 /// The store path's state, owned by one operator.
 pub(crate) struct Driver<T, K, E> {
     parts: StoreParts<K, E>,
+    mode: Mode,
     /// Items in input order, from sequence number `front_seq` on.
-    queue: VecDeque<Entry<T, E>>,
+    queue: VecDeque<Entry<T, K, E>>,
     front_seq: u64,
     requests: Vec<Request<K>>,
     next_request: u64,
@@ -152,9 +284,10 @@ impl<T, K, E> Driver<T, K, E> {
 }
 
 impl<T, K: Hash + Eq, E> Driver<T, K, E> {
-    pub(crate) fn new(parts: StoreParts<K, E>) -> Self {
+    pub(crate) fn new(parts: StoreParts<K, E>, mode: Mode) -> Self {
         Driver {
             parts,
+            mode,
             queue: VecDeque::new(),
             front_seq: 0,
             requests: Vec::new(),
@@ -167,32 +300,33 @@ impl<T, K: Hash + Eq, E> Driver<T, K, E> {
 
     /// The next item's fate. `pull` polls the inner stream; `key_of` gives an item's key, or
     /// `None` for an item that passes untouched.
-    pub(crate) fn poll<P, KF>(
+    pub(crate) fn poll<G, P, KF>(
         &mut self,
-        window: &mut Handle<K>,
+        gate: &mut G,
         cx: &mut Context<'_>,
         mut pull: P,
         mut key_of: KF,
-    ) -> Poll<Option<Out<T, E>>>
+    ) -> Poll<Option<Out<T, K, E>>>
     where
+        G: Gate<K>,
         P: FnMut(&mut Context<'_>) -> Poll<Option<T>>,
         KF: FnMut(&T) -> Option<K>,
     {
         loop {
-            if let Some(out) = self.pop_decided(window) {
+            if let Some(out) = self.pop_decided(gate) {
                 return Poll::Ready(Some(out));
             }
             if self.is_done() {
                 return Poll::Ready(None);
             }
-            let mut progress = self.drive(window, cx);
+            let mut progress = self.drive(gate, cx);
             let config = &self.parts.config;
             let room = config.batch_size * (config.max_in_flight + 1);
             if !self.inner_done
                 && self.requests.len() < config.max_in_flight
                 && self.queue.len() < room
             {
-                progress |= self.fill(window, cx, &mut pull, &mut key_of);
+                progress |= self.fill(gate, cx, &mut pull, &mut key_of);
             }
             if !progress {
                 // The inner stream and every call in flight have registered the waker.
@@ -201,39 +335,42 @@ impl<T, K: Hash + Eq, E> Driver<T, K, E> {
         }
     }
 
-    fn pop_decided(&mut self, window: &mut Handle<K>) -> Option<Out<T, E>> {
+    fn pop_decided<G: Gate<K>>(&mut self, gate: &mut G) -> Option<Out<T, K, E>> {
         self.queue.front()?.verdict.as_ref()?;
         let entry = self.queue.pop_front()?;
         self.front_seq += 1;
-        let verdict = entry.verdict?;
-        Some(match verdict {
-            Verdict::Accept => {
-                window.record(|r| r.verdict(true));
-                Out::Emit(entry.item)
+        Some(match entry.verdict? {
+            Verdict::Accept(claim) => {
+                gate.count(Fate::Accepted);
+                Out::Emit(entry.item, claim)
             }
             Verdict::Duplicate => {
-                window.record(|r| r.verdict(false));
+                gate.count(Fate::Duplicate);
                 Out::Duplicate(entry.item)
             }
-            Verdict::Unchecked => {
-                window.record(crate::stats::Recorder::unchecked);
-                Out::Emit(entry.item)
+            Verdict::HeldBack => {
+                gate.count(Fate::HeldBack);
+                Out::HeldBack(entry.item)
             }
-            Verdict::Pass => Out::Emit(entry.item),
+            Verdict::Unchecked => {
+                gate.count(Fate::Unchecked);
+                Out::Emit(entry.item, None)
+            }
+            Verdict::Pass => Out::Emit(entry.item, None),
             Verdict::Failed(e) => Out::Failed(e),
         })
     }
 
     /// Polls every call in flight; applies the answers of those that finished.
-    fn drive(&mut self, window: &mut Handle<K>, cx: &mut Context<'_>) -> bool {
+    fn drive<G: Gate<K>>(&mut self, gate: &mut G, cx: &mut Context<'_>) -> bool {
         let mut progress = false;
         let mut i = 0;
         while i < self.requests.len() {
-            match self.requests[i].poll(cx, &self.parts.config) {
+            match self.requests[i].poll(cx, &self.parts.config, self.mode) {
                 Poll::Pending => i += 1,
                 Poll::Ready(result) => {
                     let request = self.requests.swap_remove(i);
-                    self.resolve(window, request, result);
+                    self.resolve(gate, request, result);
                     progress = true;
                 }
             }
@@ -241,32 +378,47 @@ impl<T, K: Hash + Eq, E> Driver<T, K, E> {
         progress
     }
 
-    fn resolve(
+    fn resolve<G: Gate<K>>(
         &mut self,
-        window: &mut Handle<K>,
+        gate: &mut G,
         request: Request<K>,
-        result: Result<Vec<Inserted>, StoreError>,
+        result: Result<Vec<Answer>, StoreError>,
     ) {
         for key in &request.keys {
             self.pending.remove(key);
         }
         let open = self.parts.config.policy.is_fail_open();
-        if result.is_err() {
-            window.record(crate::stats::Recorder::store_error);
-            if !open {
-                // Forget the keys, so that the broker's redelivery is checked again.
+        let claims = matches!(self.mode, Mode::Claim { .. });
+        let now = gate.now();
+        match &result {
+            Ok(answers) => {
+                for (key, &answer) in request.keys.iter().zip(answers) {
+                    gate.answered(key, answer, request.token, now);
+                }
+            }
+            Err(_) => {
+                gate.count(Fate::StoreError);
                 for key in &request.keys {
-                    window.remove(key);
+                    gate.failed(key, open);
                 }
             }
         }
         for w in request.waiters {
-            let verdict = match &result {
-                _ if w.copy && (open || result.is_ok()) => Verdict::Duplicate,
-                Ok(answers) => match answers[w.key as usize] {
-                    Inserted::New => Verdict::Accept,
-                    Inserted::Present => Verdict::Duplicate,
-                },
+            let answer = result.as_ref().map(|answers| answers[w.key as usize]);
+            let verdict = match answer {
+                // A copy of a key whose first copy was accepted: a duplicate, or with claims
+                // (where the first is now in flight, unfinished) held back.
+                Ok(Answer::New) if w.copy && claims => Verdict::HeldBack,
+                Ok(Answer::New | Answer::Present) if w.copy => Verdict::Duplicate,
+                Ok(Answer::New) if claims => {
+                    let key = &request.keys[w.key as usize];
+                    Verdict::Accept(Some(((self.parts.clone_key)(key), request.token)))
+                }
+                Ok(Answer::New) => Verdict::Accept(None),
+                Ok(Answer::Present) => Verdict::Duplicate,
+                Ok(Answer::InFlight) => Verdict::HeldBack,
+                Err(_) if open && w.copy && claims => Verdict::HeldBack,
+                Err(_) if open && w.copy => Verdict::Duplicate,
                 Err(_) if open => Verdict::Unchecked,
                 Err(e) => Verdict::Failed((self.parts.convert)(e.clone())),
             };
@@ -279,18 +431,19 @@ impl<T, K: Hash + Eq, E> Driver<T, K, E> {
 
     /// Reads the items the inner stream has ready (up to a batch), decides what memory can,
     /// and sends the rest to the store in one call. Returns whether anything happened.
-    fn fill<P, KF>(
+    fn fill<G, P, KF>(
         &mut self,
-        window: &mut Handle<K>,
+        gate: &mut G,
         cx: &mut Context<'_>,
         pull: &mut P,
         key_of: &mut KF,
     ) -> bool
     where
+        G: Gate<K>,
         P: FnMut(&mut Context<'_>) -> Poll<Option<T>>,
         KF: FnMut(&T) -> Option<K>,
     {
-        let now = window.now();
+        let now = gate.now();
         let id = self.next_request;
         let mut keys = Vec::new();
         let mut encoded = Vec::new();
@@ -322,29 +475,34 @@ impl<T, K: Hash + Eq, E> Driver<T, K, E> {
                             None => waiters.push(waiter), // the batch being built
                         }
                         None
-                    } else if !window.observe_uncounted((self.parts.clone_key)(&key), now) {
-                        Some(Verdict::Duplicate)
                     } else {
-                        self.scratch.clear();
-                        (self.parts.encode)(&key, &mut self.scratch);
-                        if self.scratch.len() > self.parts.config.max_key_len {
-                            let e = StoreError::KeyTooLong {
-                                len: self.scratch.len(),
-                                max: self.parts.config.max_key_len,
-                            };
-                            Some(self.refuse_key(window, &key, e))
-                        } else {
-                            let index = keys.len() as u32;
-                            self.pending
-                                .insert((self.parts.clone_key)(&key), (id, index));
-                            encoded.push(self.scratch.clone());
-                            keys.push(key);
-                            waiters.push(Waiter {
-                                seq,
-                                key: index,
-                                copy: false,
-                            });
-                            None
+                        match gate.pre(&key, now, self.parts.clone_key) {
+                            Pre::Duplicate => Some(Verdict::Duplicate),
+                            Pre::HeldBack => Some(Verdict::HeldBack),
+                            Pre::Ask => {
+                                self.scratch.clear();
+                                (self.parts.encode)(&key, &mut self.scratch);
+                                let max = self.parts.config.max_key_len;
+                                if self.scratch.len() > max {
+                                    let e = StoreError::KeyTooLong {
+                                        len: self.scratch.len(),
+                                        max,
+                                    };
+                                    Some(self.refuse_key(gate, &key, e))
+                                } else {
+                                    let index = keys.len() as u32;
+                                    self.pending
+                                        .insert((self.parts.clone_key)(&key), (id, index));
+                                    encoded.push(self.scratch.clone());
+                                    keys.push(key);
+                                    waiters.push(Waiter {
+                                        seq,
+                                        key: index,
+                                        copy: false,
+                                    });
+                                    None
+                                }
+                            }
                         }
                     }
                 }
@@ -352,13 +510,13 @@ impl<T, K: Hash + Eq, E> Driver<T, K, E> {
             self.queue.push_back(Entry { item, verdict });
         }
         if !keys.is_empty() {
-            let config = &self.parts.config;
-            let batch = InsertBatch::new(encoded, config.ttl);
+            let token = Token::new();
             self.requests.push(Request {
                 id,
-                attempt: Attempt::Calling(call(&config.store, batch.clone(), config.timeout)),
+                attempt: start(&self.parts.config, self.mode, &encoded, token),
                 keys,
-                batch,
+                encoded,
+                token,
                 waiters,
                 retries: 0,
             });
@@ -368,11 +526,12 @@ impl<T, K: Hash + Eq, E> Driver<T, K, E> {
     }
 
     /// A key the store is not asked about: the failure policy decides, with no retry.
-    fn refuse_key(&mut self, window: &mut Handle<K>, key: &K, e: StoreError) -> Verdict<E> {
-        if self.parts.config.policy.is_fail_open() {
+    fn refuse_key<G: Gate<K>>(&mut self, gate: &mut G, key: &K, e: StoreError) -> Verdict<K, E> {
+        let open = self.parts.config.policy.is_fail_open();
+        gate.failed(key, open);
+        if open {
             Verdict::Unchecked
         } else {
-            window.remove(key);
             Verdict::Failed((self.parts.convert)(e))
         }
     }
