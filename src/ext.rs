@@ -2,8 +2,8 @@ use core::hash::Hash;
 
 use futures_core::{Stream, TryStream};
 
-use crate::window::IntoWindow;
-use crate::{DedupByKey, TryDedupByKey};
+use crate::window::{IntoClaimWindow, IntoWindow};
+use crate::{ClaimByKey, DedupByKey, TryDedupByKey};
 
 /// Adds [`dedup_by_key`](DedupStreamExt::dedup_by_key) to every [`Stream`].
 pub trait DedupStreamExt: Stream {
@@ -44,6 +44,55 @@ pub trait DedupStreamExt: Stream {
         W: IntoWindow<K>,
     {
         DedupByKey::new(self, key_fn, window.into_window())
+    }
+
+    /// Like [`dedup_by_key`](DedupStreamExt::dedup_by_key), but each item leaves wrapped in a
+    /// [`Claim`](crate::Claim), and its key is marked as seen only when the claim is
+    /// **committed**: a claim dropped uncommitted (an error, a panic, a crash) frees the key,
+    /// so the broker's redelivery is processed instead of dropped. No message is lost.
+    ///
+    /// A key is free, **in flight** (claimed, with a [`lease`](crate::Window::lease)) or
+    /// **done** (committed, kept for the window's ttl). A copy whose key is done is a
+    /// duplicate (`on_duplicate`: safe to ack); a copy whose key is in flight is held back
+    /// (`on_held_back`: do not ack; the broker will deliver it again).
+    ///
+    /// `window` is a [`Window`](crate::Window), or a [`StoreWindow`](crate::StoreWindow)
+    /// whose store offers claims, so that consumers in many processes share the states.
+    ///
+    /// # Panics
+    ///
+    /// If the store does not offer claims.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use futures::{stream, StreamExt};
+    /// use stream_dedup::{DedupStreamExt, Window};
+    ///
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> Result<(), stream_dedup::store::StoreError> {
+    /// let deliveries = stream::iter(["a", "b", "a", "b"]);
+    /// let mut claims = deliveries.claim_by_key(|m| *m, Window::max_keys(1_000));
+    /// let first = claims.next().await.unwrap();   // "a"
+    /// let second = claims.next().await.unwrap();  // "b"
+    /// second.release();                           // processing "b" failed
+    /// first.commit().await?;                      // "a" is done
+    /// let third = claims.next().await.unwrap();   // the redelivered "a" is dropped,
+    /// assert_eq!(*third, "b");                    // the redelivered "b" is processed
+    /// third.commit().await?;
+    /// assert!(claims.next().await.is_none());
+    /// # Ok(())
+    /// # }
+    /// ```
+    #[track_caller]
+    fn claim_by_key<K, F, W>(self, key_fn: F, window: W) -> ClaimByKey<Self, F, K>
+    where
+        Self: Sized,
+        F: FnMut(&Self::Item) -> K,
+        K: Hash + Eq + Clone + Send + Sync + 'static,
+        W: IntoClaimWindow<K>,
+    {
+        ClaimByKey::new(self, key_fn, window.into_claim_window())
     }
 }
 

@@ -82,6 +82,8 @@
 #![doc(test(attr(deny(warnings))))]
 #![cfg_attr(docsrs, feature(doc_cfg))]
 
+mod claim;
+mod claim_by_key;
 mod dedup_by_key;
 mod ext;
 mod fingerprint;
@@ -92,6 +94,8 @@ mod stored;
 mod try_dedup_by_key;
 mod window;
 
+pub use self::claim::Claim;
+pub use self::claim_by_key::ClaimByKey;
 pub use self::dedup_by_key::DedupByKey;
 pub use self::ext::{DedupStreamExt, TryDedupStreamExt};
 pub use self::fingerprint::Fingerprint;
@@ -99,4 +103,4 @@ pub use self::hook::{DropDuplicates, OnDuplicate};
 pub use self::stats::{Stats, StatsSnapshot};
 pub use self::stored::{FailurePolicy, StoreWindow};
 pub use self::try_dedup_by_key::TryDedupByKey;
-pub use self::window::{IntoWindow, SharedWindow, Window, WindowSet};
+pub use self::window::{IntoClaimWindow, IntoWindow, SharedWindow, Window, WindowSet};

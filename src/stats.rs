@@ -20,6 +20,12 @@ pub const EXPIRED_TOTAL: &str = "stream_dedup_expired_total";
 pub const UNCHECKED_TOTAL: &str = "stream_dedup_unchecked_total";
 /// Name of the counter of store calls that failed (after any retries).
 pub const STORE_ERRORS_TOTAL: &str = "stream_dedup_store_errors_total";
+/// Name of the counter of copies held back because their key was in flight (claims).
+pub const HELD_BACK_TOTAL: &str = "stream_dedup_held_back_total";
+/// Name of the counter of claims committed.
+pub const COMMITTED_TOTAL: &str = "stream_dedup_committed_total";
+/// Name of the counter of claims released (dropped or released uncommitted).
+pub const RELEASED_TOTAL: &str = "stream_dedup_released_total";
 /// Name of the gauge of keys the window holds.
 pub const KEYS: &str = "stream_dedup_keys";
 /// Name of the label that carries [`Window::name`](crate::Window::name) on every metric.
@@ -34,6 +40,9 @@ struct Counters {
     keys: AtomicU64,
     unchecked: AtomicU64,
     store_errors: AtomicU64,
+    held_back: AtomicU64,
+    committed: AtomicU64,
+    released: AtomicU64,
 }
 
 /// A live view of one window's counters, cheap to clone and to read from any thread.
@@ -97,6 +106,22 @@ impl Stats {
         self.0.store_errors.load(Relaxed)
     }
 
+    /// Copies held back because their key was in flight under another claim (claims only):
+    /// neither yielded nor passed to `on_duplicate`, so the broker delivers them again.
+    pub fn held_back(&self) -> u64 {
+        self.0.held_back.load(Relaxed)
+    }
+
+    /// Claims committed (claims only).
+    pub fn committed(&self) -> u64 {
+        self.0.committed.load(Relaxed)
+    }
+
+    /// Claims released uncommitted, by `release` or a drop (claims only).
+    pub fn released(&self) -> u64 {
+        self.0.released.load(Relaxed)
+    }
+
     /// All counters at once.
     pub fn snapshot(&self) -> StatsSnapshot {
         StatsSnapshot {
@@ -107,6 +132,9 @@ impl Stats {
             keys: self.keys(),
             unchecked: self.unchecked(),
             store_errors: self.store_errors(),
+            held_back: self.held_back(),
+            committed: self.committed(),
+            released: self.released(),
         }
     }
 }
@@ -135,6 +163,12 @@ pub struct StatsSnapshot {
     pub unchecked: u64,
     /// See [`Stats::store_errors`].
     pub store_errors: u64,
+    /// See [`Stats::held_back`].
+    pub held_back: u64,
+    /// See [`Stats::committed`].
+    pub committed: u64,
+    /// See [`Stats::released`].
+    pub released: u64,
 }
 
 /// The writing side: owned by exactly one window, which is only ever written through `&mut`
@@ -149,6 +183,9 @@ pub(crate) struct Recorder {
     keys: Gauge,
     unchecked: Counter,
     store_errors: Counter,
+    held_back: Counter,
+    committed: Counter,
+    released: Counter,
 }
 
 #[inline]
@@ -169,6 +206,9 @@ impl Recorder {
             keys: metrics::gauge!(KEYS, &label),
             unchecked: metrics::counter!(UNCHECKED_TOTAL, &label),
             store_errors: metrics::counter!(STORE_ERRORS_TOTAL, &label),
+            held_back: metrics::counter!(HELD_BACK_TOTAL, &label),
+            committed: metrics::counter!(COMMITTED_TOTAL, &label),
+            released: metrics::counter!(RELEASED_TOTAL, &label),
         }
     }
 
@@ -199,6 +239,24 @@ impl Recorder {
     pub(crate) fn unchecked(&self) {
         bump(&self.counters.0.unchecked, 1);
         self.unchecked.increment(1);
+    }
+
+    /// A copy was held back (claims).
+    pub(crate) fn held_back(&self) {
+        bump(&self.counters.0.held_back, 1);
+        self.held_back.increment(1);
+    }
+
+    /// A claim was committed.
+    pub(crate) fn committed(&self) {
+        bump(&self.counters.0.committed, 1);
+        self.committed.increment(1);
+    }
+
+    /// A claim was released uncommitted.
+    pub(crate) fn released(&self) {
+        bump(&self.counters.0.released, 1);
+        self.released.increment(1);
     }
 
     /// A store call failed for good.

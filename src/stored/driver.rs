@@ -52,8 +52,9 @@ pub(crate) trait Gate<K> {
     fn pre(&mut self, key: &K, now: Option<Instant>, clone_key: fn(&K) -> K) -> Pre;
     /// The store answered for `key` (first copies only).
     fn answered(&mut self, key: &K, answer: Answer, token: Token, now: Option<Instant>);
-    /// The store failed for `key` (first copies only), under fail open or closed.
-    fn failed(&mut self, key: &K, open: bool);
+    /// The store failed for `key` (first copies only), under fail open or closed; `token` is
+    /// the request's (a claim passed on unchecked keeps it).
+    fn failed(&mut self, key: &K, open: bool, token: Token, now: Option<Instant>);
     /// Counts an item's fate when it leaves the operator.
     fn count(&mut self, fate: Fate);
 }
@@ -84,7 +85,7 @@ impl<K: Hash + Eq> Gate<K> for Handle<K> {
 
     fn answered(&mut self, _key: &K, _answer: Answer, _token: Token, _now: Option<Instant>) {}
 
-    fn failed(&mut self, key: &K, open: bool) {
+    fn failed(&mut self, key: &K, open: bool, _token: Token, _now: Option<Instant>) {
         if !open {
             // Forget the key, so that the broker's redelivery is checked again.
             self.remove(key);
@@ -126,8 +127,8 @@ enum Verdict<K, E> {
     Accept(Option<(K, Token)>),
     Duplicate,
     HeldBack,
-    /// Passed unchecked (fail open).
-    Unchecked,
+    /// Passed unchecked (fail open), with a claim mode's key and token.
+    Unchecked(Option<(K, Token)>),
     /// Not a keyed item (an `Err` of a try stream): passes untouched.
     Pass,
     Failed(E),
@@ -171,7 +172,13 @@ struct Request<K> {
     attempt: Attempt,
 }
 
-fn call(store: &Arc<dyn Store>, mode: Mode, ttl: Duration, keys: Vec<Vec<u8>>, token: Token) -> StoreCall {
+fn call(
+    store: &Arc<dyn Store>,
+    mode: Mode,
+    ttl: Duration,
+    keys: Vec<Vec<u8>>,
+    token: Token,
+) -> StoreCall {
     match mode {
         Mode::Insert => {
             let fut = store.insert(InsertBatch::new(keys, ttl).with_token(token));
@@ -352,9 +359,9 @@ impl<T, K: Hash + Eq, E> Driver<T, K, E> {
                 gate.count(Fate::HeldBack);
                 Out::HeldBack(entry.item)
             }
-            Verdict::Unchecked => {
+            Verdict::Unchecked(claim) => {
                 gate.count(Fate::Unchecked);
-                Out::Emit(entry.item, None)
+                Out::Emit(entry.item, claim)
             }
             Verdict::Pass => Out::Emit(entry.item, None),
             Verdict::Failed(e) => Out::Failed(e),
@@ -399,7 +406,7 @@ impl<T, K: Hash + Eq, E> Driver<T, K, E> {
             Err(_) => {
                 gate.count(Fate::StoreError);
                 for key in &request.keys {
-                    gate.failed(key, open);
+                    gate.failed(key, open, request.token, now);
                 }
             }
         }
@@ -419,7 +426,10 @@ impl<T, K: Hash + Eq, E> Driver<T, K, E> {
                 Ok(Answer::InFlight) => Verdict::HeldBack,
                 Err(_) if open && w.copy && claims => Verdict::HeldBack,
                 Err(_) if open && w.copy => Verdict::Duplicate,
-                Err(_) if open => Verdict::Unchecked,
+                Err(_) if open => Verdict::Unchecked(claims.then(|| {
+                    let key = &request.keys[w.key as usize];
+                    ((self.parts.clone_key)(key), request.token)
+                })),
                 Err(e) => Verdict::Failed((self.parts.convert)(e.clone())),
             };
             let at = (w.seq - self.front_seq) as usize;
@@ -488,7 +498,7 @@ impl<T, K: Hash + Eq, E> Driver<T, K, E> {
                                         len: self.scratch.len(),
                                         max,
                                     };
-                                    Some(self.refuse_key(gate, &key, e))
+                                    Some(self.refuse_key(gate, key, e, now))
                                 } else {
                                     let index = keys.len() as u32;
                                     self.pending
@@ -526,11 +536,19 @@ impl<T, K: Hash + Eq, E> Driver<T, K, E> {
     }
 
     /// A key the store is not asked about: the failure policy decides, with no retry.
-    fn refuse_key<G: Gate<K>>(&mut self, gate: &mut G, key: &K, e: StoreError) -> Verdict<K, E> {
+    fn refuse_key<G: Gate<K>>(
+        &mut self,
+        gate: &mut G,
+        key: K,
+        e: StoreError,
+        now: Option<Instant>,
+    ) -> Verdict<K, E> {
         let open = self.parts.config.policy.is_fail_open();
-        gate.failed(key, open);
+        let token = Token::new();
+        gate.failed(&key, open, token, now);
         if open {
-            Verdict::Unchecked
+            let claims = matches!(self.mode, Mode::Claim { .. });
+            Verdict::Unchecked(claims.then_some((key, token)))
         } else {
             Verdict::Failed((self.parts.convert)(e))
         }

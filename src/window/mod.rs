@@ -44,6 +44,7 @@ pub struct Window {
     max_keys: u32,
     ttl: Option<Duration>,
     refresh_on_hit: bool,
+    lease: Duration,
     name: SharedString,
 }
 
@@ -73,6 +74,7 @@ impl Window {
             max_keys: n as u32,
             ttl: None,
             refresh_on_hit: false,
+            lease: Duration::from_secs(30),
             name: SharedString::const_str("default"),
         }
     }
@@ -109,6 +111,35 @@ impl Window {
     pub fn refresh_on_hit(mut self, refresh: bool) -> Self {
         self.refresh_on_hit = refresh;
         self
+    }
+
+    /// How long a claim holds its key if it is neither committed nor released (default: 30 s);
+    /// for [`claim_by_key`](crate::DedupStreamExt::claim_by_key) only.
+    ///
+    /// The lease is what frees the key of a consumer that died (killed, no release) so that
+    /// another consumer can take it. Size it above the longest time one item takes to process,
+    /// and below the time in which the broker gives up redelivering: for NATS JetStream below
+    /// `ack_wait × max_deliver` (each redelivery that arrives while the key is held is held
+    /// back, and the broker counts it), for SQS near the visibility timeout, for Kafka near
+    /// `max.poll.interval.ms`. Too short, and a slow handler's redelivery is processed
+    /// alongside it; too long, and a crashed consumer's messages wait that long.
+    ///
+    /// # Panics
+    ///
+    /// If `lease` is zero.
+    #[track_caller]
+    pub fn lease(mut self, lease: Duration) -> Self {
+        assert!(
+            !lease.is_zero(),
+            "Window::lease: the lease must be longer than zero"
+        );
+        self.lease = lease;
+        self
+    }
+
+    /// The claims' lease.
+    pub fn lease_duration(&self) -> Duration {
+        self.lease
     }
 
     /// The value of the `window` label on this window's metrics (default: `"default"`).
@@ -588,6 +619,66 @@ where
     fn into_window(self) -> Attached<K, E> {
         Attached {
             handle: Handle::Local(WindowSet::new(self.window.clone())),
+            store: Some(StoreParts {
+                config: self,
+                encode: <K as StoreKey>::write_key,
+                clone_key: <K as Clone>::clone,
+                convert: E::from,
+            }),
+        }
+    }
+}
+
+/// What a claim operator gets from its window argument.
+#[doc(hidden)]
+pub struct ClaimAttached<K, E> {
+    pub(crate) set: WindowSet<K>,
+    pub(crate) lease: Duration,
+    pub(crate) store: Option<StoreParts<K, E>>,
+}
+
+impl<K, E> fmt::Debug for ClaimAttached<K, E> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Debug::fmt(&self.set, f)
+    }
+}
+
+/// What [`claim_by_key`](crate::DedupStreamExt::claim_by_key) accepts as its window: a
+/// [`Window`], or a [`StoreWindow`] whose store offers claims
+/// ([`ClaimStore`](crate::store::ClaimStore)).
+///
+/// This trait is sealed; it cannot be implemented outside this crate.
+pub trait IntoClaimWindow<K, E = StoreError>: sealed::Sealed {
+    #[doc(hidden)]
+    #[track_caller]
+    fn into_claim_window(self) -> ClaimAttached<K, E>;
+}
+
+impl<K: Hash + Eq, E> IntoClaimWindow<K, E> for Window {
+    fn into_claim_window(self) -> ClaimAttached<K, E> {
+        ClaimAttached {
+            lease: self.lease,
+            set: WindowSet::new(self),
+            store: None,
+        }
+    }
+}
+
+impl<K, E> IntoClaimWindow<K, E> for StoreWindow
+where
+    K: Hash + Eq + Clone + StoreKey,
+    E: From<StoreError>,
+{
+    #[track_caller]
+    fn into_claim_window(self) -> ClaimAttached<K, E> {
+        assert!(
+            self.store.as_claim_store().is_some(),
+            "claim_by_key: the store {:?} does not offer claims (Store::as_claim_store is None)",
+            self.store
+        );
+        ClaimAttached {
+            lease: self.window.lease,
+            set: WindowSet::new(self.window.clone()),
             store: Some(StoreParts {
                 config: self,
                 encode: <K as StoreKey>::write_key,

@@ -1,0 +1,432 @@
+//! Claims: an item leaves the operator wrapped in a [`Claim`]; its key is marked done only
+//! when the claim is committed, and freed when it is dropped uncommitted.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::future::Future;
+use std::hash::Hash;
+use std::ops::{Deref, DerefMut};
+use std::pin::Pin;
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock, PoisonError};
+use std::time::Duration;
+
+use tokio::sync::{mpsc, oneshot};
+use tokio::time::Instant;
+
+use crate::WindowSet;
+use crate::store::{HeldKey, Store, StoreError, Token};
+use crate::stored::driver::{Answer, Fate, Gate, Pre};
+
+/// An item whose key is claimed: in flight until [`commit`](Claim::commit) marks it done, or
+/// [`release`](Claim::release) (or a drop) frees it.
+///
+/// Dereferences to the item. While the claim is open, redelivered copies of its key are held
+/// back (neither yielded nor passed to `on_duplicate`): if this claim commits they will be
+/// duplicates, if it is released the broker's next delivery is processed.
+///
+/// Dropping a claim uncommitted — an error returned with `?`, a panic unwinding, a cancelled
+/// task — releases its key. Without a runtime to run it on (a drop outside tokio), the store's
+/// copy of the key is freed by its lease instead.
+#[must_use = "a claim releases its key when dropped: commit it once the item is processed"]
+pub struct Claim<T> {
+    item: T,
+    ticket: Option<Box<dyn Ticket>>,
+}
+
+/// The key side of a claim, with the key's type erased.
+trait Ticket: Send + Sync {
+    fn commit(self: Box<Self>) -> Pin<Box<dyn Future<Output = Result<(), StoreError>> + Send>>;
+    fn release(self: Box<Self>);
+    fn token(&self) -> Token;
+}
+
+impl<T> Claim<T> {
+    pub(crate) fn new<K: Hash + Eq + Send + Sync + 'static>(
+        item: T,
+        key: K,
+        token: Token,
+        core: Arc<ClaimCore<K>>,
+    ) -> Self {
+        Claim {
+            item,
+            ticket: Some(Box::new(KeyTicket { key, token, core })),
+        }
+    }
+
+    /// Marks the key done: later copies are duplicates (kept for the window's ttl, and in the
+    /// store if there is one; the store's commits are batched with other claims').
+    ///
+    /// # Errors
+    ///
+    /// [`StoreError::LeaseLost`] if the lease ran out and another claim took the key (its
+    /// result stands); the store's error if it failed. Either way the key is released, so the
+    /// broker's redelivery is processed again: do not ack the item.
+    pub async fn commit(mut self) -> Result<(), StoreError> {
+        match self.ticket.take() {
+            Some(ticket) => ticket.commit().await,
+            None => Ok(()),
+        }
+    }
+
+    /// Frees the key now (as dropping the claim does), so that the broker's next delivery is
+    /// processed. A store round trip it needs runs in the background.
+    pub fn release(mut self) {
+        if let Some(ticket) = self.ticket.take() {
+            ticket.release();
+        }
+    }
+
+    /// The token of the claim (what the store holds for its key while it is in flight).
+    pub fn token(&self) -> Token {
+        self.ticket.as_ref().map_or_else(Token::new, |t| t.token())
+    }
+
+    /// The item.
+    pub fn get_ref(&self) -> &T {
+        &self.item
+    }
+}
+
+impl<T> Deref for Claim<T> {
+    type Target = T;
+
+    fn deref(&self) -> &T {
+        &self.item
+    }
+}
+
+impl<T> DerefMut for Claim<T> {
+    fn deref_mut(&mut self) -> &mut T {
+        &mut self.item
+    }
+}
+
+impl<T> Drop for Claim<T> {
+    fn drop(&mut self) {
+        if let Some(ticket) = self.ticket.take() {
+            ticket.release();
+        }
+    }
+}
+
+impl<T: fmt::Debug> fmt::Debug for Claim<T> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Claim")
+            .field("item", &self.item)
+            .field("open", &self.ticket.is_some())
+            .finish()
+    }
+}
+
+struct KeyTicket<K> {
+    key: K,
+    token: Token,
+    core: Arc<ClaimCore<K>>,
+}
+
+impl<K: Hash + Eq + Send + Sync + 'static> Ticket for KeyTicket<K> {
+    fn commit(self: Box<Self>) -> Pin<Box<dyn Future<Output = Result<(), StoreError>> + Send>> {
+        Box::pin(async move {
+            let KeyTicket { key, token, core } = *self;
+            if let Some(link) = &core.store {
+                let mut bytes = Vec::new();
+                (link.encode)(&key, &mut bytes);
+                let result = link.committer.commit(bytes, token).await;
+                if let Err(e) = result {
+                    // Not done: free the key (here and, if still ours, in the store).
+                    core.release(&key, token);
+                    return Err(e);
+                }
+            }
+            core.commit_locally(key, token)
+        })
+    }
+
+    fn release(self: Box<Self>) {
+        self.core.release(&self.key, self.token);
+    }
+
+    fn token(&self) -> Token {
+        self.token
+    }
+}
+
+/// Keys in flight, with their claim's token and the end of its lease.
+type InFlight<K> = HashMap<K, (Token, Instant), foldhash::fast::RandomState>;
+
+struct ClaimState<K> {
+    /// Done keys.
+    window: WindowSet<K>,
+    in_flight: InFlight<K>,
+}
+
+/// What a claim operator and its claims share.
+pub(crate) struct ClaimCore<K> {
+    state: Mutex<ClaimState<K>>,
+    lease: Duration,
+    store: Option<StoreLink<K>>,
+}
+
+pub(crate) struct StoreLink<K> {
+    pub(crate) encode: fn(&K, &mut Vec<u8>),
+    pub(crate) committer: Committer,
+}
+
+impl<K: Hash + Eq> ClaimCore<K> {
+    pub(crate) fn new(window: WindowSet<K>, lease: Duration, store: Option<StoreLink<K>>) -> Self {
+        ClaimCore {
+            state: Mutex::new(ClaimState {
+                window,
+                in_flight: HashMap::default(),
+            }),
+            lease,
+            store,
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, ClaimState<K>> {
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    pub(crate) fn stats(&self) -> crate::Stats {
+        self.lock().window.stats()
+    }
+
+    /// Claims `key` in memory (no store, or a store that failed open); returns the token.
+    pub(crate) fn claim_locally(&self, key: K, token: Token) {
+        let lease_end = Instant::now() + self.lease;
+        self.lock().in_flight.insert(key, (token, lease_end));
+    }
+
+    fn commit_locally(&self, key: K, token: Token) -> Result<(), StoreError> {
+        let mut state = self.lock();
+        let now = Instant::now();
+        match state.in_flight.get(&key) {
+            Some(&(t, _)) if t == token => {
+                state.in_flight.remove(&key);
+            }
+            // Our lease ran out and another claim holds the key now.
+            Some(&(_, end)) if end > now => return Err(StoreError::LeaseLost),
+            _ => {}
+        }
+        let t = state.window.now();
+        state.window.observe_uncounted(key, t);
+        state.window.recorder().committed();
+        Ok(())
+    }
+
+    fn release(&self, key: &K, token: Token) {
+        let mut state = self.lock();
+        if state.in_flight.get(key).is_some_and(|&(t, _)| t == token) {
+            state.in_flight.remove(key);
+            state.window.recorder().released();
+        }
+        drop(state);
+        if let Some(link) = &self.store {
+            let mut bytes = Vec::new();
+            (link.encode)(key, &mut bytes);
+            link.committer.release(bytes, token);
+        }
+    }
+
+    /// The in-memory verdict for `key`: held back while in flight, a duplicate when done.
+    pub(crate) fn pre(&self, key: &K, clone_key: fn(&K) -> K) -> Pre {
+        let mut state = self.lock();
+        let now = Instant::now();
+        match state.in_flight.get(key) {
+            Some(&(_, end)) if end > now => return Pre::HeldBack,
+            Some(_) => {
+                state.in_flight.remove(key);
+            }
+            None => {}
+        }
+        if state.window.contains(key) {
+            // A hit counts as seen (LRU order).
+            let t = state.window.now();
+            state.window.observe_uncounted(clone_key(key), t);
+            Pre::Duplicate
+        } else {
+            Pre::Ask
+        }
+    }
+
+    pub(crate) fn count(&self, fate: Fate) {
+        let state = self.lock();
+        let r = state.window.recorder();
+        match fate {
+            Fate::Accepted => r.verdict(true),
+            Fate::Duplicate => r.verdict(false),
+            Fate::HeldBack => r.held_back(),
+            Fate::Unchecked => r.unchecked(),
+            Fate::StoreError => r.store_error(),
+        }
+    }
+}
+
+/// The claim operators' gate: memory knows in-flight and done keys.
+pub(crate) struct ClaimGate<'a, K> {
+    pub(crate) core: &'a ClaimCore<K>,
+    pub(crate) clone_key: fn(&K) -> K,
+}
+
+impl<K: Hash + Eq> Gate<K> for ClaimGate<'_, K> {
+    fn now(&self) -> Option<Instant> {
+        Some(Instant::now())
+    }
+
+    fn pre(&mut self, key: &K, _now: Option<Instant>, clone_key: fn(&K) -> K) -> Pre {
+        self.core.pre(key, clone_key)
+    }
+
+    fn answered(&mut self, key: &K, answer: Answer, token: Token, _now: Option<Instant>) {
+        match answer {
+            Answer::New => self.core.claim_locally((self.clone_key)(key), token),
+            Answer::Present => {
+                let mut state = self.core.lock();
+                let t = state.window.now();
+                state.window.observe_uncounted((self.clone_key)(key), t);
+            }
+            Answer::InFlight => {}
+        }
+    }
+
+    fn failed(&mut self, key: &K, open: bool, token: Token, _now: Option<Instant>) {
+        if open {
+            // Passed on unchecked: still a claim, in memory at least.
+            self.core.claim_locally((self.clone_key)(key), token);
+        }
+    }
+
+    fn count(&mut self, fate: Fate) {
+        self.core.count(fate);
+    }
+}
+
+enum Op {
+    Commit(Vec<u8>, Token, oneshot::Sender<Result<bool, StoreError>>),
+    Release(Vec<u8>, Token),
+}
+
+/// Sends commits and releases to the store from a background task, in batches: the commits
+/// (and releases) queued while one round trip runs go together in the next.
+pub(crate) struct Committer {
+    store: Arc<dyn Store>,
+    ttl: Duration,
+    timeout: Duration,
+    tx: OnceLock<mpsc::UnboundedSender<Op>>,
+}
+
+/// The most operations sent in one round trip.
+const MAX_BATCH: usize = 1024;
+
+impl Committer {
+    pub(crate) fn new(store: Arc<dyn Store>, ttl: Duration, timeout: Duration) -> Self {
+        Committer {
+            store,
+            ttl,
+            timeout,
+            tx: OnceLock::new(),
+        }
+    }
+
+    /// The channel to the task, started on first use; `None` outside a tokio runtime.
+    fn sender(&self) -> Option<&mpsc::UnboundedSender<Op>> {
+        if let Some(tx) = self.tx.get() {
+            return Some(tx);
+        }
+        let runtime = tokio::runtime::Handle::try_current().ok()?;
+        Some(self.tx.get_or_init(|| {
+            let (tx, rx) = mpsc::unbounded_channel();
+            runtime.spawn(run(Arc::clone(&self.store), self.ttl, self.timeout, rx));
+            tx
+        }))
+    }
+
+    async fn commit(&self, key: Vec<u8>, token: Token) -> Result<(), StoreError> {
+        let (reply, answer) = oneshot::channel();
+        let gone = || StoreError::backend("commit", "the commit task is gone");
+        let tx = self
+            .sender()
+            .ok_or_else(|| StoreError::backend("commit", "no tokio runtime to commit on"))?;
+        tx.send(Op::Commit(key, token, reply)).map_err(|_| gone())?;
+        match answer.await.map_err(|_| gone())? {
+            Ok(true) => Ok(()),
+            Ok(false) => Err(StoreError::LeaseLost),
+            Err(e) => Err(e),
+        }
+    }
+
+    fn release(&self, key: Vec<u8>, token: Token) {
+        if let Some(tx) = self.sender() {
+            let _ = tx.send(Op::Release(key, token));
+        }
+    }
+}
+
+async fn run(
+    store: Arc<dyn Store>,
+    ttl: Duration,
+    timeout: Duration,
+    mut rx: mpsc::UnboundedReceiver<Op>,
+) {
+    let Some(claims) = store.as_claim_store() else {
+        // Claim operators refuse such a store when they are built; answer anyway.
+        while let Some(op) = rx.recv().await {
+            if let Op::Commit(_, _, reply) = op {
+                let _ = reply.send(Err(StoreError::ClaimsUnsupported));
+            }
+        }
+        return;
+    };
+    let mut ops = Vec::new();
+    while rx.recv_many(&mut ops, MAX_BATCH).await > 0 {
+        let mut commits: Vec<HeldKey> = Vec::new();
+        let mut replies = Vec::new();
+        let mut releases: Vec<HeldKey> = Vec::new();
+        for op in ops.drain(..) {
+            match op {
+                Op::Commit(key, token, reply) => {
+                    commits.push((key, token));
+                    replies.push(reply);
+                }
+                Op::Release(key, token) => releases.push((key, token)),
+            }
+        }
+        let commit = async {
+            if commits.is_empty() {
+                return Ok(Vec::new());
+            }
+            let n = commits.len();
+            match tokio::time::timeout(timeout, claims.commit(commits, ttl)).await {
+                Ok(Ok(answers)) if answers.len() == n => Ok(answers),
+                Ok(Ok(answers)) => Err(StoreError::backend(
+                    "commit",
+                    format!("{} answers for {n} keys", answers.len()),
+                )),
+                Ok(Err(e)) => Err(e),
+                Err(_) => Err(StoreError::Timeout(timeout)),
+            }
+        };
+        let release = async {
+            if !releases.is_empty() {
+                // A failed release is harmless: the key's lease frees it.
+                let _ = tokio::time::timeout(timeout, claims.release(releases)).await;
+            }
+        };
+        // Commits first: claims wait for them; releases only free keys early.
+        let answers = commit.await;
+        match answers {
+            Ok(answers) => {
+                for (reply, answer) in replies.into_iter().zip(answers) {
+                    let _ = reply.send(Ok(answer));
+                }
+            }
+            Err(e) => {
+                for reply in replies {
+                    let _ = reply.send(Err(e.clone()));
+                }
+            }
+        }
+        release.await;
+    }
+}
