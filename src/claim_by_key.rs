@@ -158,11 +158,11 @@ impl<St: Stream, F, K, H, B> ClaimByKey<St, F, K, H, B> {
 }
 
 /// The in-memory claim path: one item's fate with no store.
-pub(crate) fn claim_in_memory<T, K: Hash + Eq + Clone>(
+pub(crate) fn claim_in_memory<T, K: Hash + Eq + Clone, E>(
     core: &ClaimCore<K>,
     item: T,
     key: K,
-) -> Out<T, K, StoreError> {
+) -> Out<T, K, E> {
     match core.pre(&key, K::clone) {
         Pre::Duplicate => Out::Duplicate(item),
         Pre::HeldBack => Out::HeldBack(item),

@@ -3,7 +3,7 @@ use core::hash::Hash;
 use futures_core::{Stream, TryStream};
 
 use crate::window::{IntoClaimWindow, IntoWindow};
-use crate::{ClaimByKey, DedupByKey, TryDedupByKey};
+use crate::{ClaimByKey, DedupByKey, TryClaimByKey, TryDedupByKey};
 
 /// Adds [`dedup_by_key`](DedupStreamExt::dedup_by_key) to every [`Stream`].
 pub trait DedupStreamExt: Stream {
@@ -126,6 +126,44 @@ pub trait TryDedupStreamExt: TryStream {
         W: IntoWindow<K, Self::Error>,
     {
         TryDedupByKey::new(self, key_fn, window.into_window())
+    }
+
+    /// Like [`claim_by_key`](DedupStreamExt::claim_by_key) for a stream of `Result`s: `Ok`
+    /// items are claimed, `Err` items pass through untouched and in place. Under
+    /// [`FailurePolicy::fail_closed`](crate::FailurePolicy::fail_closed) a store failure is
+    /// yielded in place of the items it concerns, converted into the stream's error type.
+    ///
+    /// # Panics
+    ///
+    /// If the store does not offer claims.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use futures::{stream, StreamExt};
+    /// use stream_dedup::{TryDedupStreamExt, Window};
+    ///
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// let deliveries = stream::iter([Ok(1), Err("decode error"), Ok(1)]);
+    /// let mut claims = deliveries.try_claim_by_key(|n: &u32| *n, Window::max_keys(100));
+    /// let claim = claims.next().await.unwrap()?;
+    /// assert_eq!(*claim, 1);
+    /// assert_eq!(claims.next().await.unwrap().unwrap_err(), "decode error");
+    /// claim.commit().await?;
+    /// assert!(claims.next().await.is_none()); // the second 1 was a duplicate
+    /// # Ok(())
+    /// # }
+    /// ```
+    #[track_caller]
+    fn try_claim_by_key<K, F, W>(self, key_fn: F, window: W) -> TryClaimByKey<Self, F, K>
+    where
+        Self: Sized,
+        F: FnMut(&Self::Ok) -> K,
+        K: Hash + Eq + Clone + Send + Sync + 'static,
+        W: IntoClaimWindow<K, Self::Error>,
+    {
+        TryClaimByKey::new(self, key_fn, window.into_claim_window())
     }
 }
 

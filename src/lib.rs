@@ -91,6 +91,7 @@ mod hook;
 pub mod stats;
 pub mod store;
 mod stored;
+mod try_claim_by_key;
 mod try_dedup_by_key;
 mod window;
 
@@ -102,5 +103,6 @@ pub use self::fingerprint::Fingerprint;
 pub use self::hook::{DropDuplicates, OnDuplicate};
 pub use self::stats::{Stats, StatsSnapshot};
 pub use self::stored::{FailurePolicy, StoreWindow};
+pub use self::try_claim_by_key::TryClaimByKey;
 pub use self::try_dedup_by_key::TryDedupByKey;
 pub use self::window::{IntoClaimWindow, IntoWindow, SharedWindow, Window, WindowSet};
