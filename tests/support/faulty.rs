@@ -6,7 +6,8 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use stream_dedup::store::{
-    InsertBatch, Inserted, MemoryStore, Store, StoreError, StoreFuture, Token,
+    ClaimBatch, ClaimStore, Claimed, HeldKey, InsertBatch, Inserted, MemoryStore, Store,
+    StoreError, StoreFuture, Token,
 };
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -50,30 +51,65 @@ impl FaultyStore {
     }
 }
 
-impl Store for FaultyStore {
-    fn insert(&self, batch: InsertBatch) -> StoreFuture<Vec<Inserted>> {
+impl FaultyStore {
+    /// Runs `op` (a call on the inner store) as the current mode says.
+    fn faulty<T: Send + 'static>(&self, op: StoreFuture<T>) -> StoreFuture<T> {
         self.calls.fetch_add(1, Ordering::SeqCst);
-        self.tokens.lock().unwrap().push(batch.token);
         let mode = *self.mode.lock().unwrap();
-        let inner = self.inner.clone();
         Box::pin(async move {
             match mode {
-                Mode::Up => inner.insert(batch).await,
+                Mode::Up => op.await,
                 Mode::Down => Err(StoreError::unavailable("connection refused (test)")),
                 Mode::Hang => std::future::pending().await,
                 Mode::Slow(d) => {
                     tokio::time::sleep(d).await;
-                    inner.insert(batch).await
+                    op.await
                 }
                 Mode::ApplyThenHang => {
-                    let _ = inner.insert(batch).await;
+                    let _ = op.await;
                     std::future::pending().await
                 }
             }
         })
     }
+}
+
+/// The inner store's call is made lazily, so that a `Down` store applies nothing.
+fn lazy<T: Send + 'static>(f: impl FnOnce() -> StoreFuture<T> + Send + 'static) -> StoreFuture<T> {
+    Box::pin(async move { f().await })
+}
+
+impl Store for FaultyStore {
+    fn insert(&self, batch: InsertBatch) -> StoreFuture<Vec<Inserted>> {
+        self.tokens.lock().unwrap().push(batch.token);
+        let inner = self.inner.clone();
+        self.faulty(lazy(move || inner.insert(batch)))
+    }
 
     fn remove(&self, keys: Vec<Vec<u8>>) -> StoreFuture<()> {
-        self.inner.remove(keys)
+        let inner = self.inner.clone();
+        self.faulty(lazy(move || inner.remove(keys)))
+    }
+
+    fn as_claim_store(&self) -> Option<&dyn ClaimStore> {
+        Some(self)
+    }
+}
+
+impl ClaimStore for FaultyStore {
+    fn claim(&self, batch: ClaimBatch) -> StoreFuture<Vec<Claimed>> {
+        self.tokens.lock().unwrap().push(batch.token);
+        let inner = self.inner.clone();
+        self.faulty(lazy(move || inner.claim(batch)))
+    }
+
+    fn commit(&self, keys: Vec<HeldKey>, ttl: Duration) -> StoreFuture<Vec<bool>> {
+        let inner = self.inner.clone();
+        self.faulty(lazy(move || inner.commit(keys, ttl)))
+    }
+
+    fn release(&self, keys: Vec<HeldKey>) -> StoreFuture<()> {
+        let inner = self.inner.clone();
+        self.faulty(lazy(move || inner.release(keys)))
     }
 }

@@ -1,0 +1,326 @@
+//! Claims: keys marked only on commit, held back while in flight, freed on drop.
+
+mod support;
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use futures::{FutureExt, StreamExt};
+use proptest::prelude::*;
+use stream_dedup::store::{MemoryStore, StoreError};
+use stream_dedup::{Claim, DedupStreamExt, FailurePolicy, TryDedupStreamExt, Window};
+use support::faulty::{FaultyStore, Mode};
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::UnboundedReceiverStream;
+
+const TTL: Duration = Duration::from_secs(3600);
+
+#[derive(Clone, Copy, Debug)]
+enum Op {
+    /// A delivery of this key.
+    Deliver(u8),
+    /// Settle the open claim at this index (modulo the open claims): commit, release or drop.
+    Settle(usize, Settle),
+}
+
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Settle {
+    Commit,
+    Release,
+    Drop,
+}
+
+#[derive(Debug, PartialEq, Eq, Clone, Copy)]
+enum Fate {
+    Claimed,
+    Duplicate,
+    HeldBack,
+}
+
+/// The specification: per key, free, in flight or done.
+#[derive(Default)]
+struct Model {
+    in_flight: HashMap<u8, ()>,
+    done: HashMap<u8, ()>,
+}
+
+impl Model {
+    fn deliver(&mut self, key: u8) -> Fate {
+        if self.in_flight.contains_key(&key) {
+            Fate::HeldBack
+        } else if self.done.contains_key(&key) {
+            Fate::Duplicate
+        } else {
+            self.in_flight.insert(key, ());
+            Fate::Claimed
+        }
+    }
+
+    fn settle(&mut self, key: u8, how: Settle) {
+        self.in_flight.remove(&key);
+        if how == Settle::Commit {
+            self.done.insert(key, ());
+        }
+    }
+}
+
+fn ops() -> impl Strategy<Value = Vec<Op>> {
+    let op = prop_oneof![
+        3 => (0u8..10).prop_map(Op::Deliver),
+        2 => (any::<usize>(), prop_oneof![Just(Settle::Commit), Just(Settle::Release), Just(Settle::Drop)])
+            .prop_map(|(i, s)| Op::Settle(i, s)),
+    ];
+    prop::collection::vec(op, 0..120)
+}
+
+async fn run_ops(ops: &[Op], store: Option<MemoryStore>) -> (Vec<Fate>, Vec<Fate>) {
+    let (tx, rx) = mpsc::unbounded_channel::<u8>();
+    let log = Arc::new(Mutex::new(Vec::new()));
+    let (dups, held) = (log.clone(), log.clone());
+    let window = Window::max_keys(1_000).ttl(TTL);
+    let input = UnboundedReceiverStream::new(rx);
+    let mut claims: std::pin::Pin<Box<dyn futures::Stream<Item = Claim<u8>> + Send>> = match store {
+        None => Box::pin(
+            input
+                .claim_by_key(|k| *k, window)
+                .on_duplicate(move |_| dups.lock().unwrap().push(Fate::Duplicate))
+                .on_held_back(move |_| held.lock().unwrap().push(Fate::HeldBack)),
+        ),
+        Some(store) => Box::pin(
+            input
+                .claim_by_key(|k| *k, window.store(store).batch_size(1))
+                .on_duplicate(move |_| dups.lock().unwrap().push(Fate::Duplicate))
+                .on_held_back(move |_| held.lock().unwrap().push(Fate::HeldBack)),
+        ),
+    };
+    let mut model = Model::default();
+    let mut expected = Vec::new();
+    let mut open: Vec<Claim<u8>> = Vec::new();
+    for op in ops {
+        match *op {
+            Op::Deliver(key) => {
+                expected.push(model.deliver(key));
+                tx.send(key).unwrap();
+                // Poll once: the item's fate is decided within the poll.
+                if let Some(Some(claim)) = claims.next().now_or_never() {
+                    assert_eq!(*claim, key);
+                    log.lock().unwrap().push(Fate::Claimed);
+                    open.push(claim);
+                }
+            }
+            Op::Settle(i, how) if !open.is_empty() => {
+                let claim = open.remove(i % open.len());
+                model.settle(*claim, how);
+                match how {
+                    Settle::Commit => claim.commit().await.expect("commit"),
+                    Settle::Release => claim.release(),
+                    Settle::Drop => drop(claim),
+                }
+                // A store's release goes out in the background: let it (paused time).
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+            Op::Settle(..) => {}
+        }
+    }
+    let got = log.lock().unwrap().clone();
+    (got, expected)
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(500))]
+
+    /// Random deliveries with random commits, releases and drops, against the model, for the
+    /// in-memory window and for the store path.
+    #[test]
+    fn claims_match_model(ops in ops(), with_store in any::<bool>()) {
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().start_paused(true).build().unwrap();
+        let store = with_store.then(MemoryStore::new);
+        let (got, expected) = rt.block_on(run_ops(&ops, store));
+        prop_assert_eq!(got, expected);
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_expired_lease_frees_the_key_and_the_late_commit_is_refused() {
+    let (tx, rx) = mpsc::unbounded_channel();
+    let window = Window::max_keys(100).lease(Duration::from_secs(5));
+    let mut claims = UnboundedReceiverStream::new(rx).claim_by_key(|k: &u32| *k, window);
+    tx.send(1).unwrap();
+    let slow = claims.next().await.unwrap();
+    tokio::time::advance(Duration::from_secs(6)).await;
+    tx.send(1).unwrap();
+    let again = claims.next().await.unwrap(); // the lease ran out: processed again
+    assert!(matches!(slow.commit().await, Err(StoreError::LeaseLost)));
+    again.commit().await.unwrap();
+    tx.send(1).unwrap();
+    drop(tx);
+    assert!(claims.next().await.is_none());
+    assert_eq!(claims.stats().duplicates(), 1);
+}
+
+/// A handler that panics drops its claim while unwinding: the key is free again.
+#[tokio::test]
+async fn a_panicking_handler_releases_its_claim() {
+    let (tx, rx) = mpsc::unbounded_channel();
+    let mut claims =
+        UnboundedReceiverStream::new(rx).claim_by_key(|k: &u32| *k, Window::max_keys(100));
+    tx.send(7).unwrap();
+    let claim = claims.next().await.unwrap();
+    let handler = tokio::spawn(async move {
+        let _claim = claim;
+        panic!("handler failed");
+    });
+    assert!(handler.await.is_err());
+    tx.send(7).unwrap();
+    let retry = claims.next().await.unwrap();
+    assert_eq!(*retry, 7);
+    assert_eq!(claims.stats().released(), 1);
+}
+
+/// Two consumers share a store: while one holds a key, the other's copy is held back (not a
+/// duplicate, not acked); after the commit it is a duplicate; after a release it is processed.
+#[tokio::test]
+async fn consumers_share_claims_through_the_store() {
+    let store = MemoryStore::new();
+    let window = || Window::max_keys(100).ttl(TTL).store(store.clone());
+    let (tx_a, rx_a) = mpsc::unbounded_channel();
+    let (tx_b, rx_b) = mpsc::unbounded_channel();
+    let acked = Arc::new(Mutex::new(Vec::new()));
+    let held = Arc::new(Mutex::new(Vec::new()));
+    let mut a = UnboundedReceiverStream::new(rx_a).claim_by_key(|k: &u32| *k, window());
+    let (acked_b, held_b) = (acked.clone(), held.clone());
+    let mut b = UnboundedReceiverStream::new(rx_b)
+        .claim_by_key(|k: &u32| *k, window())
+        .on_duplicate(move |k| acked_b.lock().unwrap().push(k))
+        .on_held_back(move |k| held_b.lock().unwrap().push(k));
+
+    tx_a.send(1).unwrap();
+    tx_a.send(2).unwrap();
+    let one = a.next().await.unwrap();
+    let two = a.next().await.unwrap();
+    tx_b.send(1).unwrap();
+    tx_b.send(2).unwrap();
+    tx_b.send(3).unwrap();
+    assert_eq!(*b.next().await.unwrap(), 3);
+    assert_eq!(*held.lock().unwrap(), [1, 2]);
+
+    one.commit().await.unwrap();
+    two.release();
+    tokio::task::yield_now().await; // the release goes out in the background
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    tx_b.send(1).unwrap();
+    tx_b.send(2).unwrap();
+    let two_again = b.next().await.unwrap();
+    assert_eq!(*two_again, 2);
+    assert_eq!(*acked.lock().unwrap(), [1]);
+    two_again.commit().await.unwrap();
+    let s = b.stats().snapshot();
+    assert_eq!(
+        (s.accepted, s.duplicates, s.held_back, s.committed),
+        (2, 1, 2, 1)
+    );
+}
+
+/// A consumer task aborted with claims open: its keys are released, and another consumer
+/// processes the redeliveries.
+#[tokio::test]
+async fn an_aborted_consumer_releases_its_open_claims() {
+    let store = MemoryStore::new();
+    let window = || Window::max_keys(100).ttl(TTL).store(store.clone());
+    let (tx, rx) = mpsc::unbounded_channel();
+    let (started_tx, started) = tokio::sync::oneshot::channel();
+    let w = window();
+    let victim = tokio::spawn(async move {
+        let mut claims = UnboundedReceiverStream::new(rx).claim_by_key(|k: &u32| *k, w);
+        let mut open = Vec::new();
+        for _ in 0..3 {
+            open.push(claims.next().await.unwrap());
+        }
+        let _ = started_tx.send(());
+        std::future::pending::<()>().await; // "processing" forever
+    });
+    for k in [1, 2, 3] {
+        tx.send(k).unwrap();
+    }
+    started.await.unwrap();
+    victim.abort();
+    assert!(victim.await.unwrap_err().is_cancelled());
+    tokio::time::sleep(Duration::from_millis(50)).await; // releases go out in the background
+    let out: Vec<u32> = futures::stream::iter([1, 2, 3])
+        .claim_by_key(|k| *k, window())
+        .then(|c| async move {
+            let k = *c;
+            c.commit().await.unwrap();
+            k
+        })
+        .collect()
+        .await;
+    assert_eq!(out, [1, 2, 3]);
+}
+
+#[derive(Debug, PartialEq)]
+struct AppError(String);
+
+impl From<StoreError> for AppError {
+    fn from(e: StoreError) -> Self {
+        AppError(e.to_string())
+    }
+}
+
+/// Fail open with claims: the claim is handed out unchecked and committed once the store is
+/// back. Fail closed: the error is yielded and the key stays free.
+#[tokio::test(start_paused = true)]
+async fn claims_under_store_failures() {
+    let store = FaultyStore::new();
+    store.set(Mode::Down);
+    let (tx, rx) = mpsc::unbounded_channel::<Result<u32, AppError>>();
+    let mut open = UnboundedReceiverStream::new(rx)
+        .try_claim_by_key(|k| *k, Window::max_keys(100).ttl(TTL).store(store.clone()));
+    tx.send(Ok(1)).unwrap();
+    let claim = open.next().await.unwrap().unwrap();
+    assert_eq!(open.stats().unchecked(), 1);
+    store.set(Mode::Up);
+    claim.commit().await.unwrap();
+    tx.send(Ok(1)).unwrap();
+    tx.send(Ok(2)).unwrap();
+    assert_eq!(*open.next().await.unwrap().unwrap(), 2);
+
+    store.set(Mode::Down);
+    let (tx, rx) = mpsc::unbounded_channel::<Result<u32, AppError>>();
+    let window = Window::max_keys(100)
+        .ttl(TTL)
+        .store(store.clone())
+        .on_failure(FailurePolicy::fail_closed());
+    let mut closed = UnboundedReceiverStream::new(rx).try_claim_by_key(|k| *k, window);
+    tx.send(Ok(5)).unwrap();
+    assert_eq!(
+        closed.next().await.unwrap().unwrap_err(),
+        AppError("the store is unavailable".into())
+    );
+    store.set(Mode::Up);
+    tx.send(Ok(5)).unwrap();
+    assert_eq!(*closed.next().await.unwrap().unwrap(), 5);
+}
+
+#[test]
+#[should_panic(expected = "does not offer claims")]
+fn a_store_without_claims_is_refused() {
+    #[derive(Debug)]
+    struct InsertOnly(MemoryStore);
+    impl stream_dedup::store::Store for InsertOnly {
+        fn insert(
+            &self,
+            batch: stream_dedup::store::InsertBatch,
+        ) -> stream_dedup::store::StoreFuture<Vec<stream_dedup::store::Inserted>> {
+            self.0.insert(batch)
+        }
+        fn remove(&self, keys: Vec<Vec<u8>>) -> stream_dedup::store::StoreFuture<()> {
+            self.0.remove(keys)
+        }
+    }
+    let window = Window::max_keys(10)
+        .ttl(TTL)
+        .store(InsertOnly(MemoryStore::new()));
+    let _ = futures::stream::iter([1u8]).claim_by_key(|k| *k, window);
+}
