@@ -106,27 +106,7 @@ impl<St: Stream, F, K, H> DedupByKey<St, F, K, H> {
         self.error.as_ref()
     }
 
-    /// Acquires a reference to the underlying stream that this combinator is pulling from.
-    pub fn get_ref(&self) -> &St {
-        &self.stream
-    }
-
-    /// Acquires a mutable reference to the underlying stream that this combinator is pulling
-    /// from. It is inadvisable to pull items from it directly: they would bypass the window.
-    pub fn get_mut(&mut self) -> &mut St {
-        &mut self.stream
-    }
-
-    /// Acquires a pinned mutable reference to the underlying stream that this combinator is
-    /// pulling from. It is inadvisable to pull items from it directly.
-    pub fn get_pin_mut(self: Pin<&mut Self>) -> Pin<&mut St> {
-        self.project().stream
-    }
-
-    /// Consumes this combinator, returning the underlying stream (the window is dropped).
-    pub fn into_inner(self) -> St {
-        self.stream
-    }
+    delegate_access_inner!(stream, St);
 }
 
 impl<St, F, K, H> Stream for DedupByKey<St, F, K, H>

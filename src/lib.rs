@@ -82,6 +82,9 @@
 #![doc(test(attr(deny(warnings))))]
 #![cfg_attr(docsrs, feature(doc_cfg))]
 
+#[macro_use]
+mod macros;
+
 mod claim;
 mod claim_by_key;
 mod dedup_by_key;

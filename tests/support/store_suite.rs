@@ -141,6 +141,28 @@ pub async fn large_batch<S: Store>(store: S) {
     assert!(b[5_000..].iter().all(|&x| x == Inserted::New));
 }
 
+/// Expands to a `#[tokio::test]` per case, each with a fresh store from `$make` under a unique
+/// namespace; a store that is not configured (`None`) makes the test say it skipped.
+#[macro_export]
+macro_rules! suite_cases {
+    ($make:path, $($name:ident => |$s:ident| $body:expr;)*) => {
+        fn ns(test: &str) -> String {
+            format!("suite-{test}-{}-{}", std::process::id(), stream_dedup::store::Token::new())
+        }
+
+        $(
+            #[tokio::test]
+            async fn $name() {
+                let Some($s) = $make(ns(stringify!($name))).await else {
+                    eprintln!("skipped: {} (store not configured)", stringify!($name));
+                    return;
+                };
+                $body.await;
+            }
+        )*
+    };
+}
+
 /// Expands to one `#[tokio::test]` per behaviour. `$make` is an async fn
 /// `(namespace: String) -> Option<S>`; the namespace is unique per test and run.
 #[macro_export]
@@ -150,38 +172,16 @@ macro_rules! store_suite {
             use super::*;
             use $crate::support::store_suite as suite;
 
-            fn ns(test: &str) -> String {
-                format!(
-                    "suite-{test}-{}-{}",
-                    std::process::id(),
-                    stream_dedup::store::Token::new()
-                )
+            $crate::suite_cases! {
+                $make,
+                new_then_present => |s| suite::new_then_present(s);
+                retry_with_same_token_is_new => |s| suite::retry_with_same_token_is_new(s);
+                remove_forgets => |s| suite::remove_forgets(s);
+                ttl_expires => |s| suite::ttl_expires(s, $expiry);
+                concurrent_inserts_agree => |s| suite::concurrent_inserts_agree(s);
+                odd_keys => |s| suite::odd_keys(s);
+                large_batch => |s| suite::large_batch(s);
             }
-
-            macro_rules! case {
-                ($name:ident, |$s:ident| $body:expr) => {
-                    #[tokio::test]
-                    async fn $name() {
-                        let Some($s) = $make(ns(stringify!($name))).await else {
-                            eprintln!("skipped: {} (store not configured)", stringify!($name));
-                            return;
-                        };
-                        $body.await;
-                    }
-                };
-            }
-
-            case!(new_then_present, |s| suite::new_then_present(s));
-            case!(retry_with_same_token_is_new, |s| {
-                suite::retry_with_same_token_is_new(s)
-            });
-            case!(remove_forgets, |s| suite::remove_forgets(s));
-            case!(ttl_expires, |s| suite::ttl_expires(s, $expiry));
-            case!(concurrent_inserts_agree, |s| {
-                suite::concurrent_inserts_agree(s)
-            });
-            case!(odd_keys, |s| suite::odd_keys(s));
-            case!(large_batch, |s| suite::large_batch(s));
 
             #[tokio::test]
             async fn namespaces_are_isolated() {
@@ -301,40 +301,14 @@ macro_rules! claim_suite {
             use super::*;
             use $crate::support::store_suite as suite;
 
-            fn ns(test: &str) -> String {
-                format!(
-                    "claims-{test}-{}-{}",
-                    std::process::id(),
-                    stream_dedup::store::Token::new()
-                )
+            $crate::suite_cases! {
+                $make,
+                claim_states => |s| suite::claim_states(s);
+                claim_retry_with_same_token_is_mine => |s| suite::claim_retry_with_same_token_is_mine(s);
+                release_frees_only_its_own_keys => |s| suite::release_frees_only_its_own_keys(s);
+                lease_expiry_and_late_owner => |s| suite::lease_expiry_and_late_owner(s, $expiry);
+                concurrent_claims_agree => |s| suite::concurrent_claims_agree(s);
             }
-
-            macro_rules! case {
-                ($name:ident, |$s:ident| $body:expr) => {
-                    #[tokio::test]
-                    async fn $name() {
-                        let Some($s) = $make(ns(stringify!($name))).await else {
-                            eprintln!("skipped: {} (store not configured)", stringify!($name));
-                            return;
-                        };
-                        $body.await;
-                    }
-                };
-            }
-
-            case!(claim_states, |s| suite::claim_states(s));
-            case!(claim_retry_with_same_token_is_mine, |s| {
-                suite::claim_retry_with_same_token_is_mine(s)
-            });
-            case!(release_frees_only_its_own_keys, |s| {
-                suite::release_frees_only_its_own_keys(s)
-            });
-            case!(lease_expiry_and_late_owner, |s| {
-                suite::lease_expiry_and_late_owner(s, $expiry)
-            });
-            case!(concurrent_claims_agree, |s| suite::concurrent_claims_agree(
-                s
-            ));
         }
     };
 }
