@@ -2,4 +2,5 @@
 #![allow(dead_code, unreachable_pub)]
 
 pub mod faulty;
+pub mod jetstream;
 pub mod store_suite;
