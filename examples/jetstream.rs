@@ -182,14 +182,13 @@ async fn run(js: &jetstream::Context, name: &str) -> Result<(), async_nats::Erro
                 }
                 // Process the order (here: count it).
                 *processed.lock().unwrap().entry(key).or_default() += 1;
-                // `commit` consumes the claim; keep the message to ack it after.
-                let message = (*claim).clone();
                 // The key is done only now. (Returning before this line, by an error or a
                 // panic, drops the claim: the key is released and the redelivery processed.)
-                if let Err(e) = claim.commit().await {
+                let message = match claim.commit().await {
+                    Ok(message) => message,
                     // Not done (e.g. the lease ran out): don't ack, the broker redelivers.
-                    return eprintln!("commit failed: {e}");
-                }
+                    Err(e) => return eprintln!("commit failed: {e}"),
+                };
                 if first && lose_ack {
                     // The ACK never reaches the broker: it redelivers, and the copy is a
                     // duplicate (acked in on_duplicate).

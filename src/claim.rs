@@ -30,7 +30,18 @@ use crate::stored::driver::{Answer, Fate, Gate, Pre};
 #[must_use = "a claim releases its key when dropped: commit it once the item is processed"]
 pub struct Claim<T> {
     item: T,
-    ticket: Option<Box<dyn Ticket>>,
+    guard: Guard,
+}
+
+/// Releases the key when dropped, unless the ticket was taken (committed or released).
+struct Guard(Option<Box<dyn Ticket>>);
+
+impl Drop for Guard {
+    fn drop(&mut self) {
+        if let Some(ticket) = self.0.take() {
+            ticket.release();
+        }
+    }
 }
 
 /// The key side of a claim, with the key's type erased.
@@ -49,36 +60,38 @@ impl<T> Claim<T> {
     ) -> Self {
         Claim {
             item,
-            ticket: Some(Box::new(KeyTicket { key, token, core })),
+            guard: Guard(Some(Box::new(KeyTicket { key, token, core }))),
         }
     }
 
-    /// Marks the key done: later copies are duplicates (kept for the window's ttl, and in the
-    /// store if there is one; the store's commits are batched with other claims').
+    /// Marks the key done, and gives the item back (to ack it): later copies are duplicates
+    /// (kept for the window's ttl, and in the store if there is one; the store's commits are
+    /// batched with other claims').
     ///
     /// # Errors
     ///
     /// [`StoreError::LeaseLost`] if the lease ran out and another claim took the key (its
     /// result stands); the store's error if it failed. Either way the key is released, so the
     /// broker's redelivery is processed again: do not ack the item.
-    pub async fn commit(mut self) -> Result<(), StoreError> {
-        match self.ticket.take() {
-            Some(ticket) => ticket.commit().await,
-            None => Ok(()),
+    pub async fn commit(self) -> Result<T, StoreError> {
+        let Claim { item, mut guard } = self;
+        if let Some(ticket) = guard.0.take() {
+            ticket.commit().await?;
         }
+        Ok(item)
     }
 
     /// Frees the key now (as dropping the claim does), so that the broker's next delivery is
-    /// processed. A store round trip it needs runs in the background.
-    pub fn release(mut self) {
-        if let Some(ticket) = self.ticket.take() {
-            ticket.release();
-        }
+    /// processed, and gives the item back. A store round trip it needs runs in the background.
+    pub fn release(self) -> T {
+        let Claim { item, guard } = self;
+        drop(guard);
+        item
     }
 
     /// The token of the claim (what the store holds for its key while it is in flight).
     pub fn token(&self) -> Token {
-        self.ticket.as_ref().map_or_else(Token::new, |t| t.token())
+        self.guard.0.as_ref().map_or_else(Token::new, |t| t.token())
     }
 
     /// The item.
@@ -101,19 +114,11 @@ impl<T> DerefMut for Claim<T> {
     }
 }
 
-impl<T> Drop for Claim<T> {
-    fn drop(&mut self) {
-        if let Some(ticket) = self.ticket.take() {
-            ticket.release();
-        }
-    }
-}
-
 impl<T: fmt::Debug> fmt::Debug for Claim<T> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Claim")
             .field("item", &self.item)
-            .field("open", &self.ticket.is_some())
+            .field("open", &self.guard.0.is_some())
             .finish()
     }
 }
@@ -213,6 +218,11 @@ impl<K: Hash + Eq> ClaimCore<K> {
         state.window.observe_uncounted(key, t);
         state.window.recorder().committed();
         Ok(())
+    }
+
+    /// Frees a key this operator claimed but never handed out (it is being dropped).
+    pub(crate) fn release_unhanded(&self, key: &K, token: Token) {
+        self.release(key, token);
     }
 
     fn release(&self, key: &K, token: Token) {

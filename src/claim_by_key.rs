@@ -37,7 +37,7 @@ pub(crate) type ClaimParts<T, K, E> = (Arc<ClaimCore<K>>, Option<Box<Driver<T, K
 /// Builds the shared core (and the store path) of a claim operator.
 pub(crate) fn claim_parts<T, K, E>(window: ClaimAttached<K, E>) -> ClaimParts<T, K, E>
 where
-    K: Hash + Eq,
+    K: Hash + Eq + Send + 'static,
 {
     let lease = window.lease;
     let link = window.store.as_ref().map(|parts| StoreLink {
@@ -49,9 +49,14 @@ where
         ),
     });
     let core = Arc::new(ClaimCore::new(window.set, lease, link));
-    let driver = window
-        .store
-        .map(|parts| Box::new(Driver::new(parts, Mode::Claim { lease })));
+    let driver = window.store.map(|parts| {
+        let mut driver = Box::new(Driver::new(parts, Mode::Claim { lease }));
+        let owner = Arc::clone(&core);
+        driver.release_on_drop(Box::new(move |key, token| {
+            owner.release_unhanded(key, token);
+        }));
+        driver
+    });
     (core, driver)
 }
 
@@ -67,7 +72,7 @@ where
     }
 }
 
-impl<St: Stream, F, K: Hash + Eq> ClaimByKey<St, F, K> {
+impl<St: Stream, F, K: Hash + Eq + Send + 'static> ClaimByKey<St, F, K> {
     pub(crate) fn new(stream: St, key_fn: F, window: ClaimAttached<K, StoreError>) -> Self {
         let (core, store) = claim_parts(window);
         ClaimByKey {

@@ -45,7 +45,7 @@ where
     }
 }
 
-impl<St: TryStream, F, K: Hash + Eq> TryClaimByKey<St, F, K> {
+impl<St: TryStream, F, K: Hash + Eq + Send + 'static> TryClaimByKey<St, F, K> {
     pub(crate) fn new(stream: St, key_fn: F, window: ClaimAttached<K, St::Error>) -> Self {
         let (core, store) = claim_parts(window);
         TryClaimByKey {

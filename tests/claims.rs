@@ -111,10 +111,11 @@ async fn run_ops(ops: &[Op], store: Option<MemoryStore>) -> (Vec<Fate>, Vec<Fate
             }
             Op::Settle(i, how) if !open.is_empty() => {
                 let claim = open.remove(i % open.len());
-                model.settle(*claim, how);
+                let key = *claim;
+                model.settle(key, how);
                 match how {
-                    Settle::Commit => claim.commit().await.expect("commit"),
-                    Settle::Release => claim.release(),
+                    Settle::Commit => assert_eq!(claim.commit().await.expect("commit"), key),
+                    Settle::Release => assert_eq!(claim.release(), key),
                     Settle::Drop => drop(claim),
                 }
                 // A store's release goes out in the background: let it (paused time).
@@ -323,4 +324,23 @@ fn a_store_without_claims_is_refused() {
         .ttl(TTL)
         .store(InsertOnly(MemoryStore::new()));
     let _ = futures::stream::iter([1u8]).claim_by_key(|k| *k, window);
+}
+
+/// Dropping a claim operator frees the keys it claimed in the store but never handed out (read
+/// ahead in its batch), so another consumer processes their redeliveries at once.
+#[tokio::test]
+async fn dropping_the_operator_releases_what_it_read_ahead() {
+    let store = MemoryStore::new();
+    let window = || Window::max_keys(100).ttl(TTL).store(store.clone());
+    let mut a = futures::stream::iter([1u32, 2, 3]).claim_by_key(|k| *k, window());
+    let first = a.next().await.unwrap(); // 1, 2 and 3 were claimed in one batch
+    drop(first);
+    drop(a);
+    tokio::time::sleep(Duration::from_millis(20)).await; // the releases go out in the background
+    let processed: Vec<u32> = futures::stream::iter([1u32, 2, 3])
+        .claim_by_key(|k| *k, window())
+        .then(|c| async move { c.commit().await.unwrap() })
+        .collect()
+        .await;
+    assert_eq!(processed, [1, 2, 3]);
 }

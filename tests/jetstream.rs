@@ -307,11 +307,9 @@ async fn claims_consumer<S: ClaimStore + Clone>(
                     return;
                 };
                 let key = business_key(&claim.payload);
-                // `commit` consumes the claim; the ACK after it needs the message.
-                let message: Message = (*claim).clone();
                 ctx.effect(&key).await;
                 match claim.commit().await {
-                    Ok(()) => ctx.ack(&message, fault).await,
+                    Ok(message) => ctx.ack(&message, fault).await,
                     Err(e) => {
                         // Not done: no ACK, the redelivery is processed again.
                         inc(&ctx.counts.commit_errors);

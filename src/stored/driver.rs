@@ -276,6 +276,20 @@ pub(crate) struct Driver<T, K, E> {
     inner_done: bool,
     /// Reusable buffer for encoding one key.
     scratch: Vec<u8>,
+    /// Claims: frees a key this operator holds without having handed it out.
+    release: Option<Box<dyn Fn(&K, Token) + Send + Sync>>,
+}
+
+/// Dropping a claim operator releases the keys it claimed but never handed out, so that the
+/// broker's redeliveries are processed without waiting for the lease.
+impl<T, K, E> Drop for Driver<T, K, E> {
+    fn drop(&mut self) {
+        if let Some(release) = self.release.take() {
+            for (key, token) in self.take_unhanded() {
+                release(&key, token);
+            }
+        }
+    }
 }
 
 impl<T, K, E> Driver<T, K, E> {
@@ -287,6 +301,25 @@ impl<T, K, E> Driver<T, K, E> {
     /// Whether the inner stream ended and every item was yielded.
     pub(crate) fn is_done(&self) -> bool {
         self.inner_done && self.queue.is_empty()
+    }
+
+    /// The keys this operator may hold in the store without having handed them out: claims
+    /// decided but not yet yielded, and every key of a call still in flight (it may have been
+    /// applied: a release with its token is safe either way).
+    fn take_unhanded(&mut self) -> Vec<(K, Token)> {
+        let mut keys: Vec<(K, Token)> = self
+            .queue
+            .drain(..)
+            .filter_map(|e| match e.verdict {
+                Some(Verdict::Accept(claim) | Verdict::Unchecked(claim)) => claim,
+                _ => None,
+            })
+            .collect();
+        for r in self.requests.drain(..) {
+            let token = r.token;
+            keys.extend(r.keys.into_iter().map(|k| (k, token)));
+        }
+        keys
     }
 }
 
@@ -302,7 +335,13 @@ impl<T, K: Hash + Eq, E> Driver<T, K, E> {
             pending: HashMap::default(),
             inner_done: false,
             scratch: Vec::new(),
+            release: None,
         }
+    }
+
+    /// Sets what frees an unhanded claim when the operator is dropped.
+    pub(crate) fn release_on_drop(&mut self, release: Box<dyn Fn(&K, Token) + Send + Sync>) {
+        self.release = Some(release);
     }
 
     /// The next item's fate. `pull` polls the inner stream; `key_of` gives an item's key, or
