@@ -277,8 +277,11 @@ pub(crate) struct Driver<T, K, E> {
     /// Reusable buffer for encoding one key.
     scratch: Vec<u8>,
     /// Claims: frees a key this operator holds without having handed it out.
-    release: Option<Box<dyn Fn(&K, Token) + Send + Sync>>,
+    release: Option<ReleaseFn<K>>,
 }
+
+/// Frees one key held with one token.
+pub(crate) type ReleaseFn<K> = Box<dyn Fn(&K, Token) + Send + Sync>;
 
 /// Dropping a claim operator releases the keys it claimed but never handed out, so that the
 /// broker's redeliveries are processed without waiting for the lease.
@@ -340,7 +343,7 @@ impl<T, K: Hash + Eq, E> Driver<T, K, E> {
     }
 
     /// Sets what frees an unhanded claim when the operator is dropped.
-    pub(crate) fn release_on_drop(&mut self, release: Box<dyn Fn(&K, Token) + Send + Sync>) {
+    pub(crate) fn release_on_drop(&mut self, release: ReleaseFn<K>) {
         self.release = Some(release);
     }
 
