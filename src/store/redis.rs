@@ -73,6 +73,10 @@ const SLOTS: usize = 16384;
 ///   [`StoreError::KeyTooLong`]. The ttl is rounded up to whole milliseconds, at least 1 ms.
 /// - A key that holds a value of another Redis type in the namespace makes the batch fail
 ///   with [`StoreError::Backend`] (`WRONGTYPE`).
+/// - Namespaces are kept apart by their text and the `:`: do not nest them. The key `b:k` of
+///   namespace `a` and the key `k` of namespace `a:b` are the same Redis key, `a:b:k`.
+/// - On Redis Cluster, a namespace with a hash tag (such as `{payments}`) puts all its keys
+///   in one slot, on one node: one pipeline per batch, and no spreading of the load.
 ///
 /// Clones share one connection (a handle); `Debug` shows the namespace, the deployment and the
 /// timeout, never the URL or its credentials.
