@@ -168,7 +168,7 @@ async fn two_consumers_agree() {
 
 /// Redis killed and restarted on the same port: calls fail with a clear error within the
 /// timeout (no hang, no panic), then succeed again once it is back.
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn killed_server_fails_fast_then_recovers() {
     let Some(bin) = redis_server::server_binary("killed_server_fails_fast_then_recovers") else {
         return;
@@ -210,13 +210,17 @@ async fn killed_server_fails_fast_then_recovers() {
         "an outage should read as unavailable"
     );
     assert!(store.remove(vec![key(1)]).await.is_err());
+    // Let the reconnect attempt that the last failure started fail too.
+    tokio::time::sleep(Duration::from_millis(200)).await;
 
     server.restart();
     let back = Instant::now();
+    let mut failed = 0;
     let answers = loop {
         match store.insert(batch(0..150)).await {
             Ok(answers) => break answers,
             Err(e) => {
+                failed += 1;
                 assert!(
                     back.elapsed() < Duration::from_secs(5),
                     "no success 5 s after Redis came back: {e:?}"
@@ -225,11 +229,47 @@ async fn killed_server_fails_fast_then_recovers() {
             }
         }
     };
-    eprintln!("first success {:?} after Redis came back", back.elapsed());
+    eprintln!(
+        "first success {:?} after Redis came back, after {failed} failed calls",
+        back.elapsed()
+    );
+    assert_eq!(failed, 0, "the first call after Redis is back reconnects");
     // The restarted Redis kept nothing (no persistence): all new, and remembered again.
     assert_eq!(count(&answers, Inserted::New), 150);
     let again = store.insert(batch(0..150)).await.unwrap();
     assert_eq!(count(&again, Inserted::Present), 150);
+}
+
+/// A connection that Redis closed (idle clients closed, a proxy restarted) is replaced within
+/// the call that finds it broken: no call fails.
+#[tokio::test]
+async fn closed_connection_is_replaced_within_the_call() {
+    let Some(bin) = redis_server::server_binary("closed_connection_is_replaced_within_the_call")
+    else {
+        return;
+    };
+    let server = RedisServer::start(&bin);
+    let store = RedisStore::connect(&server.url(), "closed").await.unwrap();
+    let batch = |range: std::ops::Range<u32>| InsertBatch::new(range.map(key).collect(), TTL);
+    assert_eq!(
+        count(&store.insert(batch(0..100)).await.unwrap(), Inserted::New),
+        100
+    );
+    for round in 0..3 {
+        let client = redis::Client::open(server.url().as_str()).unwrap();
+        let mut admin = client.get_multiplexed_async_connection().await.unwrap();
+        // Every other client: the store's connection (the caller is skipped).
+        let killed: i64 = redis::cmd("CLIENT")
+            .arg(&["KILL", "TYPE", "normal"])
+            .query_async(&mut admin)
+            .await
+            .unwrap();
+        assert!(killed >= 1, "round {round}: killed {killed}");
+        let answers = store.insert(batch(0..200)).await.expect("reconnected");
+        let present = if round == 0 { 100 } else { 200 };
+        assert_eq!(count(&answers, Inserted::Present), present);
+        assert_eq!(count(&answers, Inserted::New), 200 - present);
+    }
 }
 
 /// A hung Redis (SIGSTOP): the call times out; Redis applies it once resumed, and a retry with
