@@ -437,6 +437,14 @@ fn moved_count(errorstats: &str) -> usize {
         .map_or(0, |n| n.trim().parse().unwrap())
 }
 
+/// A handle: shared across tasks and threads, cloned cheaply.
+#[test]
+fn auto_traits() {
+    fn handle<T: Send + Sync + Unpin + Clone + std::fmt::Debug + 'static>() {}
+    handle::<RedisStore>();
+    handle::<stream_dedup::store::RedisStoreBuilder>();
+}
+
 /// The store's own limits: zero timeouts are refused where they are given.
 #[test]
 #[should_panic(expected = "timeout must not be zero")]
