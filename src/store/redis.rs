@@ -68,7 +68,7 @@ const SLOTS: usize = 16384;
 ///
 /// # Requirements and limits
 ///
-/// - Redis 7.0 or later (or a compatible server, such as Valkey): `SET` with both `NX` and
+/// - Redis 7.0 or later (tested with 7.0.15): `SET` with both `NX` and
 ///   `GET` is a 7.0 addition. An older server answers every insert with a
 ///   [`StoreError::Backend`] ("syntax error").
 /// - Keys up to Redis's bulk-string limit (512 MiB less the namespace), else
