@@ -63,7 +63,8 @@
 //!
 //! | Feature | Description | Default |
 //! |---|---|---|
-//! | (none yet) | the in-memory window needs no optional dependency | |
+//! | `uuid` | [`StoreKey`](store::StoreKey) for `uuid::Uuid` | no |
+//! | `redis` | `store::RedisStore`: a store on Redis ≥ 7.0 or Redis Cluster, shared by consumers on many machines (redis-rs, tokio) | no |
 //!
 //! # Minimum supported Rust version
 //!

@@ -7,6 +7,7 @@
 //! | store | for | feature |
 //! |---|---|---|
 //! | [`MemoryStore`] | tests, and as the reference for the others | (always) |
+//! | `RedisStore` | many consumers on many machines: Redis ≥ 7.0 or Redis Cluster, `SET key token NX GET PX ttl` pipelined per batch | `redis` |
 //!
 //! Implement [`Store`] for your own database: the contract is in its docs, and the crate's
 //! test suite for stores (`tests/support/store_suite.rs`) is written once and run for every
@@ -14,6 +15,8 @@
 
 mod key;
 mod memory;
+#[cfg(feature = "redis")]
+mod redis;
 
 use std::fmt;
 use std::future::Future;
@@ -25,6 +28,9 @@ use std::time::Duration;
 
 pub use self::key::StoreKey;
 pub use self::memory::MemoryStore;
+#[cfg(feature = "redis")]
+#[cfg_attr(docsrs, doc(cfg(feature = "redis")))]
+pub use self::redis::{RedisStore, RedisStoreBuilder};
 
 /// A boxed error from a store's backend (a database or network error), what the
 /// [`StoreError`] constructors take.

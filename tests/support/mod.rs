@@ -3,4 +3,5 @@
 
 pub mod faulty;
 pub mod jetstream;
+pub mod redis_server;
 pub mod store_suite;

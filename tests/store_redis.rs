@@ -1,0 +1,472 @@
+//! [`RedisStore`] against real servers.
+//!
+//! - `STREAM_DEDUP_REDIS_URL` (e.g. `redis://127.0.0.1:6379`): the store suite, restart and
+//!   two-consumer tests run against that server, each in its own namespace (never a
+//!   `FLUSHALL`: the server may be shared).
+//! - `STREAM_DEDUP_REDIS_SERVER` (the path of `redis-server`): the failure and cluster tests
+//!   start their own servers on free loopback ports and kill them (by pid) when done.
+//!
+//! Unset, the tests say they skipped and pass.
+#![cfg(feature = "redis")]
+
+mod support;
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use stream_dedup::store::{InsertBatch, Inserted, RedisStore, Store, StoreError, Token};
+use support::redis_server::{self, RedisCluster, RedisServer};
+
+/// The store for the suite, or `None` without a server.
+async fn make(namespace: String) -> Option<RedisStore> {
+    let url = std::env::var("STREAM_DEDUP_REDIS_URL").ok()?;
+    // Generous: the suite runs in parallel with the other tests on a small machine.
+    let store = RedisStore::builder(&namespace)
+        .timeout(Duration::from_secs(5))
+        .connect(&url)
+        .await
+        .expect("connect to STREAM_DEDUP_REDIS_URL");
+    Some(store)
+}
+
+store_suite!(make, expiry = Duration::from_millis(50));
+
+const TTL: Duration = Duration::from_secs(120);
+
+/// A namespace unique to this test and run.
+fn namespace(test: &str) -> String {
+    format!("test-{test}-{}-{}", std::process::id(), Token::new())
+}
+
+fn key(i: u32) -> Vec<u8> {
+    format!("key-{i:08}").into_bytes()
+}
+
+fn count(answers: &[Inserted], which: Inserted) -> usize {
+    answers.iter().filter(|&&a| a == which).count()
+}
+
+async fn connect(url: &str, namespace: &str) -> RedisStore {
+    RedisStore::builder(namespace)
+        .timeout(Duration::from_secs(5))
+        .connect(url)
+        .await
+        .expect("connect")
+}
+
+#[tokio::test]
+async fn debug_shows_no_credentials() {
+    let Some(url) = redis_server::url("debug_shows_no_credentials") else {
+        return;
+    };
+    let store = connect(&url, "dbg").await;
+    let shown = format!("{store:?}");
+    assert!(
+        shown.contains("\"dbg\"") && shown.contains("single"),
+        "{shown}"
+    );
+    assert!(
+        !shown.contains("redis://") && !shown.contains("127.0.0.1"),
+        "{shown}"
+    );
+    assert_eq!(store.namespace(), "dbg");
+}
+
+/// Keys are `{namespace}:{key bytes}`, binary-safe, holding the token, with the ttl.
+#[tokio::test]
+async fn key_layout() {
+    let Some(url) = redis_server::url("key_layout") else {
+        return;
+    };
+    let ns = namespace("layout");
+    let store = connect(&url, &ns).await;
+    let token = Token::new();
+    let batch =
+        InsertBatch::new(vec![b"k\xff\x00".to_vec()], Duration::from_secs(60)).with_token(token);
+    assert_eq!(store.insert(batch).await.unwrap(), [Inserted::New]);
+
+    let client = redis::Client::open(url.as_str()).unwrap();
+    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    let mut redis_key = format!("{ns}:").into_bytes();
+    redis_key.extend_from_slice(b"k\xff\x00");
+    let held: Vec<u8> = redis::cmd("GET")
+        .arg(&redis_key)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(held, token.to_bytes());
+    let pttl: i64 = redis::cmd("PTTL")
+        .arg(&redis_key)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert!((50_000..=60_000).contains(&pttl), "{pttl}");
+}
+
+/// 100,000 keys through one store, the store dropped, a new one connected: all present.
+#[tokio::test]
+async fn restart_forgets_nothing() {
+    let Some(url) = redis_server::url("restart_forgets_nothing") else {
+        return;
+    };
+    let ns = namespace("restart");
+    let batches = || (0..100u32).map(|b| (b * 1_000..(b + 1) * 1_000).map(key).collect::<Vec<_>>());
+
+    let store = connect(&url, &ns).await;
+    let mut new = 0;
+    for keys in batches() {
+        let answers = store.insert(InsertBatch::new(keys, TTL)).await.unwrap();
+        new += count(&answers, Inserted::New);
+    }
+    assert_eq!(new, 100_000);
+    drop(store);
+
+    let store = connect(&url, &ns).await;
+    let mut new_again = 0;
+    for keys in batches() {
+        let answers = store.insert(InsertBatch::new(keys, TTL)).await.unwrap();
+        new_again += count(&answers, Inserted::New);
+    }
+    assert_eq!(new_again, 0, "keys accepted twice across a restart");
+}
+
+/// Two stores (two connections, one namespace) inserting overlapping keys at the same time:
+/// every key is new exactly once overall.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_consumers_agree() {
+    let Some(url) = redis_server::url("two_consumers_agree") else {
+        return;
+    };
+    let ns = namespace("two");
+    let (a, b) = (connect(&url, &ns).await, connect(&url, &ns).await);
+    // a takes 0..30,000 upwards, b 10,000..40,000 downwards: they meet in the middle, in
+    // batches of 500, while 20,000 keys are asked for by both.
+    let run = |store: RedisStore, keys: Vec<u32>| {
+        tokio::spawn(async move {
+            let mut new = Vec::new();
+            for chunk in keys.chunks(500) {
+                let batch = InsertBatch::new(chunk.iter().map(|&i| key(i)).collect(), TTL);
+                let answers = store.insert(batch).await.unwrap();
+                for (&i, answer) in chunk.iter().zip(answers) {
+                    if answer == Inserted::New {
+                        new.push(i);
+                    }
+                }
+            }
+            new
+        })
+    };
+    let ta = run(a, (0..30_000).collect());
+    let tb = run(b, (10_000..40_000).rev().collect());
+    let mut times_new: HashMap<u32, u32> = HashMap::new();
+    for i in ta.await.unwrap().into_iter().chain(tb.await.unwrap()) {
+        *times_new.entry(i).or_default() += 1;
+    }
+    assert_eq!(times_new.len(), 40_000, "a key was never new");
+    assert!(times_new.values().all(|&n| n == 1), "a key was new twice");
+}
+
+/// Redis killed and restarted on the same port: calls fail with a clear error within the
+/// timeout (no hang, no panic), then succeed again once it is back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killed_server_fails_fast_then_recovers() {
+    let Some(bin) = redis_server::server_binary("killed_server_fails_fast_then_recovers") else {
+        return;
+    };
+    let mut server = RedisServer::start(&bin);
+    let timeout = Duration::from_millis(500);
+    let store = RedisStore::builder("fault")
+        .timeout(timeout)
+        .connect(&server.url())
+        .await
+        .unwrap();
+    let batch = |range: std::ops::Range<u32>| InsertBatch::new(range.map(key).collect(), TTL);
+    assert_eq!(
+        count(&store.insert(batch(0..100)).await.unwrap(), Inserted::New),
+        100
+    );
+
+    server.kill();
+    let mut kinds = Vec::new();
+    for attempt in 0..5 {
+        let start = Instant::now();
+        let result = store.insert(batch(100..200)).await;
+        let took = start.elapsed();
+        assert!(
+            took < timeout + Duration::from_millis(250),
+            "attempt {attempt} took {took:?}"
+        );
+        let error = result.expect_err("Redis is down");
+        assert!(
+            matches!(error, StoreError::Unavailable(_) | StoreError::Timeout(_)),
+            "{error:?}"
+        );
+        assert!(error.is_transient());
+        eprintln!("down, attempt {attempt}: {error} ({took:?}): {error:?}");
+        kinds.push(matches!(error, StoreError::Unavailable(_)));
+    }
+    assert!(
+        kinds.iter().any(|&u| u),
+        "an outage should read as unavailable"
+    );
+    assert!(store.remove(vec![key(1)]).await.is_err());
+    // Let the reconnect attempt that the last failure started fail too.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+
+    server.restart();
+    let back = Instant::now();
+    let mut failed = 0;
+    let answers = loop {
+        match store.insert(batch(0..150)).await {
+            Ok(answers) => break answers,
+            Err(e) => {
+                failed += 1;
+                assert!(
+                    back.elapsed() < Duration::from_secs(5),
+                    "no success 5 s after Redis came back: {e:?}"
+                );
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    };
+    eprintln!(
+        "first success {:?} after Redis came back, after {failed} failed calls",
+        back.elapsed()
+    );
+    assert_eq!(failed, 0, "the first call after Redis is back reconnects");
+    // The restarted Redis kept nothing (no persistence): all new, and remembered again.
+    assert_eq!(count(&answers, Inserted::New), 150);
+    let again = store.insert(batch(0..150)).await.unwrap();
+    assert_eq!(count(&again, Inserted::Present), 150);
+}
+
+/// A connection that Redis closed (idle clients closed, a proxy restarted) is replaced within
+/// the call that finds it broken: no call fails.
+#[tokio::test]
+async fn closed_connection_is_replaced_within_the_call() {
+    let Some(bin) = redis_server::server_binary("closed_connection_is_replaced_within_the_call")
+    else {
+        return;
+    };
+    let server = RedisServer::start(&bin);
+    let store = RedisStore::connect(&server.url(), "closed").await.unwrap();
+    let batch = |range: std::ops::Range<u32>| InsertBatch::new(range.map(key).collect(), TTL);
+    assert_eq!(
+        count(&store.insert(batch(0..100)).await.unwrap(), Inserted::New),
+        100
+    );
+    for round in 0..3 {
+        let client = redis::Client::open(server.url().as_str()).unwrap();
+        let mut admin = client.get_multiplexed_async_connection().await.unwrap();
+        // Every other client: the store's connection (the caller is skipped).
+        let killed: i64 = redis::cmd("CLIENT")
+            .arg(&["KILL", "TYPE", "normal"])
+            .query_async(&mut admin)
+            .await
+            .unwrap();
+        assert!(killed >= 1, "round {round}: killed {killed}");
+        let answers = store.insert(batch(0..200)).await.expect("reconnected");
+        let present = if round == 0 { 100 } else { 200 };
+        assert_eq!(count(&answers, Inserted::Present), present);
+        assert_eq!(count(&answers, Inserted::New), 200 - present);
+    }
+}
+
+/// A hung Redis (SIGSTOP): the call times out; Redis applies it once resumed, and a retry with
+/// the same token answers `New` for those keys, while anybody else sees them `Present`.
+#[tokio::test]
+async fn hung_server_times_out_and_retry_is_new() {
+    let Some(bin) = redis_server::server_binary("hung_server_times_out_and_retry_is_new") else {
+        return;
+    };
+    let server = RedisServer::start(&bin);
+    let timeout = Duration::from_millis(300);
+    let store = RedisStore::builder("hung")
+        .timeout(timeout)
+        .connect(&server.url())
+        .await
+        .unwrap();
+    // Warm the connection.
+    store
+        .insert(InsertBatch::new(vec![b"warm".to_vec()], TTL))
+        .await
+        .unwrap();
+
+    let token = Token::new();
+    let keys: Vec<Vec<u8>> = (0..500).map(key).collect();
+    let batch = InsertBatch::new(keys.clone(), TTL).with_token(token);
+
+    server.pause();
+    let start = Instant::now();
+    let result = store.insert(batch.clone()).await;
+    let took = start.elapsed();
+    server.resume();
+    match result {
+        Err(StoreError::Timeout(d)) => assert_eq!(d, timeout),
+        other => panic!("expected a timeout, got {other:?}"),
+    }
+    assert!(took < timeout + Duration::from_millis(250), "took {took:?}");
+
+    // Once resumed, Redis runs what it had received: the timed-out call was applied.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let client = redis::Client::open(server.url().as_str()).unwrap();
+    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    let mut held = 0;
+    for k in &keys {
+        let mut redis_key = b"hung:".to_vec();
+        redis_key.extend_from_slice(k);
+        let value: Option<Vec<u8>> = redis::cmd("GET")
+            .arg(redis_key)
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        if value.as_deref() == Some(&token.to_bytes()[..]) {
+            held += 1;
+        }
+    }
+    eprintln!("{held} of 500 keys were written by the call that timed out");
+
+    let retry = store.insert(batch).await.unwrap();
+    assert_eq!(
+        count(&retry, Inserted::New),
+        500,
+        "the retry must not lose a message"
+    );
+    let other = store.insert(InsertBatch::new(keys, TTL)).await.unwrap();
+    assert_eq!(count(&other, Inserted::Present), 500);
+}
+
+/// A 3-node Redis Cluster: keys across all slots in batches, all new, then all present;
+/// removes too; and a stale slot map (slots moved behind the store's back) still answers
+/// right.
+#[tokio::test]
+async fn cluster_exactly_once() {
+    let Some(bin) = redis_server::server_binary("cluster_exactly_once") else {
+        return;
+    };
+    let cluster = RedisCluster::start(&bin, 3);
+    let urls = cluster.urls();
+    let store = RedisStore::builder("cluster")
+        .timeout(Duration::from_secs(5))
+        .connect_cluster(urls.iter().map(String::as_str))
+        .await
+        .unwrap();
+    assert!(format!("{store:?}").contains("cluster"));
+
+    let batches = || (0..10u32).map(|b| (b * 1_000..(b + 1) * 1_000).map(key).collect::<Vec<_>>());
+    for keys in batches() {
+        let answers = store.insert(InsertBatch::new(keys, TTL)).await.unwrap();
+        assert_eq!(count(&answers, Inserted::New), 1_000);
+    }
+    for keys in batches() {
+        let answers = store.insert(InsertBatch::new(keys, TTL)).await.unwrap();
+        assert_eq!(count(&answers, Inserted::Present), 1_000);
+    }
+    // Every node holds some of them, and each key went straight to its node: no redirects.
+    for node in 0..3 {
+        let size: usize = cluster.cli(node, &["dbsize"]).trim().parse().unwrap();
+        assert!(size > 2_000, "node {node} holds {size} keys");
+        let errors = cluster.cli(node, &["info", "errorstats"]);
+        assert!(!errors.contains("MOVED"), "node {node}: {errors}");
+    }
+
+    // The same token again (a retry) is new; remove forgets.
+    let token = Token::new();
+    let retried = InsertBatch::new((20_000..21_000).map(key).collect(), TTL).with_token(token);
+    assert_eq!(
+        count(&store.insert(retried.clone()).await.unwrap(), Inserted::New),
+        1_000
+    );
+    assert_eq!(
+        count(&store.insert(retried).await.unwrap(), Inserted::New),
+        1_000
+    );
+    store.remove((0..500).map(key).collect()).await.unwrap();
+    let answers = store
+        .insert(InsertBatch::new((0..1_000).map(key).collect(), TTL))
+        .await
+        .unwrap();
+    assert_eq!(count(&answers, Inserted::New), 500);
+    assert!(answers[..500].iter().all(|&a| a == Inserted::New));
+
+    // Move 200 slots from node 0 to node 1: the store's slot map is now stale, and the
+    // nodes answer MOVED for the keys of those slots.
+    let id = |node: usize| cluster.cli(node, &["cluster", "myid"]).trim().to_owned();
+    let (from, to) = (id(0), id(1));
+    let reshard = std::process::Command::new(redis_server::cli_binary(&bin))
+        .args(["--cluster", "reshard", &urls[0]["redis://".len()..]])
+        .args(["--cluster-from", &from, "--cluster-to", &to])
+        .args(["--cluster-slots", "200", "--cluster-yes"])
+        .stdin(std::process::Stdio::null())
+        .output()
+        .expect("run redis-cli --cluster reshard");
+    assert!(
+        reshard.status.success(),
+        "reshard failed: {}",
+        String::from_utf8_lossy(&reshard.stdout)
+    );
+    for keys in batches() {
+        let answers = store
+            .insert(InsertBatch::new(keys.clone(), TTL))
+            .await
+            .unwrap();
+        // 0..500 were removed and inserted again above: all present now.
+        assert_eq!(count(&answers, Inserted::Present), 1_000);
+    }
+    let moved: usize = (0..3)
+        .map(|node| moved_count(&cluster.cli(node, &["info", "errorstats"])))
+        .sum();
+    assert!(moved > 0, "the stale slot map was never used");
+    let fresh = store
+        .insert(InsertBatch::new((30_000..40_000).map(key).collect(), TTL))
+        .await
+        .unwrap();
+    assert_eq!(count(&fresh, Inserted::New), 10_000);
+    // The slot map was read again: no more redirects.
+    let moved_after: usize = (0..3)
+        .map(|node| moved_count(&cluster.cli(node, &["info", "errorstats"])))
+        .sum();
+    assert_eq!(moved_after, moved);
+}
+
+/// The `MOVED` count in the output of `INFO errorstats`.
+fn moved_count(errorstats: &str) -> usize {
+    errorstats
+        .lines()
+        .find_map(|l| l.strip_prefix("errorstat_MOVED:count="))
+        .map_or(0, |n| n.trim().parse().unwrap())
+}
+
+/// A handle: shared across tasks and threads, cloned cheaply.
+#[test]
+fn auto_traits() {
+    fn handle<T: Send + Sync + Unpin + Clone + std::fmt::Debug + 'static>() {}
+    handle::<RedisStore>();
+    handle::<stream_dedup::store::RedisStoreBuilder>();
+}
+
+/// The store's own limits: zero timeouts are refused where they are given.
+#[test]
+#[should_panic(expected = "timeout must not be zero")]
+fn zero_timeout_panics() {
+    let _ = RedisStore::builder("x").timeout(Duration::ZERO);
+}
+
+/// A URL that is not one is a clear error, not a panic.
+#[tokio::test]
+async fn bad_url_is_an_error() {
+    let error = RedisStore::connect("not a url", "x").await.unwrap_err();
+    assert!(matches!(error, StoreError::Backend { .. }), "{error:?}");
+}
+
+/// Nothing listening: `Unavailable`, quickly.
+#[tokio::test]
+async fn refused_connection_is_unavailable() {
+    let port = redis_server::free_port();
+    let start = Instant::now();
+    let error = RedisStore::connect(&format!("redis://127.0.0.1:{port}"), "x")
+        .await
+        .unwrap_err();
+    assert!(matches!(error, StoreError::Unavailable(_)), "{error:?}");
+    assert!(start.elapsed() < Duration::from_secs(2));
+}
