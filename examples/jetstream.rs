@@ -10,11 +10,12 @@
 //! simulated lost ACKs and slow handlers, prints what happened, and deletes the stream.
 //!
 //! ```text
-//! NATS_URL=nats://127.0.0.1:4222 cargo run --example jetstream
+//! cargo run --example jetstream --features redis
 //! ```
 //!
-//! It needs a NATS server with JetStream (`nats-server -js`); `NATS_URL` defaults to
-//! `nats://127.0.0.1:4222`.
+//! It needs a NATS server with JetStream (`nats-server -js`) and Redis ≥ 7.0, which the
+//! consumers share: `NATS_URL` defaults to `nats://127.0.0.1:4222`, `REDIS_URL` to
+//! `redis://127.0.0.1:6379`.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
@@ -24,7 +25,7 @@ use std::time::Duration;
 use async_nats::jetstream::consumer::{AckPolicy, PullConsumer, pull};
 use async_nats::jetstream::{self, Message, stream};
 use futures::{StreamExt, TryStreamExt};
-use stream_dedup::store::MemoryStore;
+use stream_dedup::store::RedisStore;
 use stream_dedup::{TryDedupStreamExt, Window};
 
 /// Orders published.
@@ -53,9 +54,22 @@ async fn main() {
             std::process::exit(1);
         }
     };
-    let js = jetstream::new(client);
+    let redis_url =
+        std::env::var("REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".to_owned());
     let name = format!("stream_dedup_example_{}", std::process::id());
-    let result = run(&js, &name).await;
+    // The store that every consumer of these orders shares, on every machine: the keys in
+    // flight and done. Its namespace is this run's, so that runs do not meet.
+    let store = match RedisStore::connect(&redis_url, &name).await {
+        Ok(store) => store,
+        Err(e) => {
+            eprintln!(
+                "cannot reach Redis at {redis_url}: {e}\nstart redis-server, or set REDIS_URL"
+            );
+            std::process::exit(1);
+        }
+    };
+    let js = jetstream::new(client);
+    let result = run(&js, &name, store).await;
     // The stream is this run's own: delete it, whatever happened.
     let _ = js.delete_stream(&name).await;
     if let Err(e) = result {
@@ -75,7 +89,11 @@ struct Counts {
     slow: AtomicU64,
 }
 
-async fn run(js: &jetstream::Context, name: &str) -> Result<(), async_nats::Error> {
+async fn run(
+    js: &jetstream::Context,
+    name: &str,
+    store: RedisStore,
+) -> Result<(), async_nats::Error> {
     // A stream, and a durable pull consumer with a short ack_wait.
     let subject = format!("{name}.orders");
     let stream = js
@@ -107,10 +125,6 @@ async fn run(js: &jetstream::Context, name: &str) -> Result<(), async_nats::Erro
     }
     println!("published {MESSAGES} orders to {subject}");
 
-    // The store that every consumer of "orders" shares: the keys in flight and done. This
-    // example runs one process, so memory will do; with many consumer processes, Redis:
-    //     let store = RedisStore::connect(&redis_url, "orders").await?;
-    let store = MemoryStore::new();
     let window = Window::max_keys(100_000)
         .ttl(Duration::from_secs(3_600))
         // A claim whose consumer died (no release) frees its key after the lease: above the

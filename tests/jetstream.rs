@@ -7,7 +7,8 @@
 //! applied. Needs `STREAM_DEDUP_NATS_URL` and `STREAM_DEDUP_POSTGRES_URL`; skips without them.
 //!
 //! Everything is generic over the store (`S: ClaimStore + Clone`): the two consumers share
-//! one store, here a `MemoryStore` (they run in one process).
+//! one store, Redis (with the `redis` feature and `STREAM_DEDUP_REDIS_URL`) and, as the
+//! reference, a `MemoryStore`.
 
 mod support;
 
@@ -572,6 +573,44 @@ async fn mark_on_emit_with_memory_store() {
         return;
     };
     mark_on_emit_loses_messages(&env, MemoryStore::new()).await;
+}
+
+#[cfg(feature = "redis")]
+async fn redis_store(test: &str) -> Option<stream_dedup::store::RedisStore> {
+    let Ok(url) = std::env::var("STREAM_DEDUP_REDIS_URL") else {
+        eprintln!("skipped: {test} (STREAM_DEDUP_REDIS_URL is not set)");
+        return None;
+    };
+    let namespace = support::jetstream::unique_name(test);
+    Some(
+        stream_dedup::store::RedisStore::connect(&url, &namespace)
+            .await
+            .expect("connect to Redis"),
+    )
+}
+
+#[cfg(feature = "redis")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn claims_with_redis_store() {
+    let Some(env) = Env::from_env("claims_with_redis_store") else {
+        return;
+    };
+    let Some(store) = redis_store("claims_with_redis_store").await else {
+        return;
+    };
+    claims_apply_every_message_exactly_once(&env, store).await;
+}
+
+#[cfg(feature = "redis")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn mark_on_emit_with_redis_store() {
+    let Some(env) = Env::from_env("mark_on_emit_with_redis_store") else {
+        return;
+    };
+    let Some(store) = redis_store("mark_on_emit_with_redis_store").await else {
+        return;
+    };
+    mark_on_emit_loses_messages(&env, store).await;
 }
 
 #[test]

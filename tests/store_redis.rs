@@ -30,6 +30,7 @@ async fn make(namespace: String) -> Option<RedisStore> {
 }
 
 store_suite!(make, expiry = Duration::from_millis(50));
+claim_suite!(make, expiry = Duration::from_millis(50));
 
 const TTL: Duration = Duration::from_secs(120);
 

@@ -10,7 +10,10 @@ use redis::cluster_async::ClusterConnection;
 use redis::cluster_routing::{Route, RoutingInfo, SingleNodeRoutingInfo, SlotAddr};
 use redis::{Cmd, ErrorKind, Pipeline, RedisError, ServerErrorKind, Value};
 
-use super::{BoxError, InsertBatch, Inserted, Store, StoreError, StoreFuture};
+use super::{
+    BoxError, ClaimBatch, ClaimStore, Claimed, HeldKey, InsertBatch, Inserted, Store, StoreError,
+    StoreFuture, Token,
+};
 
 /// Default deadline of one store call: the connection manager's response timeout, and the
 /// client-side limit on the whole call (waiting for a reconnect included).
@@ -437,6 +440,67 @@ impl Store for RedisStore {
             within(deadline, inner.remove(keys)).await
         })
     }
+
+    fn as_claim_store(&self) -> Option<&dyn ClaimStore> {
+        Some(self)
+    }
+}
+
+/// Claims on Redis. A done key holds the 16 bytes of the token that recorded it (as
+/// [`Store::insert`] writes it); a key in flight holds `c` + its claim's token, with the lease
+/// as its expiry. `claim` is `SET key ctoken NX GET PX lease`, pipelined like `insert`;
+/// `commit` and `release` compare the token in a small Lua script per key (pipelined), so a
+/// consumer whose lease ran out can never overwrite or free a key another consumer holds.
+impl ClaimStore for RedisStore {
+    fn claim(&self, batch: ClaimBatch) -> StoreFuture<Vec<Claimed>> {
+        let inner = Arc::clone(&self.inner);
+        Box::pin(async move {
+            let deadline = inner.timeout;
+            within(deadline, inner.claim(batch)).await
+        })
+    }
+
+    fn commit(&self, keys: Vec<HeldKey>, ttl: Duration) -> StoreFuture<Vec<bool>> {
+        let inner = Arc::clone(&self.inner);
+        Box::pin(async move {
+            let deadline = inner.timeout;
+            within(deadline, inner.commit(keys, ttl)).await
+        })
+    }
+
+    fn release(&self, keys: Vec<HeldKey>) -> StoreFuture<()> {
+        let inner = Arc::clone(&self.inner);
+        Box::pin(async move {
+            let deadline = inner.timeout;
+            within(deadline, inner.release(keys)).await
+        })
+    }
+}
+
+/// Marks a key done if it is free, or held (in flight or done) by this claim's token.
+/// KEYS[1] = key; ARGV = in-flight value, done value, ttl in ms. Returns 1 if committed.
+const COMMIT_SCRIPT: &str = r"
+local held = redis.call('GET', KEYS[1])
+if (not held) or held == ARGV[1] or held == ARGV[2] then
+  redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3])
+  return 1
+end
+return 0
+";
+
+/// Frees a key if this claim still holds it in flight. KEYS[1] = key; ARGV[1] = in-flight value.
+const RELEASE_SCRIPT: &str = r"
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  return redis.call('DEL', KEYS[1])
+end
+return 0
+";
+
+/// The value of a key in flight: `c`, then the claim's token.
+fn in_flight_value(token: Token) -> [u8; 17] {
+    let mut value = [b'c'; 17];
+    value[1..].copy_from_slice(&token.to_bytes());
+    value
 }
 
 /// `fut`, failed with [`StoreError::Timeout`] once `deadline` has passed.
@@ -459,7 +523,7 @@ impl Inner {
         let ttl = ttl_millis(batch.ttl);
         let keys = self.redis_keys(&batch.keys)?;
         let replies = self
-            .run(OP, &keys, |key| {
+            .run(OP, &keys, |_, key| {
                 let mut cmd = redis::cmd("SET");
                 cmd.arg(key)
                     .arg(&token[..])
@@ -481,6 +545,92 @@ impl Inner {
             .collect()
     }
 
+    async fn claim(&self, batch: ClaimBatch) -> Result<Vec<Claimed>, StoreError> {
+        const OP: &str = "claim keys";
+        if batch.keys.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mine = in_flight_value(batch.token);
+        let lease = ttl_millis(batch.lease);
+        let keys = self.redis_keys(&batch.keys)?;
+        let replies = self
+            .run(OP, &keys, |_, key| {
+                let mut cmd = redis::cmd("SET");
+                cmd.arg(key)
+                    .arg(&mine[..])
+                    .arg("NX")
+                    .arg("GET")
+                    .arg("PX")
+                    .arg(lease);
+                cmd
+            })
+            .await?;
+        replies
+            .into_iter()
+            .map(|reply| match reply {
+                Value::Nil => Ok(Claimed::Mine),
+                Value::BulkString(held) if held == mine => Ok(Claimed::Mine),
+                Value::BulkString(held) if held.len() == 17 && held[0] == b'c' => {
+                    Ok(Claimed::InFlight)
+                }
+                Value::BulkString(_) => Ok(Claimed::Done),
+                other => Err(unexpected(OP, other)),
+            })
+            .collect()
+    }
+
+    async fn commit(&self, held: Vec<HeldKey>, ttl: Duration) -> Result<Vec<bool>, StoreError> {
+        const OP: &str = "commit claims";
+        if held.is_empty() {
+            return Ok(Vec::new());
+        }
+        let (keys, tokens): (Vec<Vec<u8>>, Vec<Token>) = held.into_iter().unzip();
+        let keys = self.redis_keys(&keys)?;
+        let ttl = ttl_millis(ttl);
+        let replies = self
+            .run(OP, &keys, |i, key| {
+                let mut cmd = redis::cmd("EVAL");
+                cmd.arg(COMMIT_SCRIPT)
+                    .arg(1)
+                    .arg(key)
+                    .arg(&in_flight_value(tokens[i])[..])
+                    .arg(&tokens[i].to_bytes()[..])
+                    .arg(ttl);
+                cmd
+            })
+            .await?;
+        replies
+            .into_iter()
+            .map(|reply| match reply {
+                Value::Int(n) => Ok(n == 1),
+                other => Err(unexpected(OP, other)),
+            })
+            .collect()
+    }
+
+    async fn release(&self, held: Vec<HeldKey>) -> Result<(), StoreError> {
+        const OP: &str = "release claims";
+        if held.is_empty() {
+            return Ok(());
+        }
+        let (keys, tokens): (Vec<Vec<u8>>, Vec<Token>) = held.into_iter().unzip();
+        let keys = self.redis_keys(&keys)?;
+        let replies = self
+            .run(OP, &keys, |i, key| {
+                let mut cmd = redis::cmd("EVAL");
+                cmd.arg(RELEASE_SCRIPT)
+                    .arg(1)
+                    .arg(key)
+                    .arg(&in_flight_value(tokens[i])[..]);
+                cmd
+            })
+            .await?;
+        match replies.into_iter().find(|r| !matches!(r, Value::Int(_))) {
+            None => Ok(()),
+            Some(other) => Err(unexpected(OP, other)),
+        }
+    }
+
     async fn remove(&self, keys: Vec<Vec<u8>>) -> Result<(), StoreError> {
         const OP: &str = "remove keys";
         if keys.is_empty() {
@@ -488,7 +638,7 @@ impl Inner {
         }
         let keys = self.redis_keys(&keys)?;
         let replies = self
-            .run(OP, &keys, |key| {
+            .run(OP, &keys, |_, key| {
                 let mut cmd = redis::cmd("DEL");
                 cmd.arg(key);
                 cmd
@@ -525,13 +675,13 @@ impl Inner {
         &self,
         op: &'static str,
         keys: &[Vec<u8>],
-        cmd: impl Fn(&[u8]) -> Cmd,
+        cmd: impl Fn(usize, &[u8]) -> Cmd,
     ) -> Result<Vec<Value>, StoreError> {
         let replies = match &self.conn {
             Conn::Single(manager) => {
                 let mut pipe = Pipeline::with_capacity(keys.len());
-                for key in keys {
-                    pipe.add_command(cmd(key));
+                for (i, key) in keys.iter().enumerate() {
+                    pipe.add_command(cmd(i, key));
                 }
                 pipe.ignore_errors();
                 let mut conn = manager.clone();
@@ -576,7 +726,7 @@ impl Cluster {
         &self,
         op: &'static str,
         keys: &[Vec<u8>],
-        cmd: &impl Fn(&[u8]) -> Cmd,
+        cmd: &impl Fn(usize, &[u8]) -> Cmd,
         timeout: Duration,
     ) -> Result<Vec<Value>, StoreError> {
         let map = self.slot_map(timeout).await?;
@@ -592,7 +742,7 @@ impl Cluster {
         let pipelines = per_node.iter().filter(|ks| !ks.is_empty()).map(|ks| {
             let mut pipe = Pipeline::with_capacity(ks.len());
             for &i in ks {
-                pipe.add_command(cmd(&keys[i]));
+                pipe.add_command(cmd(i, &keys[i]));
             }
             // Every key of `ks` is on the node of its first key, by our slot map.
             let route = Route::with_key(&keys[ks[0]], SlotAddr::Master);
@@ -645,7 +795,7 @@ impl Cluster {
             // time, and let redis-rs's routing follow the redirects for these keys now.
             *self.slots.lock().unwrap_or_else(PoisonError::into_inner) = None;
             let singles = one_by_one.into_iter().map(|i| {
-                let cmd = cmd(&keys[i]);
+                let cmd = cmd(i, &keys[i]);
                 let mut conn = self.conn.clone();
                 async move { (i, cmd.query_async::<Value>(&mut conn).await) }
             });
