@@ -138,7 +138,7 @@ async fn redis_killed_mid_stream_fail_open() {
             .dedup_by_key(|k| *k, window)
             .on_duplicate(|k| dropped.push(k)),
     );
-    let mut next = async |s: &mut std::pin::Pin<Box<_>>| {
+    let next = async |s: &mut std::pin::Pin<Box<_>>| {
         tokio::time::timeout(Duration::from_secs(10), StreamExt::next(s))
             .await
             .expect("an item within 10 s")
@@ -232,7 +232,7 @@ async fn redis_killed_mid_stream_fail_closed() {
         .timeout(Duration::from_millis(500))
         .on_failure(FailurePolicy::fail_closed().retry(1, Duration::from_millis(50)));
     let mut unique = Box::pin(UnboundedReceiverStream::new(rx).try_dedup_by_key(|k| *k, window));
-    let mut next = async |s: &mut std::pin::Pin<Box<_>>| {
+    let next = async |s: &mut std::pin::Pin<Box<_>>| {
         tokio::time::timeout(Duration::from_secs(10), StreamExt::next(s))
             .await
             .expect("an item within 10 s")
