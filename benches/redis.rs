@@ -40,6 +40,7 @@ use std::time::{Duration, Instant};
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 use futures::StreamExt;
 use redis::aio::MultiplexedConnection;
+use stream_dedup::DedupStreamExt;
 use stream_dedup::store::{InsertBatch, Inserted, RedisStore, Store};
 
 const KEYS: usize = 200_000;
@@ -208,6 +209,66 @@ fn bench(c: &mut Criterion) {
                     }
                     total += start.elapsed();
                     clean(&mut conn, &ns, &keys).await;
+                }
+                total
+            })
+        });
+    });
+
+    // The operators, as a consumer uses them: the in-memory window in front (small, so the
+    // store decides), ready items batched, calls in flight, items in order.
+    let strings: Vec<String> = keys
+        .iter()
+        .map(|k| String::from_utf8(k.clone()).expect("UUID text"))
+        .collect();
+    let operator_window = |store: RedisStore| {
+        stream_dedup::Window::max_keys(1_000)
+            .ttl(TTL)
+            .store(store)
+            .batch_size(1_000)
+            .max_in_flight(4)
+            .timeout(Duration::from_secs(10))
+    };
+    group.bench_function("operator dedup_by_key", |b| {
+        b.iter_custom(|iters| {
+            rt.block_on(async {
+                let mut total = Duration::ZERO;
+                for _ in 0..iters {
+                    let ns = namespace();
+                    let store = RedisStore::connect(&url, &ns).await.unwrap();
+                    let start = Instant::now();
+                    let accepted = futures::stream::iter(strings.iter().cloned())
+                        .dedup_by_key(|k| k.clone(), operator_window(store))
+                        .count()
+                        .await;
+                    total += start.elapsed();
+                    assert_eq!(accepted, unique);
+                    clean(&mut raw.clone(), &ns, &keys).await;
+                }
+                total
+            })
+        });
+    });
+    // Claims: each item is claimed (in batches), handed out, and committed (commits batched in
+    // the background); the consumer settles up to 1,000 claims at a time, as a consumer that
+    // processes messages concurrently does.
+    group.bench_function("operator claim_by_key + commit", |b| {
+        b.iter_custom(|iters| {
+            rt.block_on(async {
+                let mut total = Duration::ZERO;
+                for _ in 0..iters {
+                    let ns = namespace();
+                    let store = RedisStore::connect(&url, &ns).await.unwrap();
+                    let start = Instant::now();
+                    let committed = futures::stream::iter(strings.iter().cloned())
+                        .claim_by_key(|k| k.clone(), operator_window(store))
+                        .map(|claim| async move { claim.commit().await.expect("commit") })
+                        .buffer_unordered(1_000)
+                        .count()
+                        .await;
+                    total += start.elapsed();
+                    assert_eq!(committed, unique);
+                    clean(&mut raw.clone(), &ns, &keys).await;
                 }
                 total
             })
