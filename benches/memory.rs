@@ -22,6 +22,7 @@ use futures::{Stream, StreamExt, stream};
 use rand::rngs::StdRng;
 use rand::{RngExt, SeedableRng};
 use stream_dedup::{DedupStreamExt, Fingerprint, Window};
+use tokio::time::Instant;
 
 #[global_allocator]
 static ALLOC: Cap<System> = Cap::new(System, usize::MAX);
@@ -202,6 +203,26 @@ fn main() {
     }
     rows.push(Row {
         name: "`hashbrown::HashSet<u64>` + `VecDeque` FIFO",
+        keys: set.len(),
+        bytes: heap() - before,
+        target: "",
+    });
+    drop((set, order));
+
+    let before = heap();
+    let mut set = hashbrown::HashSet::<u64>::new();
+    let mut order = VecDeque::<(u64, Instant)>::new();
+    for k in u64_keys().take(FED) {
+        let now = Instant::now();
+        if set.insert(k) {
+            if order.len() == WINDOW_KEYS {
+                set.remove(&order.pop_front().unwrap().0);
+            }
+            order.push_back((k, now));
+        }
+    }
+    rows.push(Row {
+        name: "`hashbrown::HashSet<u64>` + `VecDeque<(u64, Instant)>` FIFO with ttl",
         keys: set.len(),
         bytes: heap() - before,
         target: "",
