@@ -277,6 +277,19 @@ fn uuid_4m(c: &mut Criterion) {
         );
     });
 
+    // (e) For scale, the `u64` operator on a workload of this group's shape (same length,
+    // same redelivery pattern): what the fingerprint path is held against, within one group.
+    let u64_keys = workload(UUID_ITEMS, |rng| rng.random::<u64>());
+    let u64_expected = distinct(&u64_keys);
+    group.bench_function("operator_u64_same_shape", |b| {
+        b.iter(|| {
+            let unique = stream::iter(u64_keys.iter().copied()).dedup_by_key(|k| *k, window());
+            let n = block_on(unique.count());
+            assert_eq!(n, u64_expected);
+            black_box(n)
+        });
+    });
+
     // (d) The floor: an unbounded set that owns the strings.
     group.bench_function("hashbrown_unbounded_string", |b| {
         b.iter_batched(
