@@ -7,6 +7,13 @@
 //! that is not refreshed on a hit adds 8 bytes of arrival links. The table costs ~10 bytes a
 //! key at a full window (4-byte slot index + 1 control byte, at most 7/8 full, rounded to a
 //! power of two).
+//!
+//! A full window evicts on every new key, and finding the victim's table entry is two dependent
+//! memory reads (its control group, then the slot index stored at the match). The window
+//! therefore looks up the *next* victim's bucket right after each change of the LRU front, as
+//! a [`VictimHint`]: the next eviction then reads an address it already knows, so that lookup
+//! overlaps the new key's own probe instead of following it. A hint is only ever a guess that
+//! is checked before use; a stale one falls back to the full lookup.
 
 use core::hash::{BuildHasher, Hash};
 
@@ -75,6 +82,18 @@ impl List {
     }
 }
 
+/// Where the next victim's table entry probably is: slot `slot`, at bucket `bucket`.
+#[derive(Clone, Copy, Debug)]
+struct VictimHint {
+    slot: u32,
+    bucket: usize,
+}
+
+const NO_HINT: VictimHint = VictimHint {
+    slot: NIL,
+    bucket: 0,
+};
+
 /// What [`Lru::observe`] found.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) struct Observed {
@@ -99,6 +118,8 @@ pub(crate) struct Lru<K> {
     /// When each slot's key was accepted (or last seen, with refresh); empty without a ttl.
     stamps: Vec<u32>,
     table: HashTable<u32>,
+    /// The bucket of the least recently seen key's entry, found ahead of its eviction.
+    victim: VictimHint,
     hasher: foldhash::fast::RandomState,
     /// Head of the free-slot list, threaded through `recency[i].next`.
     free: u32,
@@ -121,6 +142,7 @@ impl<K: Hash + Eq> Lru<K> {
             by_arrival: List::EMPTY,
             stamps: Vec::new(),
             table: HashTable::new(),
+            victim: NO_HINT,
             hasher: foldhash::fast::RandomState::default(),
             free: NIL,
             len: 0,
@@ -148,6 +170,7 @@ impl<K: Hash + Eq> Lru<K> {
             if self.refresh && self.ttl.is_some() {
                 self.stamps[i as usize] = now;
             }
+            self.aim_at_victim();
             return Observed {
                 duplicate: true,
                 evicted: false,
@@ -155,6 +178,7 @@ impl<K: Hash + Eq> Lru<K> {
             };
         }
         let evicted = self.insert_new(key, hash, now);
+        self.aim_at_victim();
         Observed {
             duplicate: false,
             evicted,
@@ -197,6 +221,7 @@ impl<K: Hash + Eq> Lru<K> {
         self.by_arrival = List::EMPTY;
         self.free = NIL;
         self.len = 0;
+        self.victim = NO_HINT;
     }
 
     /// Removes every key whose ttl ran out by `now`; returns how many.
@@ -259,7 +284,7 @@ impl<K: Hash + Eq> Lru<K> {
         } else {
             // Full: the least recently seen key makes room; its slot takes the new key.
             let i = self.by_recency.front;
-            self.remove_slot(i);
+            self.evict(i);
             self.free = self.recency[i as usize].next;
             self.keys[i as usize] = key;
             if self.ttl.is_some() {
@@ -281,6 +306,39 @@ impl<K: Hash + Eq> Lru<K> {
         evicted
     }
 
+    /// In a full window, finds the bucket of the least recently seen key's table entry unless
+    /// the hint already names it. Reads only the control bytes: the slot index stored at the
+    /// bucket is checked when the hint is used.
+    #[inline]
+    fn aim_at_victim(&mut self) {
+        let front = self.by_recency.front;
+        if self.len == self.max && self.victim.slot != front {
+            let hash = self.hasher.hash_one(&self.keys[front as usize]);
+            if let Some(bucket) = self.table.iter_hash_buckets(hash).next() {
+                self.victim = VictimHint {
+                    slot: front,
+                    bucket,
+                };
+            }
+        }
+    }
+
+    /// Removes slot `i` (the least recently seen) through the victim hint when it is right,
+    /// else by the full lookup.
+    #[inline]
+    fn evict(&mut self, i: u32) {
+        let VictimHint { slot, bucket } = self.victim;
+        // Slot indices in the table are unique, so a bucket holding `i` is `i`'s entry.
+        if slot == i && self.table.get_bucket(bucket) == Some(&i) {
+            if let Ok(entry) = self.table.get_bucket_entry(bucket) {
+                entry.remove();
+                self.unlink_and_free(i);
+                return;
+            }
+        }
+        self.remove_slot(i);
+    }
+
     /// Removes slot `i` from the table and the lists, and puts it on the free list.
     fn remove_slot(&mut self, i: u32) {
         let hash = self.hasher.hash_one(&self.keys[i as usize]);
@@ -291,6 +349,9 @@ impl<K: Hash + Eq> Lru<K> {
     }
 
     fn unlink_and_free(&mut self, i: u32) {
+        if self.victim.slot == i {
+            self.victim = NO_HINT;
+        }
         self.by_recency.unlink(&mut self.recency, i);
         if self.track_arrival {
             self.by_arrival.unlink(&mut self.arrival, i);
@@ -336,6 +397,7 @@ impl<K: Hash + Eq> Lru<K> {
             });
         }
         self.table = table;
+        self.victim = NO_HINT; // every entry moved
     }
 
     /// Checks every invariant; for tests.
@@ -412,6 +474,52 @@ mod tests {
         w.clear();
         assert_eq!(w.len(), 0);
         w.check();
+    }
+
+    #[test]
+    fn eviction_through_stale_and_fresh_victim_hints() {
+        let mut w = Lru::new(64, None, false);
+        let mut model = std::collections::VecDeque::new(); // least recently seen first
+        let mut x = 1u64;
+        for step in 0..20_000u64 {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            let key = x % 200;
+            if step % 97 == 0 {
+                // Remove the hinted victim behind the window's back: the hint goes stale.
+                let front = w.by_recency.front;
+                if front != NIL {
+                    let k = w.keys[front as usize];
+                    assert!(w.remove(&k));
+                    model.retain(|&m| m != k);
+                }
+            }
+            let o = w.observe(key, 0);
+            let pos = model.iter().position(|&m| m == key);
+            assert_eq!(o.duplicate, pos.is_some());
+            if let Some(p) = pos {
+                model.remove(p);
+            } else if model.len() == 64 {
+                model.pop_front();
+            }
+            model.push_back(key);
+            if step % 1000 == 0 {
+                w.check();
+                let mut i = w.by_recency.front;
+                for &m in &model {
+                    assert_eq!(w.keys[i as usize], m);
+                    i = w.recency[i as usize].next;
+                }
+            }
+        }
+        w.check();
+        // In a full window the hint names the next victim, at the bucket of its entry.
+        w.observe(1_000, 0);
+        assert_eq!(w.len(), 64);
+        let front = w.by_recency.front;
+        assert_eq!(w.victim.slot, front);
+        assert_eq!(w.table.get_bucket(w.victim.bucket), Some(&front));
     }
 
     #[test]
