@@ -63,7 +63,8 @@
 //!
 //! | Feature | Description | Default |
 //! |---|---|---|
-//! | (none yet) | the in-memory window needs no optional dependency | |
+//! | `trace` | [`trace`]: `record_trace` / `TraceWriter`, to record `elapsed_ms,key` lines from a live stream (no extra dependency) | no |
+//! | `sweep` | [`sweep`]: replay a synthetic broker or a recorded trace through a grid of windows on a paused clock; table, CSV, SVG plot (tokio `test-util`, serde_json, plotters; clap and cap for `examples/window_sweep.rs`); implies `trace` | no |
 //!
 //! # Minimum supported Rust version
 //!
@@ -89,6 +90,13 @@ mod hook;
 pub mod stats;
 mod try_dedup_by_key;
 mod window;
+
+#[cfg(feature = "sweep")]
+#[cfg_attr(docsrs, doc(cfg(feature = "sweep")))]
+pub mod sweep;
+#[cfg(feature = "trace")]
+#[cfg_attr(docsrs, doc(cfg(feature = "trace")))]
+pub mod trace;
 
 pub use self::dedup_by_key::DedupByKey;
 pub use self::ext::{DedupStreamExt, TryDedupStreamExt};
