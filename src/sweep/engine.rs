@@ -72,7 +72,7 @@ pub struct Sweep {
     ttls: Vec<Option<Duration>>,
     refresh_on_hit: bool,
     key_kind: KeyKind,
-    heap: Option<Box<dyn Fn() -> usize>>,
+    heap: Option<Box<dyn Fn() -> usize + Send + Sync>>,
     throughput: bool,
 }
 
@@ -196,7 +196,7 @@ impl Sweep {
     ///
     /// The count is exact only if nothing else allocates while a window is replayed: run the
     /// sweep on its own, not beside other threads that allocate.
-    pub fn heap_bytes(mut self, probe: impl Fn() -> usize + 'static) -> Self {
+    pub fn heap_bytes(mut self, probe: impl Fn() -> usize + Send + Sync + 'static) -> Self {
         self.heap = Some(Box::new(probe));
         self
     }
@@ -208,11 +208,21 @@ impl Sweep {
     }
 
     /// Replays `workload` through every window of the grid, ttl by ttl, smallest window first.
+    ///
+    /// # Panics
+    ///
+    /// If called from within a tokio runtime: each window is replayed on a runtime of its own,
+    /// which cannot block inside another. From async code, run the sweep in
+    /// [`spawn_blocking`](tokio::task::spawn_blocking) (a `Sweep` and a `Workload` are `Send`).
     pub fn run(&self, workload: &Workload) -> SweepReport {
         self.run_with_progress(workload, |_| {})
     }
 
     /// [`run`](Sweep::run), calling `progress` after each window (to print where the sweep is).
+    ///
+    /// # Panics
+    ///
+    /// As [`run`](Sweep::run).
     pub fn run_with_progress(
         &self,
         workload: &Workload,

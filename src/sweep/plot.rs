@@ -5,10 +5,34 @@ use std::time::Duration;
 use plotters::prelude::*;
 
 use super::report::SweepReport;
-use super::{SweepError, format_bytes, format_count, format_ttl};
+use super::{SweepError, format_count, format_ttl};
 
 const WIDTH: u32 = 1280;
 const HEIGHT: u32 = 560;
+
+/// Line colours (Tableau 10 without red, which marks the target).
+const COLORS: [RGBColor; 8] = [
+    RGBColor(31, 119, 180),
+    RGBColor(255, 127, 14),
+    RGBColor(44, 160, 44),
+    RGBColor(148, 103, 189),
+    RGBColor(140, 86, 75),
+    RGBColor(227, 119, 194),
+    RGBColor(127, 127, 127),
+    RGBColor(23, 190, 207),
+];
+
+fn color(i: usize) -> RGBAColor {
+    COLORS[i % COLORS.len()].to_rgba()
+}
+
+const MIB: f64 = 1024.0 * 1024.0;
+
+/// A tick of the heap axis, in MiB.
+fn mib_label(y: f64) -> String {
+    let s = format!("{y:.4}");
+    format!("{} MiB", s.trim_end_matches('0').trim_end_matches('.'))
+}
 
 fn plot_err<E: std::fmt::Display>(e: E) -> SweepError {
     SweepError::Plot(e.to_string())
@@ -102,6 +126,8 @@ impl SweepReport {
         let floor = (target_pct / 10.0).min(min_leak / 2.0).clamp(1e-6, 1.0);
         let pick = self.recommend(target_pct);
         let series = |c: &super::CellResult| (c.ttl, c.refresh_on_hit);
+        // Earlier lines are drawn wider, so that a later line on top of one leaves it visible.
+        let width = |i: usize| (ttls.len() - i).clamp(1, 3) as u32 * 2;
         let label = |(ttl, refresh): (Option<Duration>, bool)| {
             if refresh && ttl.is_some() {
                 format!("ttl {} (refresh)", format_ttl(ttl))
@@ -139,7 +165,7 @@ impl SweepReport {
             .label(format!("target {target_pct}%"))
             .legend(|(x, y)| PathElement::new([(x, y), (x + 20, y)], RED));
         for (i, &key) in ttls.iter().enumerate() {
-            let color = Palette99::pick(i).to_rgba();
+            let color = color(i);
             let points: Vec<(f64, f64)> = self
                 .cells
                 .iter()
@@ -147,11 +173,14 @@ impl SweepReport {
                 .map(|c| (c.max_keys as f64, c.leaked_pct().max(floor)))
                 .collect();
             chart
-                .draw_series(LineSeries::new(points.clone(), color.stroke_width(2)))
+                .draw_series(LineSeries::new(
+                    points.clone(),
+                    color.stroke_width(width(i)),
+                ))
                 .map_err(plot_err)?
                 .label(label(key))
                 .legend(move |(x, y)| {
-                    PathElement::new([(x, y), (x + 20, y)], color.stroke_width(2))
+                    PathElement::new([(x, y), (x + 20, y)], color.stroke_width(width(i)))
                 });
             chart
                 .draw_series(
@@ -178,7 +207,7 @@ impl SweepReport {
         }
         chart
             .configure_series_labels()
-            .position(SeriesLabelPosition::UpperRight)
+            .position(SeriesLabelPosition::LowerLeft)
             .background_style(WHITE.mix(0.85))
             .border_style(BLACK)
             .draw()
@@ -189,10 +218,10 @@ impl SweepReport {
                 .cells
                 .iter()
                 .filter_map(|c| c.heap_bytes)
-                .map(|b| b.max(1) as f64)
+                .map(|b| b.max(1) as f64 / MIB)
                 .collect();
             let ymin = heap.iter().copied().fold(f64::INFINITY, f64::min) / 2.0;
-            let ymax = heap.iter().copied().fold(1.0, f64::max) * 2.0;
+            let ymax = heap.iter().copied().fold(f64::MIN_POSITIVE, f64::max) * 2.0;
             let mut chart = ChartBuilder::on(&right)
                 .caption("heap bytes held by the window", ("sans-serif", 16))
                 .margin(12)
@@ -203,25 +232,28 @@ impl SweepReport {
             chart
                 .configure_mesh()
                 .x_desc("max_keys")
-                .y_desc("heap")
+                .y_desc("heap (MiB)")
                 .x_label_formatter(&|x| format_count(x.round() as u64))
-                .y_label_formatter(&|y| format_bytes(y.round() as u64))
+                .y_label_formatter(&|y| mib_label(*y))
                 .draw()
                 .map_err(plot_err)?;
             for (i, &key) in ttls.iter().enumerate() {
-                let color = Palette99::pick(i).to_rgba();
+                let color = color(i);
                 let points: Vec<(f64, f64)> = self
                     .cells
                     .iter()
                     .filter(|c| series(c) == key)
-                    .filter_map(|c| Some((c.max_keys as f64, c.heap_bytes?.max(1) as f64)))
+                    .filter_map(|c| Some((c.max_keys as f64, c.heap_bytes?.max(1) as f64 / MIB)))
                     .collect();
                 chart
-                    .draw_series(LineSeries::new(points.clone(), color.stroke_width(2)))
+                    .draw_series(LineSeries::new(
+                        points.clone(),
+                        color.stroke_width(width(i)),
+                    ))
                     .map_err(plot_err)?
                     .label(label(key))
                     .legend(move |(x, y)| {
-                        PathElement::new([(x, y), (x + 20, y)], color.stroke_width(2))
+                        PathElement::new([(x, y), (x + 20, y)], color.stroke_width(width(i)))
                     });
                 chart
                     .draw_series(
@@ -234,7 +266,7 @@ impl SweepReport {
             if let Some((p, bytes)) = pick.and_then(|p| Some((p, p.heap_bytes?))) {
                 chart
                     .draw_series([Circle::new(
-                        (p.max_keys as f64, bytes.max(1) as f64),
+                        (p.max_keys as f64, bytes.max(1) as f64 / MIB),
                         9,
                         BLACK.stroke_width(2),
                     )])

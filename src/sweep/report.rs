@@ -106,8 +106,9 @@ impl SweepReport {
     }
 
     /// The smallest window whose leak is at most `target_pct` percent of the redeliveries
-    /// (and that dropped no unique message): the smallest `max_keys`, then the least memory
-    /// (or, unmeasured, the shortest ttl). `None` if no window of the grid is good enough.
+    /// (and that dropped no unique message): the smallest `max_keys`, then the least heap, then
+    /// the fewest keys held (a shorter ttl holds fewer). `None` if no window of the grid is
+    /// good enough.
     pub fn recommend(&self, target_pct: f64) -> Option<&CellResult> {
         self.cells
             .iter()
@@ -116,6 +117,7 @@ impl SweepReport {
                 a.max_keys
                     .cmp(&b.max_keys)
                     .then(a.heap_bytes.cmp(&b.heap_bytes))
+                    .then(a.peak_keys.cmp(&b.peak_keys))
                     .then(a.ttl.cmp(&b.ttl))
             })
     }
