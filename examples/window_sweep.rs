@@ -14,15 +14,15 @@
 use std::alloc::System;
 use std::fs::File;
 use std::io::{BufWriter, IsTerminal, Write};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
 use cap::Cap;
 use clap::Parser;
 use stream_dedup::sweep::{
-    KeyKind, Sweep, SyntheticBroker, TraceFormat, Workload, format_bytes, format_count,
-    format_duration, format_ttl, parse_count, parse_duration, parse_grid, parse_ttl,
+    KeyKind, Sweep, SyntheticBroker, TraceFormat, Workload, format_bytes, format_count, format_ttl,
+    parse_count, parse_duration, parse_grid, parse_ttl,
 };
 
 /// Counts every byte the process holds, so the sweep can measure each window's heap.
@@ -129,6 +129,13 @@ struct Args {
     markdown: Option<PathBuf>,
 }
 
+/// What the table's columns mean.
+const LEGEND: &str = "leaked: duplicates let through (% of all redeliveries). uniques dropped: unique \
+messages wrongly dropped (must be 0). heap: bytes the window held after the replay, counted by the \
+allocator; B/key: heap / peak keys (a window that never filled keeps up to 2x growth slack). \
+M/s: millions of deliveries a second through the window alone (WindowSet::insert_at, same keys \
+and times).";
+
 fn parse_format(s: &str) -> Result<TraceFormat, String> {
     match s {
         "auto" => Ok(TraceFormat::Auto),
@@ -214,10 +221,11 @@ fn run(args: &Args) -> Result<(), Box<dyn std::error::Error>> {
             p.elapsed.as_secs_f64(),
             p.remaining().as_secs_f64(),
         );
-        if tty && p.done < p.total {
-            eprint!("\r{line}\x1b[K");
-        } else {
-            eprintln!("\r{line}\x1b[K");
+        // On a terminal one line rewritten in place; in a log, one line per window.
+        match (tty, p.done < p.total) {
+            (true, true) => eprint!("\r{line}\x1b[K"),
+            (true, false) => eprintln!("\r{line}\x1b[K"),
+            (false, _) => eprintln!("{line}"),
         }
     });
 
@@ -227,6 +235,8 @@ fn run(args: &Args) -> Result<(), Box<dyn std::error::Error>> {
     println!("{facts}");
     println!();
     print!("{table}");
+    println!();
+    println!("{LEGEND}");
     println!();
     let verdict = verdict(&report, args.target, s.redeliveries);
     println!("{verdict}");
@@ -238,9 +248,21 @@ fn run(args: &Args) -> Result<(), Box<dyn std::error::Error>> {
     eprintln!("wrote {} and {}", args.csv.display(), args.svg.display());
     if let Some(path) = &args.markdown {
         let command: Vec<String> = std::env::args().skip(1).collect();
+        // The plot, when it sits beside the report.
+        let folder = |p: &Path| {
+            p.parent()
+                .filter(|d| !d.as_os_str().is_empty())
+                .map_or_else(|| PathBuf::from("."), Path::to_path_buf)
+        };
+        let plot = match args.svg.file_name() {
+            Some(name) if folder(path) == folder(&args.svg) => {
+                format!("![window sweep]({})\n\n", name.to_string_lossy())
+            }
+            _ => String::new(),
+        };
         let md = format!(
             "# Window sweep\n\nMade with:\n\n```sh\ncargo run --release --features sweep --example window_sweep -- {}\n```\n\n\
-             Workload: {}.\n\n{}\n\n{}\n{}\n",
+             Workload: {}.\n\n{}\n\n{plot}{}\n{LEGEND}\n\n{}\n",
             command.join(" "),
             workload.name(),
             facts,
@@ -269,7 +291,7 @@ fn workload_facts(w: &Workload) -> String {
         format_count(s.deliveries),
         s.redeliveries,
         s.redeliveries as f64 * 100.0 / s.deliveries.max(1) as f64,
-        format_duration(Duration::from_secs(s.duration.as_secs())),
+        seconds(s.duration),
     );
     if let (Some(age), Some(gap)) = (s.max_redelivery_age, s.max_redelivery_gap) {
         out.push_str(&format!(
@@ -285,7 +307,11 @@ fn workload_facts(w: &Workload) -> String {
 }
 
 fn seconds(d: Duration) -> String {
-    format!("{:.1}s", d.as_secs_f64())
+    match d.as_secs_f64() {
+        s if s < 120.0 => format!("{s:.1}s"),
+        s if s < 7200.0 => format!("{:.1} min", s / 60.0),
+        s => format!("{:.1} h", s / 3600.0),
+    }
 }
 
 fn verdict(report: &stream_dedup::sweep::SweepReport, target: f64, redeliveries: u64) -> String {

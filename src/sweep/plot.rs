@@ -85,7 +85,10 @@ impl SweepReport {
             format_count(s.messages),
             format_count(s.deliveries),
             format_count(s.redeliveries),
-            super::format_duration(Duration::from_secs(s.duration.as_secs())),
+            match s.duration.as_secs() {
+                secs @ 0..120 => format!("{secs}s"),
+                secs => format!("{:.1} min", secs as f64 / 60.0),
+            },
             self.key_kind,
         );
         root.draw(&Text::new(
