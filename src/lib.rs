@@ -64,6 +64,7 @@
 //! | Feature | Description | Default |
 //! |---|---|---|
 //! | (none yet) | the in-memory window needs no optional dependency | |
+//! | `embedded` | `store::EmbeddedStore`: a store in a local directory that survives restarts (fjall; needs Rust 1.90) | no |
 //!
 //! # Minimum supported Rust version
 //!

@@ -6,12 +6,15 @@
 //!
 //! | store | for | feature |
 //! |---|---|---|
+//! | `EmbeddedStore` | one process that must remember keys across restarts: a local directory (fjall), buckets by expiry time, a durable commit per batch | `embedded` |
 //! | [`MemoryStore`] | tests, and as the reference for the others | (always) |
 //!
 //! Implement [`Store`] for your own database: the contract is in its docs, and the crate's
 //! test suite for stores (`tests/support/store_suite.rs`) is written once and run for every
 //! backend.
 
+#[cfg(feature = "embedded")]
+mod embedded;
 mod key;
 mod memory;
 
@@ -23,6 +26,9 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
+#[cfg(feature = "embedded")]
+#[cfg_attr(docsrs, doc(cfg(feature = "embedded")))]
+pub use self::embedded::EmbeddedStore;
 pub use self::key::StoreKey;
 pub use self::memory::MemoryStore;
 

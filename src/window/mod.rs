@@ -80,7 +80,7 @@ impl Window {
     /// is set. A key that arrives after its ttl ran out is accepted again and starts a new ttl.
     ///
     /// Time is read from [`tokio::time::Instant`], once per poll of the stream, so
-    /// [`tokio::time::pause`] drives it in tests. Its resolution is one millisecond for ttls up
+    /// `tokio::time::pause` drives it in tests. Its resolution is one millisecond for ttls up
     /// to about 12 days, and `ttl / 2^30` beyond that. Keys that ran out are dropped (and
     /// counted as expired) the next time the window is used.
     ///
