@@ -6,6 +6,7 @@
 //!
 //! | store | for | feature |
 //! |---|---|---|
+//! | `EmbeddedStore` | one process that must remember keys across restarts: a local directory (fjall), buckets by expiry time, a durable commit per batch | `embedded` |
 //! | [`MemoryStore`] | tests, and as the reference for the others | (always) |
 //! | `RedisStore` | many consumers on many machines: Redis ≥ 7.0 or Redis Cluster, `SET key token NX GET PX ttl` pipelined per batch | `redis` |
 //!
@@ -13,6 +14,8 @@
 //! test suite for stores (`tests/support/store_suite.rs`) is written once and run for every
 //! backend.
 
+#[cfg(feature = "embedded")]
+mod embedded;
 mod key;
 mod memory;
 #[cfg(feature = "redis")]
@@ -26,6 +29,9 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
+#[cfg(feature = "embedded")]
+#[cfg_attr(docsrs, doc(cfg(feature = "embedded")))]
+pub use self::embedded::EmbeddedStore;
 pub use self::key::StoreKey;
 pub use self::memory::MemoryStore;
 #[cfg(feature = "redis")]
