@@ -575,6 +575,26 @@ fn open_database(path: &Path) -> Result<Database, StoreError> {
 
 // ---- One namespace ----
 
+fn bucket_options() -> KeyspaceCreateOptions {
+    KeyspaceCreateOptions::default().max_memtable_size(MAX_MEMTABLE)
+}
+
+/// Keys in a bucket's memory table, at most; more go to a table on disk in the background.
+const MAX_MEMTABLE: u64 = 8 << 20;
+
+/// Has fjall write the keys that `buckets` hold in memory to tables, in the background.
+///
+/// A lookup of an absent key costs ~2.6 µs in a memory table of 10,000 random keys (fjall's
+/// skip list) and ~0.25 µs in a table (its bloom filter), measured here; a lookup asks every
+/// live bucket. fjall offers this as `rotate_memtable`, public but hidden from its docs
+/// (fjall 3.1); if it goes away, memory tables are still flushed at `MAX_MEMTABLE`.
+fn seal<'a>(buckets: impl Iterator<Item = &'a Keyspace>) -> fjall::Result<()> {
+    for bucket in buckets {
+        bucket.rotate_memtable()?;
+    }
+    Ok(())
+}
+
 struct Namespace {
     db: Arc<Db>,
     name: String,
@@ -592,13 +612,12 @@ impl Namespace {
         let mut buckets = BTreeMap::new();
         for ks in db.get().list_keyspace_names() {
             if let Some(id) = BucketId::parse(&ks, name) {
-                let handle = db
-                    .get()
-                    .keyspace(&ks, KeyspaceCreateOptions::default)
-                    .map_err(fail)?;
+                let handle = db.get().keyspace(&ks, bucket_options).map_err(fail)?;
                 buckets.insert(id, handle);
             }
         }
+        // fjall replayed its journal into memory: seal what it replayed (see `seal`).
+        seal(buckets.values()).map_err(fail)?;
         let ns = Arc::new(Namespace {
             db: Arc::clone(&db),
             name: name.to_owned(),
@@ -686,8 +705,12 @@ impl Namespace {
                 let bucket = match buckets.get(&id) {
                     Some(b) => b.clone(),
                     None => {
+                        // The buckets written so far are (mostly) complete: move their keys
+                        // from memory into tables, where fjall's bloom filters answer the
+                        // lookups of absent keys.
+                        seal(buckets.values()).map_err(&fail)?;
                         let b = db
-                            .keyspace(&id.name(&self.name), KeyspaceCreateOptions::default)
+                            .keyspace(&id.name(&self.name), bucket_options)
                             .map_err(&fail)?;
                         buckets.insert(id, b.clone());
                         b
