@@ -10,7 +10,7 @@ use crate::hook::{DropDuplicates, OnDuplicate};
 use crate::stats::Stats;
 use crate::store::StoreError;
 use crate::stored::driver::{Driver, Mode, Out};
-use crate::window::{Attached, Handle};
+use crate::window::{Attached, Handle, Ticker};
 
 /// Stream for the [`dedup_by_key`](crate::DedupStreamExt::dedup_by_key) method.
 #[pin_project]
@@ -20,6 +20,7 @@ pub struct DedupByKey<St: Stream, F, K, H = DropDuplicates> {
     stream: St,
     key_fn: F,
     window: Handle<K>,
+    ticker: Ticker,
     /// The store path; `None` for an in-memory window (the fast path).
     store: Option<Box<Driver<St::Item, K, StoreError>>>,
     on_duplicate: H,
@@ -46,6 +47,7 @@ impl<St: Stream, F, K: Hash + Eq> DedupByKey<St, F, K> {
             stream,
             key_fn,
             window: window.handle,
+            ticker: Ticker::default(),
             store: window
                 .store
                 .map(|parts| Box::new(Driver::new(parts, Mode::Insert))),
@@ -84,6 +86,7 @@ impl<St: Stream, F, K, H> DedupByKey<St, F, K, H> {
             stream: self.stream,
             key_fn: self.key_fn,
             window: self.window,
+            ticker: self.ticker,
             store: self.store,
             on_duplicate: hook,
             error: self.error,
@@ -146,19 +149,29 @@ where
                 ready!(tokio::task::coop::poll_proceed(cx)).made_progress();
             }
         }
-        // One clock read per poll (none without a ttl): the items of one poll share a time.
-        let now = this.window.now();
         loop {
-            let Some(item) = ready!(this.stream.as_mut().poll_next(cx)) else {
-                return Poll::Ready(None);
+            let item = match this.stream.as_mut().poll_next(cx) {
+                Poll::Ready(Some(item)) => item,
+                Poll::Ready(None) => return Poll::Ready(None),
+                Poll::Pending => {
+                    this.ticker.waited();
+                    return Poll::Pending;
+                }
             };
+            let now = this.ticker.now(this.window);
             if this.window.observe((this.key_fn)(&item), now) {
                 return Poll::Ready(Some(item));
             }
             this.on_duplicate.on_duplicate(item);
             // A long run of duplicates from an always-ready stream must not starve the other
             // tasks of the executor: each one skipped spends a unit of tokio's coop budget.
-            ready!(tokio::task::coop::poll_proceed(cx)).made_progress();
+            match tokio::task::coop::poll_proceed(cx) {
+                Poll::Ready(restore) => restore.made_progress(),
+                Poll::Pending => {
+                    this.ticker.waited();
+                    return Poll::Pending;
+                }
+            }
         }
     }
 

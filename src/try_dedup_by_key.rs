@@ -9,7 +9,7 @@ use pin_project::pin_project;
 use crate::hook::{DropDuplicates, OnDuplicate};
 use crate::stats::Stats;
 use crate::stored::driver::{Driver, Mode, Out};
-use crate::window::{Attached, Handle};
+use crate::window::{Attached, Handle, Ticker};
 
 /// The store path of a try stream: its items are `Result`s, its failures become its errors.
 type TryDriver<St, K> =
@@ -23,6 +23,7 @@ pub struct TryDedupByKey<St: TryStream, F, K, H = DropDuplicates> {
     stream: St,
     key_fn: F,
     window: Handle<K>,
+    ticker: Ticker,
     /// The store path; `None` for an in-memory window (the fast path).
     store: Option<Box<TryDriver<St, K>>>,
     on_duplicate: H,
@@ -47,6 +48,7 @@ impl<St: TryStream, F, K: Hash + Eq> TryDedupByKey<St, F, K> {
             stream,
             key_fn,
             window: window.handle,
+            ticker: Ticker::default(),
             store: window
                 .store
                 .map(|parts| Box::new(Driver::new(parts, Mode::Insert))),
@@ -85,6 +87,7 @@ impl<St: TryStream, F, K, H> TryDedupByKey<St, F, K, H> {
             stream: self.stream,
             key_fn: self.key_fn,
             window: self.window,
+            ticker: self.ticker,
             store: self.store,
             on_duplicate: hook,
         }
@@ -133,17 +136,27 @@ where
                 ready!(tokio::task::coop::poll_proceed(cx)).made_progress();
             }
         }
-        let now = this.window.now();
         loop {
-            let item = match ready!(this.stream.as_mut().try_poll_next(cx)) {
-                Some(Ok(item)) => item,
-                other => return Poll::Ready(other),
+            let item = match this.stream.as_mut().try_poll_next(cx) {
+                Poll::Ready(Some(Ok(item))) => item,
+                Poll::Ready(other) => return Poll::Ready(other),
+                Poll::Pending => {
+                    this.ticker.waited();
+                    return Poll::Pending;
+                }
             };
+            let now = this.ticker.now(this.window);
             if this.window.observe((this.key_fn)(&item), now) {
                 return Poll::Ready(Some(Ok(item)));
             }
             this.on_duplicate.on_duplicate(item);
-            ready!(tokio::task::coop::poll_proceed(cx)).made_progress();
+            match tokio::task::coop::poll_proceed(cx) {
+                Poll::Ready(restore) => restore.made_progress(),
+                Poll::Pending => {
+                    this.ticker.waited();
+                    return Poll::Pending;
+                }
+            }
         }
     }
 

@@ -118,6 +118,23 @@ async fn ttl_forgets_keys_after_first_acceptance() {
     assert_eq!(unique.next().await, Some(1)); // 10 s after its first acceptance
 }
 
+/// A backlog (the inner stream never waits) on a paused clock that a test moves between items:
+/// every item sees the move, however long the backlog.
+#[tokio::test(start_paused = true)]
+async fn paused_clock_moves_are_seen_inside_a_ready_backlog() {
+    let window = Window::max_keys(10_000).ttl(Duration::from_secs(10));
+    let backlog = (0..1_000u32).chain([0, 1]).chain(1_000..1_010);
+    let mut unique = pin!(stream::iter(backlog).dedup_by_key(|k| *k, window));
+    for k in 0..1_000 {
+        assert_eq!(unique.next().await, Some(k));
+    }
+    tokio::time::advance(Duration::from_secs(10)).await;
+    // 0 and 1 ran out exactly now: accepted again.
+    assert_eq!(unique.next().await, Some(0));
+    assert_eq!(unique.next().await, Some(1));
+    assert_eq!(unique.next().await, Some(1_000));
+}
+
 #[tokio::test(start_paused = true)]
 async fn refresh_on_hit_extends_the_ttl() {
     let (tx, rx) = mpsc::unbounded_channel();

@@ -2,11 +2,17 @@
 //! and intrusive doubly linked lists over slot indices for recency (LRU) and, when a ttl is
 //! kept from first acceptance, for arrival order.
 //!
-//! Layout is struct-of-arrays so that a configuration pays only for what it uses: `u64` keys
-//! with no ttl cost 8 (key) + 8 (recency links) bytes a slot; a ttl adds a 4-byte stamp; a ttl
-//! that is not refreshed on a hit adds 8 bytes of arrival links. The table costs ~10 bytes a
-//! key at a full window (4-byte slot index + 1 control byte, at most 7/8 full, rounded to a
-//! power of two).
+//! A slot is two parts: its key, in one array, and its bookkeeping (list links and the time
+//! stamp), in another, as one record. A configuration pays only for what it uses, since the
+//! record's type is picked by the configuration ([`Plain`], [`Refreshed`], [`Timed`]): `u64`
+//! keys with no ttl cost 8 (key) + 8 (recency links) bytes a slot; a ttl refreshed on a hit adds
+//! a 4-byte stamp; a ttl kept from first acceptance adds the stamp and 8 bytes of arrival links
+//! (a 20-byte record). The table costs ~10 bytes a key at a full window (4-byte slot index + 1
+//! control byte, at most 7/8 full, rounded to a power of two).
+//!
+//! The record keeps together what one eviction touches: unlinking the least recently seen key
+//! from both lists and reading the next one's stamp is one cache line, where separate arrays
+//! were three.
 //!
 //! A full window evicts on every new key, and finding the victim's table entry is two dependent
 //! memory reads (its control group, then the slot index stored at the match). The window
@@ -19,11 +25,20 @@ use core::hash::{BuildHasher, Hash};
 
 use hashbrown::HashTable;
 
+/// Asks the CPU to start loading the cache line of `value` without waiting for it.
+#[inline(always)]
+fn prefetch<T>(value: &T) {
+    #[cfg(target_arch = "x86_64")]
+    safe_arch::prefetch_t0(value);
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = value;
+}
+
 /// "No slot": the end of a list.
 const NIL: u32 = u32::MAX;
 
 #[derive(Clone, Copy, Debug)]
-struct Link {
+pub(crate) struct Link {
     prev: u32,
     next: u32,
 }
@@ -33,8 +48,147 @@ const UNLINKED: Link = Link {
     next: NIL,
 };
 
-/// A doubly linked list threaded through a `[Link]`: `front` is the oldest entry (the next to
-/// evict or expire), `back` the newest.
+/// A slot's bookkeeping record.
+pub(crate) trait Meta: Copy {
+    /// Keys carry a stamp and expire.
+    const TTL: bool;
+    /// A hit refreshes the stamp (else keys are also kept in arrival order).
+    const REFRESH: bool;
+    /// A fresh record, unlinked, stamped `stamp` (ignored without a ttl).
+    fn fresh(stamp: u32) -> Self;
+    fn recency(&mut self) -> &mut Link;
+    /// The next more recently seen slot.
+    fn newer(&self) -> u32;
+    /// The arrival links; `None` when the record has none.
+    fn arrival(&mut self) -> Option<&mut Link>;
+    /// The stamp; 0 without a ttl.
+    fn stamp(&self) -> u32;
+    fn set_stamp(&mut self, stamp: u32);
+}
+
+/// No ttl: recency links only (8 bytes).
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Plain {
+    recency: Link,
+}
+
+/// A ttl refreshed on every hit: the LRU order is also the expiry order (12 bytes).
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Refreshed {
+    recency: Link,
+    stamp: u32,
+}
+
+/// A ttl from first acceptance: keys expire in arrival order, kept by a second list (20 bytes).
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Timed {
+    recency: Link,
+    arrival: Link,
+    stamp: u32,
+}
+
+impl Meta for Plain {
+    fn newer(&self) -> u32 {
+        self.recency.next
+    }
+    const TTL: bool = false;
+    const REFRESH: bool = false;
+    fn fresh(_: u32) -> Self {
+        Plain { recency: UNLINKED }
+    }
+    fn recency(&mut self) -> &mut Link {
+        &mut self.recency
+    }
+    fn arrival(&mut self) -> Option<&mut Link> {
+        None
+    }
+    fn stamp(&self) -> u32 {
+        0
+    }
+    fn set_stamp(&mut self, _: u32) {}
+}
+
+impl Meta for Refreshed {
+    fn newer(&self) -> u32 {
+        self.recency.next
+    }
+    const TTL: bool = true;
+    const REFRESH: bool = true;
+    fn fresh(stamp: u32) -> Self {
+        Refreshed {
+            recency: UNLINKED,
+            stamp,
+        }
+    }
+    fn recency(&mut self) -> &mut Link {
+        &mut self.recency
+    }
+    fn arrival(&mut self) -> Option<&mut Link> {
+        None
+    }
+    fn stamp(&self) -> u32 {
+        self.stamp
+    }
+    fn set_stamp(&mut self, stamp: u32) {
+        self.stamp = stamp;
+    }
+}
+
+impl Meta for Timed {
+    fn newer(&self) -> u32 {
+        self.recency.next
+    }
+    const TTL: bool = true;
+    const REFRESH: bool = false;
+    fn fresh(stamp: u32) -> Self {
+        Timed {
+            recency: UNLINKED,
+            arrival: UNLINKED,
+            stamp,
+        }
+    }
+    fn recency(&mut self) -> &mut Link {
+        &mut self.recency
+    }
+    fn arrival(&mut self) -> Option<&mut Link> {
+        Some(&mut self.arrival)
+    }
+    fn stamp(&self) -> u32 {
+        self.stamp
+    }
+    fn set_stamp(&mut self, stamp: u32) {
+        self.stamp = stamp;
+    }
+}
+
+/// Which links of a record a [`List`] goes through.
+trait Field<M>: Copy {
+    fn link(self, meta: &mut M) -> Option<&mut Link>;
+}
+
+#[derive(Clone, Copy, Debug)]
+struct ByRecency;
+
+#[derive(Clone, Copy, Debug)]
+struct ByArrival;
+
+impl<M: Meta> Field<M> for ByRecency {
+    #[inline]
+    fn link(self, meta: &mut M) -> Option<&mut Link> {
+        Some(meta.recency())
+    }
+}
+
+impl<M: Meta> Field<M> for ByArrival {
+    #[inline]
+    fn link(self, meta: &mut M) -> Option<&mut Link> {
+        meta.arrival()
+    }
+}
+
+/// A doubly linked list threaded through the records' `F` links: `front` is the oldest entry
+/// (the next to evict or expire), `back` the newest. On records without such links every
+/// operation does nothing.
 #[derive(Clone, Copy, Debug)]
 struct List {
     front: u32,
@@ -47,37 +201,45 @@ impl List {
         back: NIL,
     };
 
-    fn push_back(&mut self, links: &mut [Link], i: u32) {
-        links[i as usize] = Link {
+    #[inline]
+    fn push_back<M, F: Field<M>>(&mut self, metas: &mut [M], field: F, i: u32) {
+        let Some(link) = field.link(&mut metas[i as usize]) else {
+            return;
+        };
+        *link = Link {
             prev: self.back,
             next: NIL,
         };
         if self.back == NIL {
             self.front = i;
-        } else {
-            links[self.back as usize].next = i;
+        } else if let Some(back) = field.link(&mut metas[self.back as usize]) {
+            back.next = i;
         }
         self.back = i;
     }
 
-    fn unlink(&mut self, links: &mut [Link], i: u32) {
-        let Link { prev, next } = links[i as usize];
+    #[inline]
+    fn unlink<M, F: Field<M>>(&mut self, metas: &mut [M], field: F, i: u32) {
+        let Some(&mut Link { prev, next }) = field.link(&mut metas[i as usize]) else {
+            return;
+        };
         if prev == NIL {
             self.front = next;
-        } else {
-            links[prev as usize].next = next;
+        } else if let Some(link) = field.link(&mut metas[prev as usize]) {
+            link.next = next;
         }
         if next == NIL {
             self.back = prev;
-        } else {
-            links[next as usize].prev = prev;
+        } else if let Some(link) = field.link(&mut metas[next as usize]) {
+            link.prev = prev;
         }
     }
 
-    fn move_to_back(&mut self, links: &mut [Link], i: u32) {
+    #[inline]
+    fn move_to_back<M, F: Field<M>>(&mut self, metas: &mut [M], field: F, i: u32) {
         if self.back != i {
-            self.unlink(links, i);
-            self.push_back(links, i);
+            self.unlink(metas, field, i);
+            self.push_back(metas, field, i);
         }
     }
 }
@@ -108,53 +270,41 @@ pub(crate) struct Observed {
 /// The bounded LRU / time window. Time is in the caller's units (`u32`, monotone); the caller
 /// guarantees `now` never goes backwards and rebases stamps with [`Lru::rebase`] long before a
 /// `u32` overflows.
-pub(crate) struct Lru<K> {
-    keys: Vec<K>,
-    recency: Vec<Link>,
-    by_recency: List,
-    /// Arrival order; empty (never allocated) unless `track_arrival`.
-    arrival: Vec<Link>,
-    by_arrival: List,
-    /// When each slot's key was accepted (or last seen, with refresh); empty without a ttl.
-    stamps: Vec<u32>,
-    table: HashTable<u32>,
-    /// The bucket of the least recently seen key's entry, found ahead of its eviction.
-    victim: VictimHint,
-    hasher: foldhash::fast::RandomState,
-    /// Head of the free-slot list, threaded through `recency[i].next`.
-    free: u32,
-    len: u32,
-    max: u32,
-    /// `Some(ttl)` in time units when keys expire.
-    ttl: Option<u32>,
-    refresh: bool,
-    track_arrival: bool,
+///
+/// One [`Core`] per kind of record, picked once from the configuration: the branch on the
+/// variant is the same for every call, so it costs nothing measurable.
+pub(crate) enum Lru<K> {
+    /// No ttl.
+    Plain(Core<K, Plain>),
+    /// A ttl refreshed on a hit.
+    Refreshed(Core<K, Refreshed>),
+    /// A ttl from first acceptance.
+    Timed(Core<K, Timed>),
+}
+
+macro_rules! each {
+    ($lru:expr, $core:ident => $body:expr) => {
+        match $lru {
+            Lru::Plain($core) => $body,
+            Lru::Refreshed($core) => $body,
+            Lru::Timed($core) => $body,
+        }
+    };
 }
 
 impl<K: Hash + Eq> Lru<K> {
+    /// A window of at most `max` keys; with `ttl` (in time units) keys expire, counted from
+    /// their first acceptance or, with `refresh`, from their last sighting.
     pub(crate) fn new(max: u32, ttl: Option<u32>, refresh: bool) -> Self {
-        debug_assert!(max > 0 && max < NIL);
-        Lru {
-            keys: Vec::new(),
-            recency: Vec::new(),
-            by_recency: List::EMPTY,
-            arrival: Vec::new(),
-            by_arrival: List::EMPTY,
-            stamps: Vec::new(),
-            table: HashTable::new(),
-            victim: NO_HINT,
-            hasher: foldhash::fast::RandomState::default(),
-            free: NIL,
-            len: 0,
-            max,
-            ttl,
-            refresh,
-            track_arrival: ttl.is_some() && !refresh,
+        match (ttl, refresh) {
+            (None, _) => Lru::Plain(Core::new(max, 0)),
+            (Some(ttl), true) => Lru::Refreshed(Core::new(max, ttl)),
+            (Some(ttl), false) => Lru::Timed(Core::new(max, ttl)),
         }
     }
 
     pub(crate) fn len(&self) -> usize {
-        self.len as usize
+        each!(self, c => c.len as usize)
     }
 
     /// Looks `key` up at time `now`, after forgetting what expired by then. A hit moves the key
@@ -162,13 +312,90 @@ impl<K: Hash + Eq> Lru<K> {
     /// evicting the least recently seen key when the window is full.
     #[inline]
     pub(crate) fn observe(&mut self, key: K, now: u32) -> Observed {
+        each!(self, c => c.observe(key, now))
+    }
+
+    /// Whether `key` is in the window (without touching its recency). Expired keys that have not
+    /// been swept yet are not reported.
+    pub(crate) fn contains(&self, key: &K, now: u32) -> bool {
+        each!(self, c => c.contains(key, now))
+    }
+
+    /// Forgets `key`; returns whether it was there.
+    pub(crate) fn remove(&mut self, key: &K) -> bool {
+        each!(self, c => c.remove(key))
+    }
+
+    /// Forgets every key.
+    pub(crate) fn clear(&mut self) {
+        each!(self, c => c.clear());
+    }
+
+    /// Removes every key whose ttl ran out by `now`; returns how many.
+    pub(crate) fn expire(&mut self, now: u32) -> u32 {
+        each!(self, c => c.expire(now))
+    }
+
+    /// Subtracts `shift` from every stamp (saturating): the caller moved its epoch forward.
+    pub(crate) fn rebase(&mut self, shift: u32) {
+        each!(self, c => c.rebase(shift));
+    }
+
+    #[cfg(test)]
+    fn check(&self) {
+        each!(self, c => c.check());
+    }
+}
+
+/// The window over records of type `M`.
+pub(crate) struct Core<K, M> {
+    keys: Vec<K>,
+    metas: Vec<M>,
+    by_recency: List,
+    /// Arrival order; stays empty unless the records have arrival links.
+    by_arrival: List,
+    table: HashTable<u32>,
+    /// The bucket of the least recently seen key's entry, found ahead of its eviction.
+    victim: VictimHint,
+    /// The same for the key after it, one eviction ahead.
+    next_victim: VictimHint,
+    hasher: foldhash::fast::RandomState,
+    /// Head of the free-slot list, threaded through the recency links' `next`.
+    free: u32,
+    len: u32,
+    max: u32,
+    /// The ttl in time units (unused without one).
+    ttl: u32,
+}
+
+impl<K: Hash + Eq, M: Meta> Core<K, M> {
+    fn new(max: u32, ttl: u32) -> Self {
+        debug_assert!(max > 0 && max < NIL);
+        Core {
+            keys: Vec::new(),
+            metas: Vec::new(),
+            by_recency: List::EMPTY,
+            by_arrival: List::EMPTY,
+            table: HashTable::new(),
+            victim: NO_HINT,
+            next_victim: NO_HINT,
+            hasher: foldhash::fast::RandomState::default(),
+            free: NIL,
+            len: 0,
+            max,
+            ttl,
+        }
+    }
+
+    #[inline]
+    fn observe(&mut self, key: K, now: u32) -> Observed {
         let expired = self.expire(now);
         let hash = self.hasher.hash_one(&key);
         let keys = &self.keys;
         if let Some(&i) = self.table.find(hash, |&i| keys[i as usize] == key) {
-            self.by_recency.move_to_back(&mut self.recency, i);
-            if self.refresh && self.ttl.is_some() {
-                self.stamps[i as usize] = now;
+            self.by_recency.move_to_back(&mut self.metas, ByRecency, i);
+            if M::REFRESH {
+                self.metas[i as usize].set_stamp(now);
             }
             self.aim_at_victim();
             return Observed {
@@ -186,9 +413,7 @@ impl<K: Hash + Eq> Lru<K> {
         }
     }
 
-    /// Whether `key` is in the window (without touching its recency). Expired keys that have not
-    /// been swept yet are not reported.
-    pub(crate) fn contains(&self, key: &K, now: u32) -> bool {
+    fn contains(&self, key: &K, now: u32) -> bool {
         let hash = self.hasher.hash_one(key);
         match self.table.find(hash, |&i| self.keys[i as usize] == *key) {
             Some(&i) => !self.is_expired(i, now),
@@ -196,8 +421,7 @@ impl<K: Hash + Eq> Lru<K> {
         }
     }
 
-    /// Forgets `key`; returns whether it was there.
-    pub(crate) fn remove(&mut self, key: &K) -> bool {
+    fn remove(&mut self, key: &K) -> bool {
         let hash = self.hasher.hash_one(key);
         let keys = &self.keys;
         match self.table.find_entry(hash, |&i| keys[i as usize] == *key) {
@@ -210,32 +434,30 @@ impl<K: Hash + Eq> Lru<K> {
         }
     }
 
-    /// Forgets every key.
-    pub(crate) fn clear(&mut self) {
+    fn clear(&mut self) {
         self.keys.clear();
-        self.recency.clear();
-        self.arrival.clear();
-        self.stamps.clear();
+        self.metas.clear();
         self.table.clear();
         self.by_recency = List::EMPTY;
         self.by_arrival = List::EMPTY;
         self.free = NIL;
         self.len = 0;
         self.victim = NO_HINT;
+        self.next_victim = NO_HINT;
     }
 
-    /// Removes every key whose ttl ran out by `now`; returns how many.
     #[inline]
-    pub(crate) fn expire(&mut self, now: u32) -> u32 {
-        if self.ttl.is_none() {
+    fn expire(&mut self, now: u32) -> u32 {
+        if !M::TTL {
             return 0;
         }
         let mut expired = 0;
         loop {
-            let front = if self.track_arrival {
-                self.by_arrival.front
-            } else {
+            // With refresh the LRU order is the expiry order; otherwise arrival order is.
+            let front = if M::REFRESH {
                 self.by_recency.front
+            } else {
+                self.by_arrival.front
             };
             if front == NIL || !self.is_expired(front, now) {
                 return expired;
@@ -245,57 +467,50 @@ impl<K: Hash + Eq> Lru<K> {
         }
     }
 
-    /// Subtracts `shift` from every stamp (saturating): the caller moved its epoch forward.
-    pub(crate) fn rebase(&mut self, shift: u32) {
-        for s in &mut self.stamps {
-            *s = s.saturating_sub(shift);
+    fn rebase(&mut self, shift: u32) {
+        if M::TTL {
+            for m in &mut self.metas {
+                m.set_stamp(m.stamp().saturating_sub(shift));
+            }
         }
     }
 
+    #[inline]
     fn is_expired(&self, i: u32, now: u32) -> bool {
-        match self.ttl {
-            Some(ttl) => now.saturating_sub(self.stamps[i as usize]) >= ttl,
-            None => false,
-        }
+        M::TTL && now.saturating_sub(self.metas[i as usize].stamp()) >= self.ttl
+    }
+
+    /// Links slot `i` in as the newest of both lists.
+    #[inline]
+    fn link_newest(&mut self, i: u32) {
+        self.by_recency.push_back(&mut self.metas, ByRecency, i);
+        self.by_arrival.push_back(&mut self.metas, ByArrival, i);
     }
 
     /// Inserts a key known to be absent; returns whether a key was evicted for it.
     fn insert_new(&mut self, key: K, hash: u64, now: u32) -> bool {
         let (i, evicted) = if self.free != NIL {
             let i = self.free;
-            self.free = self.recency[i as usize].next;
+            self.free = self.metas[i as usize].recency().next;
             self.keys[i as usize] = key;
-            if self.ttl.is_some() {
-                self.stamps[i as usize] = now;
-            }
+            self.metas[i as usize] = M::fresh(now);
             (i, false)
         } else if self.keys.len() < self.max as usize {
             self.grow_slots();
             let i = self.keys.len() as u32;
             self.keys.push(key);
-            self.recency.push(UNLINKED);
-            if self.track_arrival {
-                self.arrival.push(UNLINKED);
-            }
-            if self.ttl.is_some() {
-                self.stamps.push(now);
-            }
+            self.metas.push(M::fresh(now));
             (i, false)
         } else {
             // Full: the least recently seen key makes room; its slot takes the new key.
             let i = self.by_recency.front;
             self.evict(i);
-            self.free = self.recency[i as usize].next;
+            self.free = self.metas[i as usize].recency().next;
             self.keys[i as usize] = key;
-            if self.ttl.is_some() {
-                self.stamps[i as usize] = now;
-            }
+            self.metas[i as usize] = M::fresh(now);
             (i, true)
         };
-        self.by_recency.push_back(&mut self.recency, i);
-        if self.track_arrival {
-            self.by_arrival.push_back(&mut self.arrival, i);
-        }
+        self.link_newest(i);
         if self.table.len() == self.table.capacity() {
             self.grow_table();
         }
@@ -306,20 +521,54 @@ impl<K: Hash + Eq> Lru<K> {
         evicted
     }
 
-    /// In a full window, finds the bucket of the least recently seen key's table entry unless
-    /// the hint already names it. Reads only the control bytes: the slot index stored at the
-    /// bucket is checked when the hint is used.
+    /// In a full window, makes sure the hint names the least recently seen key, and starts
+    /// fetching what the next evictions will read.
+    ///
+    /// The evictions are software-pipelined: the key and record of the third victim in line are
+    /// prefetched; the second one's key, by then in cache, is hashed, its control group read and
+    /// the slot index at the matching bucket prefetched; when it becomes the next victim that
+    /// guess is ready, and its eviction checks the index (another key can share the control
+    /// byte) without waiting on memory. Prefetches are hints that never fault.
     #[inline]
     fn aim_at_victim(&mut self) {
+        if self.len != self.max {
+            return;
+        }
         let front = self.by_recency.front;
-        if self.len == self.max && self.victim.slot != front {
-            let hash = self.hasher.hash_one(&self.keys[front as usize]);
-            if let Some(bucket) = self.table.iter_hash_buckets(hash).next() {
-                self.victim = VictimHint {
-                    slot: front,
-                    bucket,
-                };
+        if self.victim.slot != front {
+            self.victim = if self.next_victim.slot == front {
+                self.next_victim
+            } else {
+                self.hint(front)
+            };
+        }
+        let second = self.metas[front as usize].newer();
+        if second != NIL && self.next_victim.slot != second {
+            self.next_victim = self.hint(second);
+            let third = self.metas[second as usize].newer();
+            if let (Some(key), Some(meta)) = (
+                self.keys.get(third as usize),
+                self.metas.get(third as usize),
+            ) {
+                prefetch(key);
+                prefetch(meta);
             }
+        }
+    }
+
+    /// The first bucket of slot `i`'s probe sequence with a matching control byte, its slot
+    /// index prefetched.
+    #[inline]
+    fn hint(&self, i: u32) -> VictimHint {
+        let hash = self.hasher.hash_one(&self.keys[i as usize]);
+        match self.table.iter_hash_buckets(hash).next() {
+            Some(bucket) => {
+                if let Some(index) = self.table.get_bucket(bucket) {
+                    prefetch(index);
+                }
+                VictimHint { slot: i, bucket }
+            }
+            None => NO_HINT,
         }
     }
 
@@ -352,11 +601,12 @@ impl<K: Hash + Eq> Lru<K> {
         if self.victim.slot == i {
             self.victim = NO_HINT;
         }
-        self.by_recency.unlink(&mut self.recency, i);
-        if self.track_arrival {
-            self.by_arrival.unlink(&mut self.arrival, i);
+        if self.next_victim.slot == i {
+            self.next_victim = NO_HINT;
         }
-        self.recency[i as usize] = Link {
+        self.by_recency.unlink(&mut self.metas, ByRecency, i);
+        self.by_arrival.unlink(&mut self.metas, ByArrival, i);
+        *self.metas[i as usize].recency() = Link {
             prev: NIL,
             next: self.free,
         };
@@ -373,13 +623,7 @@ impl<K: Hash + Eq> Lru<K> {
         let target = (len * 2).max(16).min(self.max as usize);
         let extra = target - len;
         self.keys.reserve_exact(extra);
-        self.recency.reserve_exact(extra);
-        if self.track_arrival {
-            self.arrival.reserve_exact(extra);
-        }
-        if self.ttl.is_some() {
-            self.stamps.reserve_exact(extra);
-        }
+        self.metas.reserve_exact(extra);
     }
 
     /// Rebuilds the table with room to spare, never beyond what `max` keys need. hashbrown
@@ -398,33 +642,67 @@ impl<K: Hash + Eq> Lru<K> {
         }
         self.table = table;
         self.victim = NO_HINT; // every entry moved
+        self.next_victim = NO_HINT;
     }
 
     /// Checks every invariant; for tests.
     #[cfg(test)]
     fn check(&self) {
-        let mut seen = 0;
-        let mut i = self.by_recency.front;
-        let mut prev = NIL;
-        while i != NIL {
-            assert_eq!(self.recency[i as usize].prev, prev);
-            let hash = self.hasher.hash_one(&self.keys[i as usize]);
-            assert_eq!(self.table.find(hash, |&j| j == i), Some(&i));
-            prev = i;
-            i = self.recency[i as usize].next;
-            seen += 1;
+        let mut metas = self.metas.clone();
+        for field in [0, 1] {
+            let (list, enabled) = if field == 0 {
+                (self.by_recency, true)
+            } else {
+                (self.by_arrival, M::TTL && !M::REFRESH)
+            };
+            if !enabled {
+                assert_eq!((list.front, list.back), (NIL, NIL));
+                continue;
+            }
+            let link = |metas: &mut [M], i: u32| -> Link {
+                if field == 0 {
+                    *metas[i as usize].recency()
+                } else {
+                    *metas[i as usize].arrival().expect("arrival links")
+                }
+            };
+            let mut seen = 0;
+            let mut i = list.front;
+            let mut prev = NIL;
+            let mut last_stamp = 0;
+            while i != NIL {
+                assert_eq!(link(&mut metas, i).prev, prev);
+                let hash = self.hasher.hash_one(&self.keys[i as usize]);
+                assert_eq!(self.table.find(hash, |&j| j == i), Some(&i));
+                if field == 1 {
+                    // Arrival order is stamp order.
+                    assert!(metas[i as usize].stamp() >= last_stamp);
+                    last_stamp = metas[i as usize].stamp();
+                }
+                prev = i;
+                i = link(&mut metas, i).next;
+                seen += 1;
+            }
+            assert_eq!(list.back, prev);
+            assert_eq!(seen, self.len);
         }
-        assert_eq!(self.by_recency.back, prev);
-        assert_eq!(seen, self.len);
         assert_eq!(self.table.len(), self.len as usize);
         assert!(self.len <= self.max);
         assert!(self.keys.capacity() <= self.max as usize);
+        assert!(self.metas.capacity() <= self.max as usize);
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn records_stay_small() {
+        assert_eq!(size_of::<Plain>(), 8);
+        assert_eq!(size_of::<Refreshed>(), 12);
+        assert_eq!(size_of::<Timed>(), 20);
+    }
 
     #[test]
     fn evicts_least_recently_seen() {
@@ -461,24 +739,26 @@ mod tests {
 
     #[test]
     fn remove_and_reuse_slots() {
-        let mut w = Lru::new(3, Some(100), false);
-        for k in 0..3u64 {
-            w.observe(k, 0);
+        for refresh in [false, true] {
+            let mut w = Lru::new(3, Some(100), refresh);
+            for k in 0..3u64 {
+                w.observe(k, 0);
+            }
+            assert!(w.remove(&1));
+            assert!(!w.remove(&1));
+            assert_eq!(w.len(), 2);
+            assert!(!w.observe(7, 1).evicted);
+            assert!(w.contains(&7, 1) && !w.contains(&1, 1));
+            w.check();
+            w.clear();
+            assert_eq!(w.len(), 0);
+            w.check();
         }
-        assert!(w.remove(&1));
-        assert!(!w.remove(&1));
-        assert_eq!(w.len(), 2);
-        assert!(!w.observe(7, 1).evicted);
-        assert!(w.contains(&7, 1) && !w.contains(&1, 1));
-        w.check();
-        w.clear();
-        assert_eq!(w.len(), 0);
-        w.check();
     }
 
     #[test]
     fn eviction_through_stale_and_fresh_victim_hints() {
-        let mut w = Lru::new(64, None, false);
+        let mut w = Core::<u64, Plain>::new(64, 0);
         let mut model = std::collections::VecDeque::new(); // least recently seen first
         let mut x = 1u64;
         for step in 0..20_000u64 {
@@ -509,26 +789,37 @@ mod tests {
                 let mut i = w.by_recency.front;
                 for &m in &model {
                     assert_eq!(w.keys[i as usize], m);
-                    i = w.recency[i as usize].next;
+                    i = w.metas[i as usize].recency().next;
                 }
             }
         }
         w.check();
-        // In a full window the hint names the next victim, at the bucket of its entry.
+        // In a full window the hint names the next victim, at a bucket of its probe sequence
+        // (its entry's, unless another key shares the control byte: then the full lookup).
         w.observe(1_000, 0);
-        assert_eq!(w.len(), 64);
+        assert_eq!(w.len, 64);
         let front = w.by_recency.front;
         assert_eq!(w.victim.slot, front);
-        assert_eq!(w.table.get_bucket(w.victim.bucket), Some(&front));
+        let hash = w.hasher.hash_one(w.keys[front as usize]);
+        assert!(
+            w.table
+                .iter_hash_buckets(hash)
+                .any(|b| b == w.victim.bucket)
+        );
     }
 
     #[test]
     fn churn_keeps_invariants_and_capacity() {
-        let mut w = Lru::new(1000, Some(500), false);
-        for t in 0..100_000u64 {
-            w.observe(t % 1777, (t / 7) as u32);
+        for (ttl, refresh) in [(None, false), (Some(500), false), (Some(500), true)] {
+            let mut w = Lru::new(1000, ttl, refresh);
+            for t in 0..100_000u64 {
+                w.observe(t % 1777, (t / 7) as u32);
+                if t % 10_000 == 0 {
+                    w.check();
+                }
+            }
+            w.check();
+            assert!(w.len() <= 1000);
         }
-        w.check();
-        assert!(w.keys.capacity() <= 1000);
     }
 }

@@ -84,8 +84,13 @@ impl Window {
     /// A duplicate does not extend the ttl unless [`refresh_on_hit`](Window::refresh_on_hit)
     /// is set. A key that arrives after its ttl ran out is accepted again and starts a new ttl.
     ///
-    /// Time is read from [`tokio::time::Instant`], once per poll of the stream, so
-    /// `tokio::time::pause` drives it in tests. Its resolution is one millisecond for ttls up
+    /// Time is read from [`tokio::time::Instant`], so `tokio::time::pause` drives it in tests.
+    /// A stream operator reads it for every item, except while items come in less than ~100 µs
+    /// apart: then a reading serves a run of up to 64 items, so an item's time may lag by about
+    /// that much, and the run ends as soon as the inner stream has to wait. A clock that did not
+    /// move between two readings (a paused tokio clock) is read for every item, so a test that
+    /// pauses time and advances it between items sees each step. Its
+    /// resolution is one millisecond for ttls up
     /// to about 12 days, and `ttl / 2^30` beyond that. Keys that ran out are dropped (and
     /// counted as expired) the next time the window is used.
     ///
@@ -198,6 +203,8 @@ struct Clock {
     epoch: Instant,
     unit_ms: u64,
     last: u32,
+    /// The reading that gave `last`: operators hand the same reading to a run of items.
+    last_read: Option<Instant>,
 }
 
 /// Stamps are rebased when time passes this many units since the epoch...
@@ -216,6 +223,7 @@ impl Clock {
             epoch: Instant::now(),
             unit_ms,
             last: 0,
+            last_read: None,
         };
         (clock, ttl_units)
     }
@@ -223,6 +231,10 @@ impl Clock {
     /// `now` in units, and the shift to apply to the stamps (0 if none).
     #[inline]
     fn units(&mut self, now: Instant) -> (u32, u32) {
+        if self.last_read == Some(now) {
+            return (self.last, 0);
+        }
+        self.last_read = Some(now);
         let elapsed = now.saturating_duration_since(self.epoch);
         let ms = elapsed
             .as_secs()
@@ -472,6 +484,60 @@ impl<K> fmt::Debug for SharedWindow<K> {
     }
 }
 
+/// How an operator reads the window's clock (only with a ttl): for every item, except while
+/// items keep coming faster than [`Ticker::FAST`] apart, when a reading is reused for a run of
+/// up to [`Ticker::MAX_RUN`] items.
+///
+/// A clock read costs more than its own ~20 ns: it orders the CPU's memory reads around it, so
+/// the cache misses of consecutive window updates cannot overlap. Reusing a reading over a run
+/// removes most of that cost from a busy stream, and the error stays what the rate allows: a run
+/// is only allowed after the previous one took under `FAST`, so an item's time lags by about
+/// that much. The run ends early whenever the inner stream has to wait (time may pass while
+/// nothing is ready). Two equal readings (a paused tokio clock) always mean one read per item:
+/// a test that moves a paused clock between items sees every move.
+#[derive(Clone, Copy, Debug, Default)]
+pub(crate) struct Ticker {
+    last: Option<Instant>,
+    /// Items that may still use `last`.
+    left: u8,
+    /// The length of the current run.
+    run: u8,
+}
+
+impl Ticker {
+    /// Readings closer together than this let the next one be reused.
+    const FAST: Duration = Duration::from_micros(100);
+    /// The longest run of items on one reading.
+    const MAX_RUN: u8 = 63;
+
+    /// The time for the next item: `None` without a ttl.
+    #[inline]
+    pub(crate) fn now<K: Hash + Eq>(&mut self, window: &Handle<K>) -> Option<Instant> {
+        if self.left > 0 {
+            self.left -= 1;
+            return self.last;
+        }
+        let now = window.now()?;
+        self.run = match self.last {
+            Some(prev) if now > prev && now - prev < Self::FAST => self
+                .run
+                .saturating_mul(2)
+                .saturating_add(1)
+                .min(Self::MAX_RUN),
+            _ => 0,
+        };
+        self.left = self.run;
+        self.last = Some(now);
+        Some(now)
+    }
+
+    /// The inner stream had to wait (or the task yielded): read the clock for the next item.
+    #[inline]
+    pub(crate) fn waited(&mut self) {
+        self.left = 0;
+    }
+}
+
 /// Where an operator keeps its keys: a window of its own, or a shared one.
 #[doc(hidden)]
 #[allow(
@@ -713,5 +779,76 @@ mod tests {
         let (clock, ttl) = Clock::new(Duration::from_secs(365 * 24 * 3600));
         assert!(clock.unit_ms > 1);
         assert!(ttl <= REBASE_BY);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn ticker_reads_a_still_clock_for_every_item() {
+        let window = Handle::Local(
+            Window::max_keys(10)
+                .ttl(Duration::from_secs(1))
+                .build::<u64>(),
+        );
+        let mut ticker = Ticker::default();
+        let t0 = ticker.now(&window).expect("a ttl reads the clock");
+        for _ in 0..200 {
+            // Equal readings never start a run...
+            assert_eq!(ticker.now(&window), Some(t0));
+        }
+        // ...so a step of the paused clock is seen by the very next item.
+        tokio::time::advance(Duration::from_secs(5)).await;
+        assert_eq!(ticker.now(&window), Some(t0 + Duration::from_secs(5)));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn ticker_reuses_readings_only_while_items_come_fast() {
+        let window = Handle::Local(
+            Window::max_keys(10)
+                .ttl(Duration::from_secs(1))
+                .build::<u64>(),
+        );
+        let mut ticker = Ticker::default();
+        let step = Duration::from_micros(1);
+        let mut reads = 0;
+        let mut last = None;
+        for _ in 0..1_000 {
+            tokio::time::advance(step).await;
+            let now = ticker.now(&window);
+            if now != last {
+                reads += 1;
+                last = now;
+            }
+        }
+        // Runs double up to 64 items a reading: 1 + 2 + 4 + ... then 64 at a time.
+        assert!(
+            (16..=25).contains(&reads),
+            "{reads} readings for 1,000 fast items"
+        );
+        // The lag is bounded by one run of fast items.
+        let lag = tokio::time::Instant::now() - last.expect("read");
+        assert!(lag < step * u32::from(Ticker::MAX_RUN + 1), "{lag:?}");
+
+        // A slow pair of readings ends the runs: every item reads again.
+        tokio::time::advance(Ticker::FAST).await;
+        ticker.waited();
+        ticker.now(&window);
+        for _ in 0..10 {
+            tokio::time::advance(Ticker::FAST).await;
+            assert_eq!(ticker.now(&window), Some(tokio::time::Instant::now()));
+        }
+
+        // A wait of the inner stream ends a run at once.
+        for _ in 0..100 {
+            tokio::time::advance(step).await;
+            ticker.now(&window);
+        }
+        tokio::time::advance(Duration::from_secs(2)).await;
+        ticker.waited();
+        assert_eq!(ticker.now(&window), Some(tokio::time::Instant::now()));
+    }
+
+    #[test]
+    fn ticker_never_reads_without_a_ttl() {
+        let window = Handle::Local(Window::max_keys(10).build::<u64>());
+        assert_eq!(Ticker::default().now(&window), None);
     }
 }
