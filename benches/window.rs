@@ -277,7 +277,11 @@ fn uuid_4m(c: &mut Criterion) {
     group.bench_function("hashbrown_unbounded_string", |b| {
         b.iter(|| {
             let mut set = hashbrown::HashSet::<String>::new();
-            check(items().filter(|s| !set.contains(*s) && set.insert(s.to_string())).count())
+            check(
+                items()
+                    .filter(|s| !set.contains(*s) && set.insert(s.to_string()))
+                    .count(),
+            )
         });
     });
     group.finish();
