@@ -3,12 +3,16 @@ use std::fmt;
 use std::io;
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock, PoisonError, Weak};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use fjall::{Database, Keyspace, KeyspaceCreateOptions, PersistMode};
 
-use super::{BoxError, InsertBatch, Inserted, Store, StoreError, StoreFuture};
+use super::{
+    BoxError, ClaimBatch, ClaimStore, Claimed, HeldKey, InsertBatch, Inserted, Store, StoreError,
+    StoreFuture,
+};
 
 /// A store in a local directory that survives restarts: one process's keys, on disk, with a
 /// durable commit per batch.
@@ -201,11 +205,7 @@ impl Store for EmbeddedStore {
         if batch.keys.is_empty() {
             return Box::pin(std::future::ready(Ok(Vec::new())));
         }
-        if let Some(key) = batch.keys.iter().find(|k| k.len() > Self::MAX_KEY_LEN) {
-            let err = StoreError::KeyTooLong {
-                len: key.len(),
-                max: Self::MAX_KEY_LEN,
-            };
+        if let Some(err) = too_long(batch.keys.iter()) {
             return Box::pin(std::future::ready(Err(err)));
         }
         self.run("insert keys", move |ns| ns.insert(&batch))
@@ -222,6 +222,55 @@ impl Store for EmbeddedStore {
         }
         self.run("remove keys", move |ns| ns.remove(&keys))
     }
+
+    fn as_claim_store(&self) -> Option<&dyn ClaimStore> {
+        Some(self)
+    }
+}
+
+/// Claims, with the same buckets and the same durable commit per call as
+/// [`insert`](Store::insert); see [Claims](EmbeddedStore#claims).
+impl ClaimStore for EmbeddedStore {
+    fn claim(&self, batch: ClaimBatch) -> StoreFuture<Vec<Claimed>> {
+        if batch.keys.is_empty() {
+            return Box::pin(std::future::ready(Ok(Vec::new())));
+        }
+        if let Some(err) = too_long(batch.keys.iter()) {
+            return Box::pin(std::future::ready(Err(err)));
+        }
+        self.run("claim keys", move |ns| ns.claim(&batch))
+    }
+
+    fn commit(&self, keys: Vec<HeldKey>, ttl: Duration) -> StoreFuture<Vec<bool>> {
+        if keys.is_empty() {
+            return Box::pin(std::future::ready(Ok(Vec::new())));
+        }
+        if let Some(err) = too_long(keys.iter().map(|(k, _)| k)) {
+            return Box::pin(std::future::ready(Err(err)));
+        }
+        self.run("commit claims", move |ns| ns.commit(&keys, ttl))
+    }
+
+    fn release(&self, keys: Vec<HeldKey>) -> StoreFuture<()> {
+        // A key too long to be stored was never claimed here: nothing to free.
+        let keys: Vec<_> = keys
+            .into_iter()
+            .filter(|(k, _)| k.len() <= Self::MAX_KEY_LEN)
+            .collect();
+        if keys.is_empty() {
+            return Box::pin(std::future::ready(Ok(())));
+        }
+        self.run("release claims", move |ns| ns.release(&keys))
+    }
+}
+
+/// [`StoreError::KeyTooLong`] for the first key longer than [`EmbeddedStore::MAX_KEY_LEN`].
+fn too_long<'a>(mut keys: impl Iterator<Item = &'a Vec<u8>>) -> Option<StoreError> {
+    keys.find(|k| k.len() > EmbeddedStore::MAX_KEY_LEN)
+        .map(|key| StoreError::KeyTooLong {
+            len: key.len(),
+            max: EmbeddedStore::MAX_KEY_LEN,
+        })
 }
 
 // ---- Format ----
@@ -229,14 +278,23 @@ impl Store for EmbeddedStore {
 /// The keyspace that marks a directory as this crate's store.
 const MARKER_KEYSPACE: &str = "stream-dedup";
 const MARKER_KEY: &[u8] = b"format";
-/// Changes whenever the format below changes.
-const FORMAT: &[u8] = b"stream-dedup embedded 1";
+/// The marker of a store whose records are all done (24-byte values): every store that never
+/// held a claim in flight, and every store written before claims existed.
+const FORMAT_1: &[u8] = b"stream-dedup embedded 1";
+/// The marker of a store that may hold records in flight (25-byte values). Written with the
+/// first claim, so that a version of this crate that knows only format 1 refuses the store at
+/// open instead of failing on a record it cannot read. Changes whenever the format changes.
+const FORMAT_2: &[u8] = b"stream-dedup embedded 2";
 /// Bucket keyspaces are named `{BUCKET_PREFIX}{namespace}#{exp}#{index}`.
 const BUCKET_PREFIX: &str = "dedup#";
 /// The byte before each key (fjall refuses empty keys; it leaves room for other records).
 const KEY_TAG: u8 = 0;
-/// Token (16 bytes) + expiry in ms (8 bytes).
-const VALUE_LEN: usize = 24;
+/// A done record: token (16 bytes) + expiry in ms (8 bytes).
+const DONE_LEN: usize = 24;
+/// A record in flight: [`IN_FLIGHT_TAG`] + token (16 bytes) + end of the lease in ms (8 bytes).
+const IN_FLIGHT_LEN: usize = 1 + DONE_LEN;
+/// The first byte of a record in flight (`c`, as `RedisStore` marks its claims).
+const IN_FLIGHT_TAG: u8 = b'c';
 const MAX_NAMESPACE_LEN: usize = 128;
 /// The narrowest bucket: 2^10 ms = 1.024 s.
 const MIN_BUCKET_EXP: u32 = 10;
@@ -250,18 +308,59 @@ fn stored_key(key: &[u8]) -> Vec<u8> {
     out
 }
 
-fn encode_value(token: u128, expires_ms: u64) -> [u8; VALUE_LEN] {
-    let mut out = [0; VALUE_LEN];
-    out[..16].copy_from_slice(&token.to_be_bytes());
-    out[16..].copy_from_slice(&expires_ms.to_be_bytes());
-    out
+/// What a key's record says: done or in flight, by which token, until when.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Record {
+    /// In flight (claimed, not yet committed); otherwise done.
+    in_flight: bool,
+    token: u128,
+    /// The end of the ttl (done) or of the lease (in flight), in ms since the Unix epoch.
+    expires_ms: u64,
 }
 
-/// `(token, expires_ms)`, or `None` for a value this crate did not write.
-fn decode_value(value: &[u8]) -> Option<(u128, u64)> {
-    let token = u128::from_be_bytes(value.get(..16)?.try_into().ok()?);
-    let expires = u64::from_be_bytes(value.get(16..VALUE_LEN)?.try_into().ok()?);
-    (value.len() == VALUE_LEN).then_some((token, expires))
+impl Record {
+    fn done(token: u128, expires_ms: u64) -> Record {
+        Record {
+            in_flight: false,
+            token,
+            expires_ms,
+        }
+    }
+
+    fn in_flight(token: u128, expires_ms: u64) -> Record {
+        Record {
+            in_flight: true,
+            token,
+            expires_ms,
+        }
+    }
+
+    /// 24 bytes (done, the format of every version) or 25 (in flight).
+    fn encode(self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(IN_FLIGHT_LEN);
+        if self.in_flight {
+            out.push(IN_FLIGHT_TAG);
+        }
+        out.extend_from_slice(&self.token.to_be_bytes());
+        out.extend_from_slice(&self.expires_ms.to_be_bytes());
+        out
+    }
+
+    /// The record, or `None` for a value this crate did not write.
+    fn decode(value: &[u8]) -> Option<Record> {
+        let (in_flight, rest) = match value.len() {
+            DONE_LEN => (false, value),
+            IN_FLIGHT_LEN if value.first() == Some(&IN_FLIGHT_TAG) => (true, value.get(1..)?),
+            _ => return None,
+        };
+        let token = u128::from_be_bytes(rest.get(..16)?.try_into().ok()?);
+        let expires_ms = u64::from_be_bytes(rest.get(16..DONE_LEN)?.try_into().ok()?);
+        Some(Record {
+            in_flight,
+            token,
+            expires_ms,
+        })
+    }
 }
 
 /// One bucket: the keys whose expiry time lies in `[index << exp, (index + 1) << exp)` ms.
@@ -272,9 +371,24 @@ struct BucketId {
 }
 
 impl BucketId {
+    /// The bucket of a done key: about an eighth of its ttl wide.
     fn for_key(expires_ms: u64, ttl_ms: u64) -> BucketId {
-        let width = ttl_ms / BUCKETS_PER_TTL;
-        let exp = width.checked_ilog2().unwrap_or(0).clamp(MIN_BUCKET_EXP, 62);
+        BucketId::of_width(expires_ms, ttl_ms / BUCKETS_PER_TTL)
+    }
+
+    /// The bucket of a key in flight: about one lease wide, so that the short-lived leases
+    /// keep two or three buckets live, not a dozen more for every lookup to ask.
+    fn for_lease(expires_ms: u64, lease_ms: u64) -> BucketId {
+        BucketId::of_width(expires_ms, lease_ms)
+    }
+
+    /// The bucket of `expires_ms` among buckets `width_ms` wide, rounded down to a power of two
+    /// (at least 2^[`MIN_BUCKET_EXP`] ms).
+    fn of_width(expires_ms: u64, width_ms: u64) -> BucketId {
+        let exp = width_ms
+            .checked_ilog2()
+            .unwrap_or(0)
+            .clamp(MIN_BUCKET_EXP, 62);
         BucketId {
             exp,
             index: expires_ms >> exp,
@@ -452,6 +566,8 @@ struct Db {
     /// `Some` until dropped.
     db: Option<Database>,
     namespaces: Mutex<HashMap<String, Weak<Namespace>>>,
+    /// Whether the marker says [`FORMAT_2`] (records in flight may be written).
+    claims_format: AtomicBool,
 }
 
 impl Db {
@@ -468,10 +584,12 @@ impl Db {
                     std::thread::sleep(Duration::from_millis(1));
                 }
                 None => {
+                    let (database, format) = open_database(&path)?;
                     let db = Arc::new(Db {
-                        db: Some(open_database(&path)?),
+                        db: Some(database),
                         path: path.clone(),
                         namespaces: Mutex::default(),
+                        claims_format: AtomicBool::new(format == FORMAT_2),
                     });
                     open.insert(path, Arc::downgrade(&db));
                     return Ok(db);
@@ -541,9 +659,11 @@ fn prepare_dir(path: &Path) -> Result<PathBuf, StoreError> {
     std::fs::canonicalize(path).map_err(|e| unavailable(io_err("resolve", e)))
 }
 
-/// Opens fjall at `path` and checks (or writes) this crate's format marker.
-fn open_database(path: &Path) -> Result<Database, StoreError> {
-    let opened = catch_unwind(AssertUnwindSafe(|| -> Result<Database, StoreError> {
+/// Opens fjall at `path` and checks (or writes) this crate's format marker; returns the
+/// database and its format ([`FORMAT_1`] or [`FORMAT_2`]).
+fn open_database(path: &Path) -> Result<(Database, &'static [u8]), StoreError> {
+    type Opened = Result<(Database, &'static [u8]), StoreError>;
+    let opened = catch_unwind(AssertUnwindSafe(|| -> Opened {
         let db = Database::builder(path)
             .open()
             .map_err(|e| fjall_error("open the store", path, e))?;
@@ -552,8 +672,9 @@ fn open_database(path: &Path) -> Result<Database, StoreError> {
             let marker = db
                 .keyspace(MARKER_KEYSPACE, KeyspaceCreateOptions::default)
                 .map_err(fail)?;
-            match marker.get(MARKER_KEY).map_err(fail)? {
-                Some(found) if *found == *FORMAT => {}
+            let format = match marker.get(MARKER_KEY).map_err(fail)? {
+                Some(found) if *found == *FORMAT_1 => FORMAT_1,
+                Some(found) if *found == *FORMAT_2 => FORMAT_2,
                 Some(found) => {
                     return Err(corrupt(OpenError::Format {
                         path: path.to_owned(),
@@ -561,17 +682,19 @@ fn open_database(path: &Path) -> Result<Database, StoreError> {
                     }));
                 }
                 None => return Err(corrupt(OpenError::LostMarker(path.to_owned()))),
-            }
+            };
+            Ok((db, format))
         } else if db.keyspace_count() > 0 {
-            return Err(corrupt(OpenError::ForeignDatabase(path.to_owned())));
+            Err(corrupt(OpenError::ForeignDatabase(path.to_owned())))
         } else {
             let marker = db
                 .keyspace(MARKER_KEYSPACE, KeyspaceCreateOptions::default)
                 .map_err(fail)?;
-            marker.insert(MARKER_KEY, FORMAT).map_err(fail)?;
+            // A new store is written as format 1 until its first claim (see `FORMAT_2`).
+            marker.insert(MARKER_KEY, FORMAT_1).map_err(fail)?;
             db.persist(PersistMode::SyncAll).map_err(fail)?;
+            Ok((db, FORMAT_1))
         }
-        Ok(db)
     }));
     opened.unwrap_or_else(|panic| {
         Err(corrupt(OpenError::Panicked {
@@ -664,44 +787,103 @@ impl Namespace {
         Ok(())
     }
 
-    /// The token of `key`'s live record, if it has one.
+    /// `key`'s live record and the bucket that holds it, if it has one.
+    ///
+    /// A key has at most one live record: every call that writes one first finds none, or
+    /// replaces the one it found (in the same atomic batch). Older records of the key in other
+    /// buckets have expired: they are skipped here (a lease that ran out is free even before
+    /// its bucket is dropped) and go with their buckets.
     fn find(
         &self,
         buckets: &BTreeMap<BucketId, Keyspace>,
         key: &[u8],
         now: u64,
-    ) -> Result<Option<u128>, StoreError> {
+    ) -> Result<Option<(BucketId, Record)>, StoreError> {
         // Newest first: a repeat is most likely recent.
-        for bucket in buckets.values().rev() {
+        for (id, bucket) in buckets.iter().rev() {
             if let Some(value) = bucket.get(key).map_err(self.fail("look up keys"))? {
-                let (token, expires) =
-                    decode_value(&value).ok_or_else(|| corrupt(OpenError::Value(value.len())))?;
-                if expires > now {
-                    return Ok(Some(token));
+                let record =
+                    Record::decode(&value).ok_or_else(|| corrupt(OpenError::Value(value.len())))?;
+                if record.expires_ms > now {
+                    return Ok(Some((*id, record)));
                 }
             }
         }
         Ok(None)
     }
 
-    fn insert(&self, batch: &InsertBatch) -> Result<Vec<Inserted>, StoreError> {
-        let now = now_ms();
-        let ttl = ttl_ms(batch.ttl);
-        let expires = now.saturating_add(ttl);
-        let token = batch.token.as_u128();
-        let fail = self.fail("insert keys");
-        let db = self.db.get();
+    /// The bucket `id`, created if it is not live yet.
+    fn bucket(
+        &self,
+        buckets: &mut BTreeMap<BucketId, Keyspace>,
+        id: BucketId,
+        operation: &'static str,
+    ) -> Result<Keyspace, StoreError> {
+        if let Some(bucket) = buckets.get(&id) {
+            return Ok(bucket.clone());
+        }
+        let fail = self.fail(operation);
+        // The buckets written so far are (mostly) complete: move their keys from memory into
+        // tables, where fjall's bloom filters answer the lookups of absent keys.
+        seal(buckets.values()).map_err(&fail)?;
+        let bucket = self
+            .db
+            .get()
+            .keyspace(&id.name(&self.name), bucket_options)
+            .map_err(&fail)?;
+        buckets.insert(id, bucket.clone());
+        Ok(bucket)
+    }
 
+    /// Runs `f` with the live buckets under the namespace's lock (expired buckets dropped
+    /// first) and a write batch that it fills; commits the batch, releases the lock, and
+    /// answers once fjall's journal is synced to disk.
+    ///
+    /// The sync runs outside the lock, so the next call looks up while this one syncs. Every
+    /// answer waits for a sync that covers the writes it saw (see the type's docs): an answer
+    /// that found a key written by a call still syncing is given after this call's own sync,
+    /// which covers the other's write too (the journal is one sequential file).
+    fn write<T>(
+        &self,
+        operation: &'static str,
+        f: impl FnOnce(
+            &mut BTreeMap<BucketId, Keyspace>,
+            &mut fjall::OwnedWriteBatch,
+            u64,
+        ) -> Result<T, StoreError>,
+    ) -> Result<T, StoreError> {
+        let fail = self.fail(operation);
+        let db = self.db.get();
+        let now = now_ms();
         let answers = {
             let mut buckets = lock(&self.buckets);
             self.drop_expired(&mut buckets, now)?;
+            let mut write = db.batch().durability(None);
+            let answers = f(&mut buckets, &mut write, now)?;
+            if !write.is_empty() {
+                write.commit().map_err(&fail)?;
+            }
+            answers
+        };
+        db.persist(PersistMode::SyncAll).map_err(&fail)?;
+        Ok(answers)
+    }
+
+    fn insert(&self, batch: &InsertBatch) -> Result<Vec<Inserted>, StoreError> {
+        const OP: &str = "insert keys";
+        let ttl = ttl_ms(batch.ttl);
+        let token = batch.token.as_u128();
+        self.write(OP, |buckets, write, now| {
+            let expires = now.saturating_add(ttl);
             let mut answers = Vec::with_capacity(batch.keys.len());
             let mut new = Vec::new();
             for key in &batch.keys {
                 let key = stored_key(key);
-                answers.push(match self.find(&buckets, &key, now)? {
-                    Some(t) if t != token => Inserted::Present,
-                    Some(_) => Inserted::New,
+                answers.push(match self.find(buckets, &key, now)? {
+                    // Recorded by this very request (a retry). A key in flight is present,
+                    // whoever holds it.
+                    Some((_, r)) if !r.in_flight && r.token == token => Inserted::New,
+                    Some(_) => Inserted::Present,
                     None => {
                         new.push(key);
                         Inserted::New
@@ -709,42 +891,19 @@ impl Namespace {
                 });
             }
             if !new.is_empty() {
-                let id = BucketId::for_key(expires, ttl);
-                let bucket = match buckets.get(&id) {
-                    Some(b) => b.clone(),
-                    None => {
-                        // The buckets written so far are (mostly) complete: move their keys
-                        // from memory into tables, where fjall's bloom filters answer the
-                        // lookups of absent keys.
-                        seal(buckets.values()).map_err(&fail)?;
-                        let b = db
-                            .keyspace(&id.name(&self.name), bucket_options)
-                            .map_err(&fail)?;
-                        buckets.insert(id, b.clone());
-                        b
-                    }
-                };
-                let value = encode_value(token, expires);
-                let mut write = db.batch().durability(None);
+                let bucket = self.bucket(buckets, BucketId::for_key(expires, ttl), OP)?;
+                let value = Record::done(token, expires).encode();
                 for key in new {
-                    write.insert(&bucket, key, value);
+                    write.insert(&bucket, key, &value);
                 }
-                write.commit().map_err(&fail)?;
             }
-            answers
-        };
-        // Outside the lock: the next batch looks up while this one syncs. Every answer waits
-        // for a sync that covers the writes it saw (see the type's docs).
-        db.persist(PersistMode::SyncAll).map_err(&fail)?;
-        Ok(answers)
+            Ok(answers)
+        })
     }
 
     fn remove(&self, keys: &[Vec<u8>]) -> Result<(), StoreError> {
         let fail = self.fail("remove keys");
-        let db = self.db.get();
-        {
-            let buckets = lock(&self.buckets);
-            let mut write = db.batch().durability(None);
+        self.write("remove keys", |buckets, write, _| {
             for key in keys {
                 let key = stored_key(key);
                 for bucket in buckets.values() {
@@ -753,12 +912,116 @@ impl Namespace {
                     }
                 }
             }
-            if write.is_empty() {
-                return Ok(());
+            Ok(())
+        })
+    }
+
+    fn claim(&self, batch: &ClaimBatch) -> Result<Vec<Claimed>, StoreError> {
+        const OP: &str = "claim keys";
+        let lease = ttl_ms(batch.lease);
+        let token = batch.token.as_u128();
+        let mut marked = false;
+        let answers = self.write(OP, |buckets, write, now| {
+            let expires = now.saturating_add(lease);
+            let mut answers = Vec::with_capacity(batch.keys.len());
+            let mut new = Vec::new();
+            for key in &batch.keys {
+                let key = stored_key(key);
+                answers.push(match self.find(buckets, &key, now)? {
+                    Some((_, r)) if !r.in_flight => Claimed::Done,
+                    // Held by this very request (a retry); the lease is not extended.
+                    Some((_, r)) if r.token == token => Claimed::Mine,
+                    Some(_) => Claimed::InFlight,
+                    None => {
+                        new.push(key);
+                        Claimed::Mine
+                    }
+                });
             }
-            write.commit().map_err(&fail)?;
+            if !new.is_empty() {
+                if !self.db.claims_format.load(Ordering::Acquire) {
+                    // The first record in flight in this directory: mark it format 2, in the
+                    // same atomic batch.
+                    let marker = self
+                        .db
+                        .get()
+                        .keyspace(MARKER_KEYSPACE, KeyspaceCreateOptions::default)
+                        .map_err(self.fail(OP))?;
+                    write.insert(&marker, MARKER_KEY, FORMAT_2);
+                    marked = true;
+                }
+                let bucket = self.bucket(buckets, BucketId::for_lease(expires, lease), OP)?;
+                let value = Record::in_flight(token, expires).encode();
+                for key in new {
+                    write.insert(&bucket, key, &value);
+                }
+            }
+            Ok(answers)
+        })?;
+        if marked {
+            // The marker is durable now.
+            self.db.claims_format.store(true, Ordering::Release);
         }
-        db.persist(PersistMode::SyncAll).map_err(&fail)
+        Ok(answers)
+    }
+
+    fn commit(&self, held: &[HeldKey], ttl: Duration) -> Result<Vec<bool>, StoreError> {
+        const OP: &str = "commit claims";
+        let ttl = ttl_ms(ttl);
+        self.write(OP, |buckets, write, now| {
+            let expires = now.saturating_add(ttl);
+            let target = BucketId::for_key(expires, ttl);
+            let mut answers = Vec::with_capacity(held.len());
+            let mut done = Vec::new();
+            for (key, token) in held {
+                let key = stored_key(key);
+                let token = token.as_u128();
+                answers.push(match self.find(buckets, &key, now)? {
+                    // Another claim holds the key, or committed it: this one's lease ran out.
+                    Some((_, r)) if r.token != token => false,
+                    // Ours, in flight (or done by an earlier try of this commit): the record
+                    // moves to the bucket of its new expiry.
+                    Some((id, _)) => {
+                        match buckets.get(&id) {
+                            Some(bucket) if id != target => write.remove(bucket, key.clone()),
+                            _ => {}
+                        }
+                        done.push((key, token));
+                        true
+                    }
+                    // Free again (the lease ran out and nobody took the key): ours to commit.
+                    None => {
+                        done.push((key, token));
+                        true
+                    }
+                });
+            }
+            if !done.is_empty() {
+                let bucket = self.bucket(buckets, target, OP)?;
+                for (key, token) in done {
+                    write.insert(&bucket, key, Record::done(token, expires).encode());
+                }
+            }
+            Ok(answers)
+        })
+    }
+
+    fn release(&self, held: &[HeldKey]) -> Result<(), StoreError> {
+        self.write("release claims", |buckets, write, now| {
+            for (key, token) in held {
+                let key = stored_key(key);
+                let Some((id, r)) = self.find(buckets, &key, now)? else {
+                    continue;
+                };
+                match buckets.get(&id) {
+                    Some(bucket) if r.in_flight && r.token == token.as_u128() => {
+                        write.remove(bucket, key);
+                    }
+                    _ => {}
+                }
+            }
+            Ok(())
+        })
     }
 }
 
@@ -766,24 +1029,38 @@ impl Namespace {
 mod tests {
     use super::*;
 
-    /// The on-disk format: these must never change without a new `FORMAT`.
+    /// The on-disk format: these must never change without a new format marker.
     #[test]
     fn golden_format() {
-        assert_eq!(FORMAT, b"stream-dedup embedded 1");
+        assert_eq!(FORMAT_1, b"stream-dedup embedded 1");
+        assert_eq!(FORMAT_2, b"stream-dedup embedded 2");
         assert_eq!(stored_key(b""), [0]);
         assert_eq!(stored_key(b"ab"), [0, b'a', b'b']);
         let token = 0x0102_0304_0506_0708_090a_0b0c_0d0e_0f10_u128;
-        let value = encode_value(token, 0x1122_3344_5566_7788);
+        let expires = 0x1122_3344_5566_7788;
+        // Done: the format 1 value, unchanged.
+        let done = Record::done(token, expires).encode();
         assert_eq!(
-            value,
+            done,
             [
                 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, //
                 0x11, 0x22, 0x33, 0x44, 0x55, 0x66, 0x77, 0x88
             ]
         );
-        assert_eq!(decode_value(&value), Some((token, 0x1122_3344_5566_7788)));
-        assert_eq!(decode_value(&value[..23]), None);
-        assert_eq!(decode_value(&[0; 25]), None);
+        assert_eq!(Record::decode(&done), Some(Record::done(token, expires)));
+        // In flight: `c`, then the same.
+        let in_flight = Record::in_flight(token, expires).encode();
+        assert_eq!(in_flight[0], b'c');
+        assert_eq!(in_flight[1..], done[..]);
+        assert_eq!(
+            Record::decode(&in_flight),
+            Some(Record::in_flight(token, expires))
+        );
+        // Anything else is not a record.
+        assert_eq!(Record::decode(&done[..23]), None);
+        assert_eq!(Record::decode(&[0; 25]), None);
+        assert_eq!(Record::decode(&[b'c'; 26]), None);
+        assert_eq!(Record::decode(&[]), None);
         let id = BucketId::for_key(1_700_000_000_000, 300_000);
         assert_eq!(id.exp, 15); // 300 s / 8 = 37.5 s → 32.768 s
         assert_eq!(id.name("orders"), "dedup#orders#15#51879882");
@@ -810,7 +1087,15 @@ mod tests {
         for expires in [0, 1, 1023, 1024, 1_700_000_000_123] {
             let id = BucketId::for_key(expires, 60_000);
             assert!(id.index << id.exp <= expires && expires < id.end_ms());
+            let id = BucketId::for_lease(expires, 30_000);
+            assert!(id.index << id.exp <= expires && expires < id.end_ms());
         }
+        // A lease's bucket is about one lease wide: 30 s → 2^14 ms ≈ 16.4 s, so two or three
+        // are live; short leases share the narrowest bucket.
+        assert_eq!(BucketId::for_lease(5_000, 30_000).exp, 14);
+        assert_eq!(BucketId::for_lease(5_000, 0).exp, MIN_BUCKET_EXP);
+        assert_eq!(BucketId::for_lease(5_000, 300).exp, MIN_BUCKET_EXP);
+        assert_eq!(BucketId::for_lease(u64::MAX, u64::MAX).end_ms(), u64::MAX);
     }
 
     #[test]
