@@ -1,4 +1,5 @@
-//! [`EmbeddedStore`]: the store suite, restarts, expiry by dropping buckets, and its errors.
+//! [`EmbeddedStore`]: the store and claim suites, restarts (of keys and of claims), expiry by
+//! dropping buckets, the format of older files, and its errors.
 #![cfg(feature = "embedded")]
 
 mod support;
@@ -10,7 +11,10 @@ use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use stream_dedup::store::{EmbeddedStore, InsertBatch, Inserted, Store, StoreError};
+use stream_dedup::store::{
+    ClaimBatch, ClaimStore, Claimed, EmbeddedStore, HeldKey, InsertBatch, Inserted, Store,
+    StoreError, StoreFuture, Token,
+};
 use tempfile::TempDir;
 
 /// A store with its own temporary directory, removed when the last clone is dropped.
@@ -21,12 +25,30 @@ struct TestStore {
 }
 
 impl Store for TestStore {
-    fn insert(&self, batch: InsertBatch) -> stream_dedup::store::StoreFuture<Vec<Inserted>> {
+    fn insert(&self, batch: InsertBatch) -> StoreFuture<Vec<Inserted>> {
         self.store.insert(batch)
     }
 
-    fn remove(&self, keys: Vec<Vec<u8>>) -> stream_dedup::store::StoreFuture<()> {
+    fn remove(&self, keys: Vec<Vec<u8>>) -> StoreFuture<()> {
         self.store.remove(keys)
+    }
+
+    fn as_claim_store(&self) -> Option<&dyn ClaimStore> {
+        Some(self)
+    }
+}
+
+impl ClaimStore for TestStore {
+    fn claim(&self, batch: ClaimBatch) -> StoreFuture<Vec<Claimed>> {
+        self.store.claim(batch)
+    }
+
+    fn commit(&self, keys: Vec<HeldKey>, ttl: Duration) -> StoreFuture<Vec<bool>> {
+        self.store.commit(keys, ttl)
+    }
+
+    fn release(&self, keys: Vec<HeldKey>) -> StoreFuture<()> {
+        self.store.release(keys)
     }
 }
 
@@ -41,6 +63,7 @@ async fn make(namespace: String) -> Option<TestStore> {
 
 // Expiry stamps are exact to the millisecond; a little slack for a slow machine.
 store_suite!(make, expiry = Duration::from_millis(20));
+claim_suite!(make, expiry = Duration::from_millis(20));
 
 const TTL: Duration = Duration::from_secs(600);
 
