@@ -453,7 +453,9 @@ async fn claims_of_keys_too_long() {
         .claim(ClaimBatch::new(vec![key(1), long.clone()], TTL))
         .await;
     assert!(matches!(err, Err(StoreError::KeyTooLong { .. })), "{err:?}");
-    let err = store.commit(held(&[long.clone()], Token::new()), TTL).await;
+    let err = store
+        .commit(held(std::slice::from_ref(&long), Token::new()), TTL)
+        .await;
     assert!(matches!(err, Err(StoreError::KeyTooLong { .. })), "{err:?}");
     store.release(held(&[long], Token::new())).await.unwrap();
     // Nothing of the failed batch was written.
