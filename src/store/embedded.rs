@@ -15,7 +15,8 @@ use super::{
 };
 
 /// A store in a local directory that survives restarts: one process's keys, on disk, with a
-/// durable commit per batch.
+/// durable commit per batch; with [claims](EmbeddedStore#claims) for
+/// [`claim_by_key`](crate::DedupStreamExt::claim_by_key).
 ///
 /// Built on [fjall](https://docs.rs/fjall/3) (an LSM-tree key-value store), chosen by
 /// measurement: with a durable commit per batch of 1,000 it recorded 150,000–225,000 keys/s on
@@ -28,8 +29,7 @@ use super::{
 ///   bucket is one fjall keyspace. The bucket width is derived from the batch's ttl: `ttl / 8`,
 ///   rounded down to a power of two of milliseconds, and at least 1.024 s (so a store with one
 ///   ttl holds about 9 to 17 live buckets). A lookup asks every live bucket; **expiry drops
-///   whole buckets** once their last moment has passed (checked on every
-///   [`insert`](Store::insert)), so the store never scans its keys to forget them and its disk
+///   whole buckets** once their last moment has passed (checked on every call), so the store never scans its keys to forget them and its disk
 ///   space follows the live keys. Each key's value holds its exact expiry time, so a key is
 ///   forgotten exactly at its ttl even though its bucket lives a little longer. When writes move
 ///   on to a new bucket, the older ones are written from memory to tables on disk, where
@@ -42,12 +42,76 @@ use super::{
 ///   (`fsync`, [`PersistMode::SyncAll`]) before its future resolves `Ok`. A key that one call
 ///   found recorded by another call still in progress is answered only after this call's own
 ///   sync, which covers the other call's write too (the journal is one sequential file).
-/// - **Atomic per key.** The check-and-insert of one batch runs under a lock per namespace, and
+/// - **Atomic per key.** The check-and-write of one batch runs under a lock per namespace, and
 ///   fjall locks the directory against other processes, so of concurrent calls for one key
 ///   exactly one records it. A key that holds the call's own [`Token`](super::Token) answers
 ///   [`Inserted::New`] again (a retried call).
+/// - **One live record per key.** Every call that writes a key's record first finds none live,
+///   or replaces the one it found in the same atomic batch; older records of the key in other
+///   buckets have expired, are skipped by lookups and go with their buckets.
 /// - **Blocking I/O off the executor.** Inside a tokio runtime each call runs on
 ///   [`tokio::task::spawn_blocking`]; outside one (another executor) it runs where it is polled.
+///
+/// # Claims
+///
+/// The store implements [`ClaimStore`]: a key is **free**, **in flight** (claimed by a token,
+/// until its lease ends) or **done** (committed, or recorded by [`insert`](Store::insert), for
+/// a ttl), with the contract's semantics:
+///
+/// - [`claim`](ClaimStore::claim) writes a record in flight for each free key and answers
+///   [`Claimed::Mine`]; a key in flight with the batch's own token is `Mine` again (a retry;
+///   its lease is not extended), with another token [`Claimed::InFlight`], and a done key
+///   [`Claimed::Done`]. [`insert`](Store::insert) counts a key in flight as present.
+/// - [`commit`](ClaimStore::commit) marks a key done for the ttl if the claim still holds it:
+///   in flight with its token (or done by it, a retried commit; or free again, if the lease
+///   ran out and nobody took the key). A key that another token holds or committed answers
+///   `false`: a consumer whose lease ran out never overwrites the new owner's claim.
+/// - [`release`](ClaimStore::release) deletes the record only if it is in flight with the
+///   release's token.
+/// - **Leases expire like keys, without a scan.** A record in flight holds the exact end of
+///   its lease and lives in a bucket of its own time scale: about **one lease wide** (the lease
+///   rounded down to a power of two of milliseconds, at least 1.024 s), not an eighth of it
+///   like a ttl's, so the short-lived leases keep two or three buckets live (a lookup asks each
+///   live bucket). A lease that ran out is free when it is read, before its bucket is dropped;
+///   the bucket is dropped whole at most one width later, so a consumer that died leaves
+///   nothing behind. A commit moves the record to the bucket of its ttl, and a commit or
+///   release deletes it from its lease's bucket, in the same atomic batch.
+/// - **Durable, like inserts:** each `claim`, `commit` and `release` is one atomic batch
+///   followed by an `fsync` before it answers. A claim in flight survives a restart until its
+///   lease ends (its owner's retry, with the same token, is still `Mine`), and a committed key
+///   stays done for its ttl.
+///
+/// With a durable commit per call, a claimed and committed item pays two `fsync`s where a
+/// key recorded by [`insert`](Store::insert) pays one (both batched: the operator sends up to
+/// `batch_size` keys per call, and commits the claims settled meanwhile together).
+///
+/// ```
+/// use std::time::Duration;
+/// use stream_dedup::store::{ClaimBatch, ClaimStore, Claimed, EmbeddedStore};
+///
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// let dir = tempfile::tempdir()?;
+/// let (lease, ttl) = (Duration::from_secs(30), Duration::from_secs(300));
+/// let store = EmbeddedStore::open(dir.path(), "orders")?;
+///
+/// let batch = ClaimBatch::new(vec![b"12345/payment".to_vec()], lease);
+/// let token = batch.token;
+/// assert_eq!(store.claim(batch).await?, [Claimed::Mine]);
+/// // Until it is committed, another claim of the key is held back.
+/// let other = ClaimBatch::new(vec![b"12345/payment".to_vec()], lease);
+/// assert_eq!(store.claim(other).await?, [Claimed::InFlight]);
+/// // ... process the message, then:
+/// assert_eq!(store.commit(vec![(b"12345/payment".to_vec(), token)], ttl).await?, [true]);
+/// drop(store);
+///
+/// // After a restart the key is done.
+/// let store = EmbeddedStore::open(dir.path(), "orders")?;
+/// let again = ClaimBatch::new(vec![b"12345/payment".to_vec()], lease);
+/// assert_eq!(store.claim(again).await?, [Claimed::Done]);
+/// # Ok(())
+/// # }
+/// ```
 ///
 /// # Namespaces and sharing
 ///
@@ -71,12 +135,24 @@ use super::{
 ///
 /// # Format
 ///
-/// The directory is a fjall 3 database. It holds a keyspace `stream-dedup` with the format
-/// marker, and per namespace and bucket a keyspace `dedup#{namespace}#{log2 width in
-/// ms}#{bucket index}` (the bucket covers expiry times `[index << log2, (index + 1) << log2)`
-/// in milliseconds since the Unix epoch). Its keys are a `0` byte followed by the key's
-/// bytes; its values are the token (16 bytes, big-endian) followed by the expiry time (`u64`
-/// milliseconds since the Unix epoch, big-endian). A golden test pins this format.
+/// The directory is a fjall 3 database. It holds a keyspace `stream-dedup` whose key `format`
+/// is the format marker, and per namespace and bucket a keyspace `dedup#{namespace}#{log2 width
+/// in ms}#{bucket index}` (the bucket covers expiry times `[index << log2, (index + 1) <<
+/// log2)` in milliseconds since the Unix epoch; buckets of done keys and of keys in flight are
+/// named alike and may be shared). Its keys are a `0` byte followed by the key's bytes. Its
+/// values are one of:
+///
+/// - **done** (24 bytes): the token (16 bytes, big-endian) followed by the expiry time (`u64`
+///   milliseconds since the Unix epoch, big-endian);
+/// - **in flight** (25 bytes): the byte `c` (0x63), the claim's token (16 bytes, big-endian),
+///   the end of the lease (`u64` milliseconds since the Unix epoch, big-endian).
+///
+/// The marker is `stream-dedup embedded 1` for a store that holds done records only, and
+/// `stream-dedup embedded 2` once a record in flight was written (the marker is changed in the
+/// same atomic batch as the first claim). This version reads both; a store written before
+/// claims existed (format 1) reads as before, its keys done. A version that knows only format
+/// 1 refuses a format 2 store at open ([`StoreError::Corrupt`], "another format") rather than
+/// misreading a record in flight. Golden tests pin this format.
 ///
 /// # Examples
 ///
