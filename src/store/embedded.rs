@@ -802,6 +802,15 @@ fn seal<'a>(buckets: impl Iterator<Item = &'a Keyspace>) -> fjall::Result<()> {
     Ok(())
 }
 
+/// When [`Namespace::write`] syncs the journal.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum SyncWhen {
+    /// Always: the call's answers may rest on another call's writes, not yet synced.
+    Always,
+    /// Only if the call wrote something (it answers nothing).
+    IfWritten,
+}
+
 struct Namespace {
     db: Arc<Db>,
     name: String,
@@ -875,7 +884,8 @@ impl Namespace {
         key: &[u8],
         now: u64,
     ) -> Result<Option<(BucketId, Record)>, StoreError> {
-        // Newest first: a repeat is most likely recent.
+        // Widest and newest first (a repeat is most likely recent); any order finds the one
+        // live record.
         for (id, bucket) in buckets.iter().rev() {
             if let Some(value) = bucket.get(key).map_err(self.fail("look up keys"))? {
                 let record =
@@ -918,10 +928,12 @@ impl Namespace {
     /// The sync runs outside the lock, so the next call looks up while this one syncs. Every
     /// answer waits for a sync that covers the writes it saw (see the type's docs): an answer
     /// that found a key written by a call still syncing is given after this call's own sync,
-    /// which covers the other's write too (the journal is one sequential file).
+    /// which covers the other's write too (the journal is one sequential file). A call that
+    /// answers nothing ([`SyncWhen::IfWritten`]) skips the sync when it wrote nothing.
     fn write<T>(
         &self,
         operation: &'static str,
+        sync: SyncWhen,
         f: impl FnOnce(
             &mut BTreeMap<BucketId, Keyspace>,
             &mut fjall::OwnedWriteBatch,
@@ -936,9 +948,10 @@ impl Namespace {
             self.drop_expired(&mut buckets, now)?;
             let mut write = db.batch().durability(None);
             let answers = f(&mut buckets, &mut write, now)?;
-            if !write.is_empty() {
-                write.commit().map_err(&fail)?;
+            if write.is_empty() && sync == SyncWhen::IfWritten {
+                return Ok(answers);
             }
+            write.commit().map_err(&fail)?;
             answers
         };
         db.persist(PersistMode::SyncAll).map_err(&fail)?;
@@ -949,7 +962,7 @@ impl Namespace {
         const OP: &str = "insert keys";
         let ttl = ttl_ms(batch.ttl);
         let token = batch.token.as_u128();
-        self.write(OP, |buckets, write, now| {
+        self.write(OP, SyncWhen::Always, |buckets, write, now| {
             let expires = now.saturating_add(ttl);
             let mut answers = Vec::with_capacity(batch.keys.len());
             let mut new = Vec::new();
@@ -979,7 +992,7 @@ impl Namespace {
 
     fn remove(&self, keys: &[Vec<u8>]) -> Result<(), StoreError> {
         let fail = self.fail("remove keys");
-        self.write("remove keys", |buckets, write, _| {
+        self.write("remove keys", SyncWhen::IfWritten, |buckets, write, _| {
             for key in keys {
                 let key = stored_key(key);
                 for bucket in buckets.values() {
@@ -997,7 +1010,7 @@ impl Namespace {
         let lease = ttl_ms(batch.lease);
         let token = batch.token.as_u128();
         let mut marked = false;
-        let answers = self.write(OP, |buckets, write, now| {
+        let answers = self.write(OP, SyncWhen::Always, |buckets, write, now| {
             let expires = now.saturating_add(lease);
             let mut answers = Vec::with_capacity(batch.keys.len());
             let mut new = Vec::new();
@@ -1044,7 +1057,7 @@ impl Namespace {
     fn commit(&self, held: &[HeldKey], ttl: Duration) -> Result<Vec<bool>, StoreError> {
         const OP: &str = "commit claims";
         let ttl = ttl_ms(ttl);
-        self.write(OP, |buckets, write, now| {
+        self.write(OP, SyncWhen::Always, |buckets, write, now| {
             let expires = now.saturating_add(ttl);
             let target = BucketId::for_key(expires, ttl);
             let mut answers = Vec::with_capacity(held.len());
@@ -1083,21 +1096,25 @@ impl Namespace {
     }
 
     fn release(&self, held: &[HeldKey]) -> Result<(), StoreError> {
-        self.write("release claims", |buckets, write, now| {
-            for (key, token) in held {
-                let key = stored_key(key);
-                let Some((id, r)) = self.find(buckets, &key, now)? else {
-                    continue;
-                };
-                match buckets.get(&id) {
-                    Some(bucket) if r.in_flight && r.token == token.as_u128() => {
-                        write.remove(bucket, key);
+        self.write(
+            "release claims",
+            SyncWhen::IfWritten,
+            |buckets, write, now| {
+                for (key, token) in held {
+                    let key = stored_key(key);
+                    let Some((id, r)) = self.find(buckets, &key, now)? else {
+                        continue;
+                    };
+                    match buckets.get(&id) {
+                        Some(bucket) if r.in_flight && r.token == token.as_u128() => {
+                            write.remove(bucket, key);
+                        }
+                        _ => {}
                     }
-                    _ => {}
                 }
-            }
-            Ok(())
-        })
+                Ok(())
+            },
+        )
     }
 }
 
