@@ -83,7 +83,11 @@ use super::{
 ///
 /// With a durable commit per call, a claimed and committed item pays two `fsync`s where a
 /// key recorded by [`insert`](Store::insert) pays one (both batched: the operator sends up to
-/// `batch_size` keys per call, and commits the claims settled meanwhile together).
+/// `batch_size` keys per call, and commits the claims settled meanwhile together), and two
+/// lookups and two writes where an insert pays one of each: measured, `claim` + `commit` in
+/// batches of 1,000 ran at ~76,000 keys/s against ~250,000 for `insert` (`claim_by_key` +
+/// `commit` ~62,000 items/s against ~218,000 for `dedup_by_key`), about the ratio of
+/// `RedisStore`; `benches/embedded.rs` has the table and the command.
 ///
 /// ```
 /// use std::time::Duration;
