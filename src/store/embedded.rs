@@ -29,12 +29,12 @@ use super::{
 ///   bucket is one fjall keyspace. The bucket width is derived from the batch's ttl: `ttl / 8`,
 ///   rounded down to a power of two of milliseconds, and at least 1.024 s (so a store with one
 ///   ttl holds about 9 to 17 live buckets). A lookup asks every live bucket; **expiry drops
-///   whole buckets** once their last moment has passed (checked on every call), so the store never scans its keys to forget them and its disk
-///   space follows the live keys. Each key's value holds its exact expiry time, so a key is
-///   forgotten exactly at its ttl even though its bucket lives a little longer. When writes move
-///   on to a new bucket, the older ones are written from memory to tables on disk, where
-///   fjall's bloom filters answer lookups of absent keys cheaply; a bucket keeps at most 8 MiB
-///   of keys in memory.
+///   whole buckets** once their last moment has passed (checked on every call), so the store
+///   never scans its keys to forget them and its disk space follows the live keys. Each key's
+///   value holds its exact expiry time, so a key is forgotten exactly at its ttl even though
+///   its bucket lives a little longer. When writes move on to a new bucket, the older ones are
+///   written from memory to tables on disk, where fjall's bloom filters answer lookups of
+///   absent keys cheaply; a bucket keeps at most 8 MiB of keys in memory.
 /// - **Wall-clock time.** Expiry stamps are read from [`std::time::SystemTime`], because they
 ///   outlive the process: a key recorded before a restart expires at the same moment after it.
 ///   (So `tokio::time::pause` does not move them.) A clock that jumps moves expiry with it.
