@@ -464,6 +464,62 @@ async fn claims_of_keys_too_long() {
     assert!(store.commit(Vec::new(), TTL).await.unwrap().is_empty());
 }
 
+/// The store against the reference (`MemoryStore`) on a seeded random mix of claims, commits,
+/// releases, inserts and removes of a few keys with a few tokens (so that retries, other
+/// owners and done keys meet): the same answer to every call.
+#[tokio::test]
+async fn claims_agree_with_the_memory_store() {
+    use stream_dedup::store::MemoryStore;
+    let dir = TempDir::new().unwrap();
+    let store = EmbeddedStore::open(dir.path(), "model").unwrap();
+    let model = MemoryStore::new();
+    let tokens: Vec<Token> = (0..4).map(|_| Token::new()).collect();
+    let mut rng = 0x5eed_u64;
+    let mut next = move |n: u64| {
+        rng = rng.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = rng;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        (z ^ (z >> 31)) % n
+    };
+    for step in 0..600 {
+        // Up to four distinct keys of eight.
+        let mut keys: Vec<Vec<u8>> = (0..=next(3)).map(|_| key(next(8))).collect();
+        keys.sort();
+        keys.dedup();
+        let token = tokens[next(4) as usize];
+        let held: Vec<HeldKey> = keys
+            .iter()
+            .map(|k| (k.clone(), tokens[next(4) as usize]))
+            .collect();
+        let what = next(10);
+        match what {
+            0..=3 => {
+                let batch = ClaimBatch::new(keys, TTL).with_token(token);
+                let a = store.claim(batch.clone()).await.unwrap();
+                assert_eq!(a, model.claim(batch).await.unwrap(), "step {step}: claim");
+            }
+            4..=5 => {
+                let a = store.commit(held.clone(), TTL).await.unwrap();
+                assert_eq!(a, model.commit(held, TTL).await.unwrap(), "step {step}");
+            }
+            6..=7 => {
+                store.release(held.clone()).await.unwrap();
+                model.release(held).await.unwrap();
+            }
+            8 => {
+                let batch = InsertBatch::new(keys, TTL).with_token(token);
+                let a = store.insert(batch.clone()).await.unwrap();
+                assert_eq!(a, model.insert(batch).await.unwrap(), "step {step}: insert");
+            }
+            _ => {
+                store.remove(keys.clone()).await.unwrap();
+                model.remove(keys).await.unwrap();
+            }
+        }
+    }
+}
+
 // ---- The format of older files ----
 
 /// The marker of the store at `path`, read with fjall itself.
