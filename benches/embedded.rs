@@ -16,7 +16,17 @@
 //! - `plain fjall per key`: what a consumer writes without batching: look the key up, insert
 //!   it, `fsync`, for each key (on the first 2,000 keys: it is slow).
 //!
-//! Run: `cargo bench --features embedded --bench embedded`.
+//! Group `embedded claims`, the same workload (claims with a 30 s lease):
+//!
+//! - `store insert batch=1000` / `store claim+commit batch=1000`: the store on its own, one call
+//!   at a time: `insert` (one `fsync` per batch) against `claim` then `commit` of the keys
+//!   claimed (two).
+//! - `operator dedup_by_key` / `operator claim_by_key + commit`: the operators as a consumer
+//!   uses them (window of 1,000 in front, batches of up to 1,000, 4 calls in flight; the claims
+//!   consumer settles up to 1,000 claims at a time, commits batched in the background).
+//!
+//! Run: `cargo bench --features embedded --bench embedded` (one group:
+//! `-- "embedded claims"`).
 //!
 //! # Measured (2 shared cores, other engineers' builds and benches running; ext4 on a virtual disk)
 //!
@@ -36,6 +46,19 @@
 //!   were sealed into tables as they fill (`seal` in `src/store/embedded.rs`) this was ~45k.
 //! - Batches of 100 pay ten times the `fsync`s; they vary most with the disk's load (50k in a
 //!   full run, 135k alone a minute later, 32k alone under load average 6).
+//!
+//! Claims (`-- "embedded claims"`, two runs, load average 1.0–1.8; keys/s, criterion medians):
+//!
+//! | run | store insert 1000 | store claim+commit 1000 | operator `dedup_by_key` | operator `claim_by_key` + commit |
+//! |---|---|---|---|---|
+//! | C | 206k | 59k | 205k | 44k |
+//! | D | 252k | 76k | 218k | 62k |
+//!
+//! - A claimed and committed key costs ~3.3× an inserted one: two `fsync`s per batch instead
+//!   of one, two lookups per key (the claim asks the buckets of done keys and of leases, the
+//!   commit its lease's bucket) and two writes (the done record, and the tombstone of the
+//!   record in flight). Run C was before commits looked in the lease's buckets first.
+//! - The same ratio as on Redis (`benches/redis.rs`: 276k against 94k items/s).
 
 use std::hint::black_box;
 use std::time::{Duration, Instant};
@@ -43,12 +66,16 @@ use std::time::{Duration, Instant};
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 use fjall::{Database, KeyspaceCreateOptions, PersistMode};
 use futures::StreamExt;
-use stream_dedup::store::{EmbeddedStore, InsertBatch, Inserted, Store};
+use stream_dedup::store::{
+    ClaimBatch, ClaimStore, Claimed, EmbeddedStore, InsertBatch, Inserted, Store,
+};
+use stream_dedup::{DedupStreamExt, Window};
 use tempfile::TempDir;
 
 const KEYS: usize = 200_000;
 const PER_KEY: usize = 2_000;
 const TTL: Duration = Duration::from_secs(300);
+const LEASE: Duration = Duration::from_secs(30);
 
 /// splitmix64: a seeded, dependency-free generator.
 struct Rng(u64);
@@ -236,5 +263,134 @@ fn bench(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, bench);
+/// Claims against the insert path, on the same workload, every call durable.
+fn claims(c: &mut Criterion) {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let keys = workload();
+    let unique = {
+        let mut sorted = keys.clone();
+        sorted.sort();
+        sorted.dedup();
+        sorted.len()
+    };
+    let mut group = c.benchmark_group("embedded claims");
+    group.sample_size(10);
+    group.warm_up_time(Duration::from_secs(1));
+    group.measurement_time(Duration::from_secs(10));
+    group.throughput(Throughput::Elements(KEYS as u64));
+
+    // The store on its own, one call at a time: `insert` (one fsync per batch) against `claim`
+    // then `commit` of the keys claimed (two).
+    group.bench_function("store insert batch=1000", |b| {
+        b.iter_custom(|iters| {
+            rt.block_on(async {
+                let mut total = Duration::ZERO;
+                for _ in 0..iters {
+                    let dir = TempDir::new().unwrap();
+                    let store = EmbeddedStore::open(dir.path(), "bench").unwrap();
+                    let start = Instant::now();
+                    let mut new = 0;
+                    for chunk in keys.chunks(1_000) {
+                        let batch = InsertBatch::new(chunk.to_vec(), TTL);
+                        new += count_new(&store.insert(batch).await.expect("insert"));
+                    }
+                    total += start.elapsed();
+                    assert_eq!(new, unique);
+                }
+                total
+            })
+        });
+    });
+    group.bench_function("store claim+commit batch=1000", |b| {
+        b.iter_custom(|iters| {
+            rt.block_on(async {
+                let mut total = Duration::ZERO;
+                for _ in 0..iters {
+                    let dir = TempDir::new().unwrap();
+                    let store = EmbeddedStore::open(dir.path(), "bench").unwrap();
+                    let start = Instant::now();
+                    let mut committed = 0;
+                    for chunk in keys.chunks(1_000) {
+                        let batch = ClaimBatch::new(chunk.to_vec(), LEASE);
+                        let token = batch.token;
+                        let answers = store.claim(batch).await.expect("claim");
+                        let mine: Vec<_> = chunk
+                            .iter()
+                            .zip(answers)
+                            .filter(|(_, a)| *a == Claimed::Mine)
+                            .map(|(k, _)| (k.clone(), token))
+                            .collect();
+                        let done = store.commit(mine, TTL).await.expect("commit");
+                        committed += done.iter().filter(|&&d| d).count();
+                    }
+                    total += start.elapsed();
+                    assert_eq!(committed, unique);
+                }
+                total
+            })
+        });
+    });
+
+    // The operators, as a consumer uses them: a small window in front (the store decides),
+    // batches of up to 1,000, 4 calls in flight; the claims consumer settles up to 1,000
+    // claims at a time, and the commits are batched in the background.
+    let strings: Vec<String> = keys
+        .iter()
+        .map(|k| String::from_utf8(k.clone()).expect("UUID text"))
+        .collect();
+    let operator_window = |store: EmbeddedStore| {
+        Window::max_keys(1_000)
+            .ttl(TTL)
+            .store(store)
+            .batch_size(1_000)
+            .max_in_flight(4)
+            .timeout(Duration::from_secs(30))
+    };
+    group.bench_function("operator dedup_by_key", |b| {
+        b.iter_custom(|iters| {
+            rt.block_on(async {
+                let mut total = Duration::ZERO;
+                for _ in 0..iters {
+                    let dir = TempDir::new().unwrap();
+                    let store = EmbeddedStore::open(dir.path(), "bench").unwrap();
+                    let start = Instant::now();
+                    let accepted = futures::stream::iter(strings.iter().cloned())
+                        .dedup_by_key(|k| k.clone(), operator_window(store))
+                        .count()
+                        .await;
+                    total += start.elapsed();
+                    assert_eq!(accepted, unique);
+                }
+                total
+            })
+        });
+    });
+    group.bench_function("operator claim_by_key + commit", |b| {
+        b.iter_custom(|iters| {
+            rt.block_on(async {
+                let mut total = Duration::ZERO;
+                for _ in 0..iters {
+                    let dir = TempDir::new().unwrap();
+                    let store = EmbeddedStore::open(dir.path(), "bench").unwrap();
+                    let start = Instant::now();
+                    let committed = futures::stream::iter(strings.iter().cloned())
+                        .claim_by_key(|k| k.clone(), operator_window(store))
+                        .map(|claim| async move { claim.commit().await.expect("commit") })
+                        .buffer_unordered(1_000)
+                        .count()
+                        .await;
+                    total += start.elapsed();
+                    assert_eq!(committed, unique);
+                }
+                total
+            })
+        });
+    });
+    group.finish();
+}
+
+criterion_group!(benches, bench, claims);
 criterion_main!(benches);

@@ -1,4 +1,5 @@
-//! [`EmbeddedStore`]: the store suite, restarts, expiry by dropping buckets, and its errors.
+//! [`EmbeddedStore`]: the store and claim suites, restarts (of keys and of claims), expiry by
+//! dropping buckets, the format of older files, and its errors.
 #![cfg(feature = "embedded")]
 
 mod support;
@@ -10,7 +11,10 @@ use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use stream_dedup::store::{EmbeddedStore, InsertBatch, Inserted, Store, StoreError};
+use stream_dedup::store::{
+    ClaimBatch, ClaimStore, Claimed, EmbeddedStore, HeldKey, InsertBatch, Inserted, Store,
+    StoreError, StoreFuture, Token,
+};
 use tempfile::TempDir;
 
 /// A store with its own temporary directory, removed when the last clone is dropped.
@@ -21,12 +25,30 @@ struct TestStore {
 }
 
 impl Store for TestStore {
-    fn insert(&self, batch: InsertBatch) -> stream_dedup::store::StoreFuture<Vec<Inserted>> {
+    fn insert(&self, batch: InsertBatch) -> StoreFuture<Vec<Inserted>> {
         self.store.insert(batch)
     }
 
-    fn remove(&self, keys: Vec<Vec<u8>>) -> stream_dedup::store::StoreFuture<()> {
+    fn remove(&self, keys: Vec<Vec<u8>>) -> StoreFuture<()> {
         self.store.remove(keys)
+    }
+
+    fn as_claim_store(&self) -> Option<&dyn ClaimStore> {
+        Some(self)
+    }
+}
+
+impl ClaimStore for TestStore {
+    fn claim(&self, batch: ClaimBatch) -> StoreFuture<Vec<Claimed>> {
+        self.store.claim(batch)
+    }
+
+    fn commit(&self, keys: Vec<HeldKey>, ttl: Duration) -> StoreFuture<Vec<bool>> {
+        self.store.commit(keys, ttl)
+    }
+
+    fn release(&self, keys: Vec<HeldKey>) -> StoreFuture<()> {
+        self.store.release(keys)
     }
 }
 
@@ -41,6 +63,7 @@ async fn make(namespace: String) -> Option<TestStore> {
 
 // Expiry stamps are exact to the millisecond; a little slack for a slow machine.
 store_suite!(make, expiry = Duration::from_millis(20));
+claim_suite!(make, expiry = Duration::from_millis(20));
 
 const TTL: Duration = Duration::from_secs(600);
 
@@ -271,6 +294,327 @@ fn works_without_a_tokio_runtime() {
 fn auto_traits() {
     fn assert_store<S: Store + Clone + Send + Sync + Unpin + 'static>() {}
     assert_store::<EmbeddedStore>();
+}
+
+// ---- Claims ----
+
+async fn claim(
+    store: &EmbeddedStore,
+    keys: Vec<Vec<u8>>,
+    lease: Duration,
+) -> (Token, Vec<Claimed>) {
+    let batch = ClaimBatch::new(keys, lease);
+    let token = batch.token;
+    (token, store.claim(batch).await.expect("claim"))
+}
+
+fn held(keys: &[Vec<u8>], token: Token) -> Vec<HeldKey> {
+    keys.iter().map(|k| (k.clone(), token)).collect()
+}
+
+/// A claim in flight when the process stops is still in flight after it starts again (its
+/// owner's retry is `Mine`, anybody else is held back), and its lease frees it even though
+/// nobody released it; the late owner's commit is then refused.
+#[tokio::test]
+async fn a_claim_in_flight_survives_a_restart_until_its_lease_runs_out() {
+    use Claimed::{InFlight, Mine};
+    let dir = TempDir::new().unwrap();
+    let lease = Duration::from_millis(1_500);
+    let keys: Vec<Vec<u8>> = (0..1_000).map(key).collect();
+    let batch = ClaimBatch::new(keys.clone(), lease);
+    let owner = batch.token;
+    {
+        let store = EmbeddedStore::open(dir.path(), "claims").unwrap();
+        assert_eq!(store.claim(batch.clone()).await.unwrap(), [Mine; 1_000]);
+    }
+    let store = EmbeddedStore::open(dir.path(), "claims").unwrap();
+    assert_eq!(claim(&store, keys.clone(), TTL).await.1, [InFlight; 1_000]);
+    // The owner's retry of its claim (the answer was lost in the crash) is still its own.
+    assert_eq!(store.claim(batch).await.unwrap(), [Mine; 1_000]);
+    // In flight counts as present for mark-on-emit too.
+    assert_eq!(
+        count(
+            &insert(&store, keys[..10].to_vec(), TTL).await,
+            Inserted::Present
+        ),
+        10
+    );
+
+    tokio::time::sleep(lease + Duration::from_millis(50)).await;
+    let (taker, again) = claim(&store, keys.clone(), TTL).await;
+    assert_eq!(again, [Mine; 1_000], "a lease that ran out frees its key");
+    assert_eq!(
+        store.commit(held(&keys, owner), TTL).await.unwrap(),
+        [false; 1_000],
+        "the late owner must not overwrite the new claim"
+    );
+    store.release(held(&keys, owner)).await.unwrap();
+    assert_eq!(claim(&store, keys.clone(), TTL).await.1, [InFlight; 1_000]);
+    assert_eq!(
+        store.commit(held(&keys, taker), TTL).await.unwrap(),
+        [true; 1_000]
+    );
+}
+
+/// Committed keys are done after a restart; a released key is free; a key whose commit was
+/// retried after the restart is still the committer's.
+#[tokio::test]
+async fn a_committed_key_survives_a_restart() {
+    use Claimed::{Done, Mine};
+    let dir = TempDir::new().unwrap();
+    let keys: Vec<Vec<u8>> = (0..2_000).map(key).collect();
+    let (committed, released) = keys.split_at(1_500);
+    let owner = {
+        let store = EmbeddedStore::open(dir.path(), "commits").unwrap();
+        let (owner, mine) = claim(&store, keys.clone(), Duration::from_secs(30)).await;
+        assert_eq!(mine, [Mine; 2_000]);
+        let answers = store.commit(held(committed, owner), TTL).await.unwrap();
+        assert_eq!(answers, [true; 1_500]);
+        store.release(held(released, owner)).await.unwrap();
+        owner
+    };
+    let store = EmbeddedStore::open(dir.path(), "commits").unwrap();
+    let (_, after) = claim(&store, keys.clone(), Duration::from_secs(30)).await;
+    assert_eq!(after[..1_500], [Done; 1_500]);
+    assert_eq!(after[1_500..], [Mine; 500]);
+    assert_eq!(
+        count(
+            &insert(&store, committed.to_vec(), TTL).await,
+            Inserted::Present
+        ),
+        1_500
+    );
+    // A retried commit (its first answer lost) is still accepted.
+    let again = store
+        .commit(held(&committed[..10], owner), TTL)
+        .await
+        .unwrap();
+    assert_eq!(again, [true; 10]);
+    let other = store
+        .commit(held(&committed[..10], Token::new()), TTL)
+        .await
+        .unwrap();
+    assert_eq!(other, [false; 10]);
+}
+
+/// A commit moves the key's record from its lease's bucket to its ttl's, and a commit retried
+/// with another ttl moves it again: the key is never found twice, and expires after the ttl
+/// of its last commit.
+#[tokio::test]
+async fn a_commit_expires_after_its_ttl() {
+    let dir = TempDir::new().unwrap();
+    let store = EmbeddedStore::open(dir.path(), "commit-ttl").unwrap();
+    let short = Duration::from_millis(300);
+    let (token, _) = claim(&store, vec![key(1)], TTL).await;
+    let commit = |ttl| store.commit(held(&[key(1)], token), ttl);
+    assert_eq!(commit(TTL).await.unwrap(), [true]);
+    assert_eq!(claim(&store, vec![key(1)], TTL).await.1, [Claimed::Done]);
+    assert_eq!(commit(short).await.unwrap(), [true]);
+    assert_eq!(claim(&store, vec![key(1)], TTL).await.1, [Claimed::Done]);
+    tokio::time::sleep(short + Duration::from_millis(20)).await;
+    assert_eq!(claim(&store, vec![key(1)], TTL).await.1, [Claimed::Mine]);
+}
+
+/// Leases go into buckets about one lease wide, dropped whole once every lease in them has
+/// run out: a store whose consumers died leaves nothing behind. Short leases share the
+/// narrowest bucket (1.024 s).
+#[tokio::test]
+async fn expired_leases_are_dropped_from_disk() {
+    let dir = TempDir::new().unwrap();
+    let store = EmbeddedStore::open(dir.path(), "leases").unwrap();
+    let empty = keyspace_dirs(dir.path());
+    let lease = Duration::from_millis(300);
+    let keys: Vec<Vec<u8>> = (0..100).map(key).collect();
+    assert_eq!(
+        claim(&store, keys.clone(), lease).await.1,
+        [Claimed::Mine; 100]
+    );
+    let with_leases = keyspace_dirs(dir.path());
+    let buckets: BTreeSet<_> = with_leases.difference(&empty).cloned().collect();
+    assert_eq!(buckets.len(), 1, "{with_leases:?}");
+    // The lease's bucket ends at most 1.024 s after the lease.
+    tokio::time::sleep(Duration::from_millis(1_400)).await;
+    assert_eq!(claim(&store, vec![key(0)], TTL).await.1, [Claimed::Mine]);
+    let gone = || buckets.difference(&keyspace_dirs(dir.path())).count();
+    assert!(
+        eventually(|| gone() == 1).await,
+        "an expired lease bucket is still on disk"
+    );
+}
+
+/// A key too long to store fails its claim or commit as `KeyTooLong`; releasing it is no
+/// error; empty calls answer at once.
+#[tokio::test]
+async fn claims_of_keys_too_long() {
+    let dir = TempDir::new().unwrap();
+    let store = EmbeddedStore::open(dir.path(), "long-claims").unwrap();
+    let long = vec![b'l'; EmbeddedStore::MAX_KEY_LEN + 1];
+    let err = store
+        .claim(ClaimBatch::new(vec![key(1), long.clone()], TTL))
+        .await;
+    assert!(matches!(err, Err(StoreError::KeyTooLong { .. })), "{err:?}");
+    let err = store
+        .commit(held(std::slice::from_ref(&long), Token::new()), TTL)
+        .await;
+    assert!(matches!(err, Err(StoreError::KeyTooLong { .. })), "{err:?}");
+    store.release(held(&[long], Token::new())).await.unwrap();
+    // Nothing of the failed batch was written.
+    assert_eq!(claim(&store, vec![key(1)], TTL).await.1, [Claimed::Mine]);
+    assert_eq!(claim(&store, Vec::new(), TTL).await.1, []);
+    assert!(store.commit(Vec::new(), TTL).await.unwrap().is_empty());
+}
+
+/// The store against the reference (`MemoryStore`) on a seeded random mix of claims, commits,
+/// releases, inserts and removes of a few keys with a few tokens (so that retries, other
+/// owners and done keys meet): the same answer to every call.
+#[tokio::test]
+async fn claims_agree_with_the_memory_store() {
+    use stream_dedup::store::MemoryStore;
+    let dir = TempDir::new().unwrap();
+    let store = EmbeddedStore::open(dir.path(), "model").unwrap();
+    let model = MemoryStore::new();
+    let tokens: Vec<Token> = (0..4).map(|_| Token::new()).collect();
+    let mut rng = 0x5eed_u64;
+    let mut next = move |n: u64| {
+        rng = rng.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = rng;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        (z ^ (z >> 31)) % n
+    };
+    for step in 0..600 {
+        // Up to four distinct keys of eight.
+        let mut keys: Vec<Vec<u8>> = (0..=next(3)).map(|_| key(next(8))).collect();
+        keys.sort();
+        keys.dedup();
+        let token = tokens[next(4) as usize];
+        let held: Vec<HeldKey> = keys
+            .iter()
+            .map(|k| (k.clone(), tokens[next(4) as usize]))
+            .collect();
+        let what = next(10);
+        match what {
+            0..=3 => {
+                let batch = ClaimBatch::new(keys, TTL).with_token(token);
+                let a = store.claim(batch.clone()).await.unwrap();
+                assert_eq!(a, model.claim(batch).await.unwrap(), "step {step}: claim");
+            }
+            4..=5 => {
+                let a = store.commit(held.clone(), TTL).await.unwrap();
+                assert_eq!(a, model.commit(held, TTL).await.unwrap(), "step {step}");
+            }
+            6..=7 => {
+                store.release(held.clone()).await.unwrap();
+                model.release(held).await.unwrap();
+            }
+            8 => {
+                let batch = InsertBatch::new(keys, TTL).with_token(token);
+                let a = store.insert(batch.clone()).await.unwrap();
+                assert_eq!(a, model.insert(batch).await.unwrap(), "step {step}: insert");
+            }
+            _ => {
+                store.remove(keys.clone()).await.unwrap();
+                model.remove(keys).await.unwrap();
+            }
+        }
+    }
+}
+
+// ---- The format of older files ----
+
+/// The marker of the store at `path`, read with fjall itself.
+fn format_marker(path: &Path) -> String {
+    let db = fjall::Database::builder(path).open().unwrap();
+    let marker = db
+        .keyspace("stream-dedup", fjall::KeyspaceCreateOptions::default)
+        .unwrap();
+    String::from_utf8(marker.get("format").unwrap().unwrap().to_vec()).unwrap()
+}
+
+/// A store as the insert-only version wrote it (format 1, built here byte for byte with
+/// fjall): its keys are done for both paths; the first claim marks the store format 2, and a
+/// store that only ever inserts stays format 1.
+#[tokio::test]
+async fn format_1_files_read_as_done_keys() {
+    let dir = TempDir::new().unwrap();
+    let now_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64;
+    let expires = now_ms + 600_000;
+    let token = 0x0102_0304_0506_0708_090a_0b0c_0d0e_0f10_u128;
+    {
+        let db = fjall::Database::builder(dir.path()).open().unwrap();
+        let marker = db
+            .keyspace("stream-dedup", fjall::KeyspaceCreateOptions::default)
+            .unwrap();
+        marker.insert("format", "stream-dedup embedded 1").unwrap();
+        // ttl 600 s: buckets 2^16 ms wide.
+        let name = format!("dedup#orders#16#{}", expires >> 16);
+        let bucket = db
+            .keyspace(&name, fjall::KeyspaceCreateOptions::default)
+            .unwrap();
+        let mut value = token.to_be_bytes().to_vec();
+        value.extend_from_slice(&expires.to_be_bytes());
+        for i in 0..100 {
+            let mut stored = vec![0u8];
+            stored.extend_from_slice(&key(i));
+            bucket.insert(stored, value.clone()).unwrap();
+        }
+        db.persist(fjall::PersistMode::SyncAll).unwrap();
+    }
+
+    let store = EmbeddedStore::open(dir.path(), "orders").unwrap();
+    let old: Vec<Vec<u8>> = (0..100).map(key).collect();
+    assert_eq!(
+        count(&insert(&store, old.clone(), TTL).await, Inserted::Present),
+        100
+    );
+    // The same token as the old records: a retry of the request that wrote them.
+    let retry = InsertBatch::new(old[..5].to_vec(), TTL).with_token(Token::from_u128(token));
+    assert_eq!(store.insert(retry).await.unwrap(), [Inserted::New; 5]);
+    drop(store);
+    assert_eq!(format_marker(dir.path()), "stream-dedup embedded 1");
+
+    let store = EmbeddedStore::open(dir.path(), "orders").unwrap();
+    assert_eq!(
+        claim(&store, old.clone(), TTL).await.1,
+        [Claimed::Done; 100]
+    );
+    // Commits of a done key by another claim are refused; done keys need no new format.
+    let other = store
+        .commit(held(&old[..3], Token::new()), TTL)
+        .await
+        .unwrap();
+    assert_eq!(other, [false; 3]);
+    drop(store);
+    assert_eq!(format_marker(dir.path()), "stream-dedup embedded 1");
+
+    // The first key in flight marks the store format 2 (a version without claims refuses it).
+    let store = EmbeddedStore::open(dir.path(), "orders").unwrap();
+    assert_eq!(claim(&store, vec![key(500)], TTL).await.1, [Claimed::Mine]);
+    drop(store);
+    assert_eq!(format_marker(dir.path()), "stream-dedup embedded 2");
+    let store = EmbeddedStore::open(dir.path(), "orders").unwrap();
+    let (_, after) = claim(&store, vec![key(0), key(500), key(501)], TTL).await;
+    assert_eq!(after, [Claimed::Done, Claimed::InFlight, Claimed::Mine]);
+}
+
+/// A marker of a format this version does not know (a newer one) is refused as corrupt.
+#[test]
+fn an_unknown_format_is_refused() {
+    let dir = TempDir::new().unwrap();
+    {
+        let db = fjall::Database::builder(dir.path()).open().unwrap();
+        let marker = db
+            .keyspace("stream-dedup", fjall::KeyspaceCreateOptions::default)
+            .unwrap();
+        marker.insert("format", "stream-dedup embedded 3").unwrap();
+        db.persist(fjall::PersistMode::SyncAll).unwrap();
+    }
+    let e = open_err(dir.path(), "orders");
+    assert!(matches!(e, StoreError::Corrupt(_)), "{e:?}");
+    assert!(chain(&e).contains("another format"), "{}", chain(&e));
 }
 
 // ---- Errors ----

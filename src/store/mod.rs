@@ -6,7 +6,7 @@
 //!
 //! | store | for | feature |
 //! |---|---|---|
-//! | `EmbeddedStore` | one process that must remember keys across restarts: a local directory (fjall), buckets by expiry time, a durable commit per batch | `embedded` |
+//! | `EmbeddedStore` | one process that must remember keys across restarts: a local directory (fjall), buckets by expiry time, a durable commit per batch; claims with leases that survive a restart | `embedded` |
 //! | [`MemoryStore`] | tests, and as the reference for the others | (always) |
 //! | `RedisStore` | many consumers on many machines: Redis ≥ 7.0 or Redis Cluster, `SET key token NX GET PX ttl` pipelined per batch | `redis` |
 //!
