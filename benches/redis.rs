@@ -46,6 +46,9 @@ use stream_dedup::store::{InsertBatch, Inserted, RedisStore, Store};
 const KEYS: usize = 200_000;
 const PER_KEY: usize = 20_000;
 const TTL: Duration = Duration::from_secs(300);
+/// Claims a consumer settles at once in the claims bench: what the operator reads ahead
+/// (`batch_size` 1,000 × `max_in_flight` 4), as a consumer with that many messages unacked.
+const CONCURRENCY: usize = 4_000;
 
 /// splitmix64: a seeded, dependency-free generator.
 struct Rng(u64);
@@ -250,7 +253,7 @@ fn bench(c: &mut Criterion) {
         });
     });
     // Claims: each item is claimed (in batches), handed out, and committed (commits batched in
-    // the background); the consumer settles up to 1,000 claims at a time, as a consumer that
+    // the background); the consumer settles up to `CONCURRENCY` claims at a time, as a consumer that
     // processes messages concurrently does.
     group.bench_function("operator claim_by_key + commit", |b| {
         b.iter_custom(|iters| {
@@ -263,7 +266,7 @@ fn bench(c: &mut Criterion) {
                     let committed = futures::stream::iter(strings.iter().cloned())
                         .claim_by_key(|k| k.clone(), operator_window(store))
                         .map(|claim| async move { claim.commit().await.expect("commit") })
-                        .buffer_unordered(1_000)
+                        .buffer_unordered(CONCURRENCY)
                         .count()
                         .await;
                     total += start.elapsed();

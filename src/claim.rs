@@ -373,13 +373,17 @@ impl Committer {
     }
 }
 
+/// Batches of commits and releases settled at once: while one waits on the store, the next
+/// is already on its way.
+const MAX_BATCHES_IN_FLIGHT: usize = 4;
+
 async fn run(
     store: Arc<dyn Store>,
     ttl: Duration,
     timeout: Duration,
     mut rx: mpsc::UnboundedReceiver<Op>,
 ) {
-    let Some(claims) = store.as_claim_store() else {
+    if store.as_claim_store().is_none() {
         // Claim operators refuse such a store when they are built; answer anyway.
         while let Some(op) = rx.recv().await {
             if let Op::Commit(_, _, reply) = op {
@@ -387,9 +391,18 @@ async fn run(
             }
         }
         return;
-    };
+    }
+    let mut batches = tokio::task::JoinSet::new();
     let mut ops = Vec::new();
-    while rx.recv_many(&mut ops, MAX_BATCH).await > 0 {
+    loop {
+        while batches.try_join_next().is_some() {}
+        if batches.len() >= MAX_BATCHES_IN_FLIGHT {
+            batches.join_next().await;
+            continue;
+        }
+        if rx.recv_many(&mut ops, MAX_BATCH).await == 0 {
+            break;
+        }
         let mut commits: Vec<HeldKey> = Vec::new();
         let mut replies = Vec::new();
         let mut releases: Vec<HeldKey> = Vec::new();
@@ -402,41 +415,54 @@ async fn run(
                 Op::Release(key, token) => releases.push((key, token)),
             }
         }
-        let commit = async {
-            if commits.is_empty() {
-                return Ok(Vec::new());
-            }
-            let n = commits.len();
-            match tokio::time::timeout(timeout, claims.commit(commits, ttl)).await {
-                Ok(Ok(answers)) if answers.len() == n => Ok(answers),
-                Ok(Ok(answers)) => Err(StoreError::backend(
-                    "commit",
-                    format!("{} answers for {n} keys", answers.len()),
-                )),
-                Ok(Err(e)) => Err(e),
-                Err(_) => Err(StoreError::Timeout(timeout)),
-            }
-        };
-        let release = async {
-            if !releases.is_empty() {
-                // A failed release is harmless: the key's lease frees it.
-                let _ = tokio::time::timeout(timeout, claims.release(releases)).await;
-            }
-        };
-        // Commits first: claims wait for them; releases only free keys early.
-        let answers = commit.await;
-        match answers {
-            Ok(answers) => {
-                for (reply, answer) in replies.into_iter().zip(answers) {
-                    let _ = reply.send(Ok(answer));
-                }
-            }
-            Err(e) => {
-                for reply in replies {
-                    let _ = reply.send(Err(e.clone()));
-                }
+        if !commits.is_empty() {
+            batches.spawn(commit(Arc::clone(&store), ttl, timeout, commits, replies));
+        }
+        if !releases.is_empty() {
+            batches.spawn(release(Arc::clone(&store), timeout, releases));
+        }
+    }
+    while batches.join_next().await.is_some() {}
+}
+
+/// Commits one batch and answers each claim.
+async fn commit(
+    store: Arc<dyn Store>,
+    ttl: Duration,
+    timeout: Duration,
+    commits: Vec<HeldKey>,
+    replies: Vec<oneshot::Sender<Result<bool, StoreError>>>,
+) {
+    let n = commits.len();
+    let answers = match store.as_claim_store() {
+        None => Err(StoreError::ClaimsUnsupported),
+        Some(claims) => match tokio::time::timeout(timeout, claims.commit(commits, ttl)).await {
+            Ok(Ok(answers)) if answers.len() == n => Ok(answers),
+            Ok(Ok(answers)) => Err(StoreError::backend(
+                "commit",
+                format!("{} answers for {n} keys", answers.len()),
+            )),
+            Ok(Err(e)) => Err(e),
+            Err(_) => Err(StoreError::Timeout(timeout)),
+        },
+    };
+    match answers {
+        Ok(answers) => {
+            for (reply, answer) in replies.into_iter().zip(answers) {
+                let _ = reply.send(Ok(answer));
             }
         }
-        release.await;
+        Err(e) => {
+            for reply in replies {
+                let _ = reply.send(Err(e.clone()));
+            }
+        }
+    }
+}
+
+/// Releases one batch. A failed release is harmless: the key's lease frees it.
+async fn release(store: Arc<dyn Store>, timeout: Duration, releases: Vec<HeldKey>) {
+    if let Some(claims) = store.as_claim_store() {
+        let _ = tokio::time::timeout(timeout, claims.release(releases)).await;
     }
 }

@@ -14,7 +14,9 @@ mod support;
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
-use stream_dedup::store::{InsertBatch, Inserted, RedisStore, Store, StoreError, Token};
+use stream_dedup::store::{
+    ClaimBatch, Claimed, InsertBatch, Inserted, RedisStore, Store, StoreError, Token,
+};
 use support::redis_server::{self, RedisCluster, RedisServer};
 
 /// The store for the suite, or `None` without a server.
@@ -53,6 +55,59 @@ async fn connect(url: &str, namespace: &str) -> RedisStore {
         .connect(url)
         .await
         .expect("connect")
+}
+
+/// Commits and releases of more keys than one script call takes (they go in chunks): every key
+/// gets its own answer, in order, and a claim that lost its key is told so.
+#[tokio::test]
+async fn large_commits_answer_every_key_in_order() {
+    let Some(url) = redis_server::url("large_commits_answer_every_key_in_order") else {
+        return;
+    };
+    let store = connect(&url, &namespace("large-commits")).await;
+    let claims = store.as_claim_store().expect("claims");
+    let keys: Vec<Vec<u8>> = (0..2_500).map(key).collect();
+    let (mine, theirs) = (Token::new(), Token::new());
+    let claim = |keys: Vec<Vec<u8>>, token| {
+        ClaimBatch::new(keys, Duration::from_secs(60)).with_token(token)
+    };
+    let got = claims.claim(claim(keys.clone(), mine)).await.unwrap();
+    assert!(got.iter().all(|&c| c == Claimed::Mine));
+    // Every seventh key is released and taken by another consumer: ours to commit no more.
+    let lost: Vec<Vec<u8>> = keys.iter().step_by(7).cloned().collect();
+    claims
+        .release(lost.iter().map(|k| (k.clone(), mine)).collect())
+        .await
+        .unwrap();
+    let got = claims.claim(claim(lost.clone(), theirs)).await.unwrap();
+    assert!(got.iter().all(|&c| c == Claimed::Mine));
+
+    let answers = claims
+        .commit(keys.iter().map(|k| (k.clone(), mine)).collect(), TTL)
+        .await
+        .unwrap();
+    assert_eq!(answers.len(), keys.len());
+    for (i, committed) in answers.iter().enumerate() {
+        assert_eq!(*committed, i % 7 != 0, "key {i}");
+    }
+    // A retried commit answers the same; the other consumer still holds its keys.
+    let again = claims
+        .commit(keys.iter().map(|k| (k.clone(), mine)).collect(), TTL)
+        .await
+        .unwrap();
+    assert_eq!(again, answers);
+    let got = claims
+        .claim(claim(keys.clone(), Token::new()))
+        .await
+        .unwrap();
+    for (i, c) in got.iter().enumerate() {
+        let want = if i % 7 == 0 {
+            Claimed::InFlight
+        } else {
+            Claimed::Done
+        };
+        assert_eq!(*c, want, "key {i}");
+    }
 }
 
 #[tokio::test]

@@ -496,6 +496,40 @@ end
 return 0
 ";
 
+/// [`COMMIT_SCRIPT`] over many keys in one call (one Redis, not Cluster: the keys of a call
+/// may lie in any slot). KEYS = the keys; ARGV[1] = ttl in ms, then for each key its in-flight
+/// value and its done value. Returns 1 or 0 per key.
+const COMMIT_MANY_SCRIPT: &str = r"
+local out = {}
+for i, key in ipairs(KEYS) do
+  local mine, done = ARGV[2 * i], ARGV[2 * i + 1]
+  local held = redis.call('GET', key)
+  if (not held) or held == mine or held == done then
+    redis.call('SET', key, done, 'PX', ARGV[1])
+    out[i] = 1
+  else
+    out[i] = 0
+  end
+end
+return out
+";
+
+/// [`RELEASE_SCRIPT`] over many keys in one call. KEYS = the keys; ARGV = their in-flight
+/// values. Returns how many were freed.
+const RELEASE_MANY_SCRIPT: &str = r"
+local freed = 0
+for i, key in ipairs(KEYS) do
+  if redis.call('GET', key) == ARGV[i] then
+    freed = freed + redis.call('DEL', key)
+  end
+end
+return freed
+";
+
+/// Keys per call of the batch scripts: Redis runs a script alone, so a call is kept short
+/// (~1 ms) for the other clients of the server.
+const KEYS_PER_SCRIPT: usize = 1000;
+
 /// The value of a key in flight: `c`, then the claim's token.
 fn in_flight_value(token: Token) -> [u8; 17] {
     let mut value = [b'c'; 17];
@@ -587,18 +621,53 @@ impl Inner {
         let (keys, tokens): (Vec<Vec<u8>>, Vec<Token>) = held.into_iter().unzip();
         let keys = self.redis_keys(&keys)?;
         let ttl = ttl_millis(ttl);
-        let replies = self
-            .run(OP, &keys, |i, key| {
-                let mut cmd = redis::cmd("EVAL");
-                cmd.arg(COMMIT_SCRIPT)
-                    .arg(1)
-                    .arg(key)
-                    .arg(&in_flight_value(tokens[i])[..])
-                    .arg(&tokens[i].to_bytes()[..])
-                    .arg(ttl);
-                cmd
-            })
-            .await?;
+        let replies = match &self.conn {
+            // One script call per chunk of keys: the server runs one command, not one per key.
+            Conn::Single(_) => self
+                .run_scripts(OP, &keys, |range| {
+                    let mut cmd = redis::cmd("EVAL");
+                    cmd.arg(COMMIT_MANY_SCRIPT).arg(range.len());
+                    for key in &keys[range.clone()] {
+                        cmd.arg(key);
+                    }
+                    cmd.arg(ttl);
+                    for &token in &tokens[range] {
+                        cmd.arg(&in_flight_value(token)[..])
+                            .arg(&token.to_bytes()[..]);
+                    }
+                    cmd
+                })
+                .await?
+                .into_iter()
+                .map(|reply| match reply {
+                    Value::Array(answers) => Ok(answers),
+                    other => Err(unexpected(OP, other)),
+                })
+                .collect::<Result<Vec<_>, _>>()?
+                .into_iter()
+                .flatten()
+                .collect(),
+            // Cluster: the keys of one script call must share a slot, so one call per key.
+            Conn::Cluster(_) => {
+                self.run(OP, &keys, |i, key| {
+                    let mut cmd = redis::cmd("EVAL");
+                    cmd.arg(COMMIT_SCRIPT)
+                        .arg(1)
+                        .arg(key)
+                        .arg(&in_flight_value(tokens[i])[..])
+                        .arg(&tokens[i].to_bytes()[..])
+                        .arg(ttl);
+                    cmd
+                })
+                .await?
+            }
+        };
+        if replies.len() != keys.len() {
+            return Err(StoreError::backend(
+                OP,
+                format!("{} answers for {} keys", replies.len(), keys.len()),
+            ));
+        }
         replies
             .into_iter()
             .map(|reply| match reply {
@@ -615,16 +684,33 @@ impl Inner {
         }
         let (keys, tokens): (Vec<Vec<u8>>, Vec<Token>) = held.into_iter().unzip();
         let keys = self.redis_keys(&keys)?;
-        let replies = self
-            .run(OP, &keys, |i, key| {
-                let mut cmd = redis::cmd("EVAL");
-                cmd.arg(RELEASE_SCRIPT)
-                    .arg(1)
-                    .arg(key)
-                    .arg(&in_flight_value(tokens[i])[..]);
-                cmd
-            })
-            .await?;
+        let replies = match &self.conn {
+            Conn::Single(_) => {
+                self.run_scripts(OP, &keys, |range| {
+                    let mut cmd = redis::cmd("EVAL");
+                    cmd.arg(RELEASE_MANY_SCRIPT).arg(range.len());
+                    for key in &keys[range.clone()] {
+                        cmd.arg(key);
+                    }
+                    for &token in &tokens[range] {
+                        cmd.arg(&in_flight_value(token)[..]);
+                    }
+                    cmd
+                })
+                .await?
+            }
+            Conn::Cluster(_) => {
+                self.run(OP, &keys, |i, key| {
+                    let mut cmd = redis::cmd("EVAL");
+                    cmd.arg(RELEASE_SCRIPT)
+                        .arg(1)
+                        .arg(key)
+                        .arg(&in_flight_value(tokens[i])[..]);
+                    cmd
+                })
+                .await?
+            }
+        };
         match replies.into_iter().find(|r| !matches!(r, Value::Int(_))) {
             None => Ok(()),
             Some(other) => Err(unexpected(OP, other)),
@@ -671,6 +757,49 @@ impl Inner {
 
     /// Sends `cmd(key)` for every key, pipelined, and returns the replies in the order of the
     /// keys. A reply that is a Redis error fails the call.
+    /// One Redis (not Cluster): one command per chunk of [`KEYS_PER_SCRIPT`] keys, made by
+    /// `cmd` from the chunk's range, pipelined; the replies in order, one per chunk.
+    async fn run_scripts(
+        &self,
+        op: &'static str,
+        keys: &[Vec<u8>],
+        cmd: impl Fn(std::ops::Range<usize>) -> Cmd,
+    ) -> Result<Vec<Value>, StoreError> {
+        let Conn::Single(manager) = &self.conn else {
+            return Err(StoreError::backend(op, "batch scripts need a single Redis"));
+        };
+        let chunks = keys.len().div_ceil(KEYS_PER_SCRIPT);
+        let mut pipe = Pipeline::with_capacity(chunks);
+        for start in (0..keys.len()).step_by(KEYS_PER_SCRIPT) {
+            pipe.add_command(cmd(start..keys.len().min(start + KEYS_PER_SCRIPT)));
+        }
+        pipe.ignore_errors();
+        let mut conn = manager.clone();
+        let replies = match pipe.query_async::<Vec<Value>>(&mut conn).await {
+            Ok(replies) => replies,
+            // As in `run`: a broken connection is replaced by the manager; commits and
+            // releases compare tokens, so sending them again is safe.
+            Err(e) if e.is_io_error() && !e.is_timeout() => pipe
+                .query_async::<Vec<Value>>(&mut conn)
+                .await
+                .map_err(|e| map_error(op, e, self.timeout))?,
+            Err(e) => return Err(map_error(op, e, self.timeout)),
+        };
+        if replies.len() != chunks {
+            return Err(StoreError::backend(
+                op,
+                format!("Redis sent {} replies to {chunks} scripts", replies.len()),
+            ));
+        }
+        replies
+            .into_iter()
+            .map(|reply| match reply {
+                Value::ServerError(e) => Err(map_error(op, e.into(), self.timeout)),
+                reply => Ok(reply),
+            })
+            .collect()
+    }
+
     async fn run(
         &self,
         op: &'static str,
