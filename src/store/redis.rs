@@ -530,6 +530,14 @@ return freed
 /// (~1 ms) for the other clients of the server.
 const KEYS_PER_SCRIPT: usize = 1000;
 
+/// An empty `SET` for a key of `key_len` bytes, sized for its arguments (value, `NX`, `GET`,
+/// `PX`, ttl): built without a reallocation, as every key of every batch needs one.
+fn set_command(key_len: usize) -> Cmd {
+    let mut cmd = Cmd::with_capacity(7, key_len + 17 + 3 + 2 + 3 + 2 + 20);
+    cmd.arg("SET");
+    cmd
+}
+
 /// The value of a key in flight: `c`, then the claim's token.
 fn in_flight_value(token: Token) -> [u8; 17] {
     let mut value = [b'c'; 17];
@@ -558,7 +566,7 @@ impl Inner {
         let keys = self.redis_keys(&batch.keys)?;
         let replies = self
             .run(OP, &keys, |_, key| {
-                let mut cmd = redis::cmd("SET");
+                let mut cmd = set_command(key.len());
                 cmd.arg(key)
                     .arg(&token[..])
                     .arg("NX")
@@ -589,7 +597,7 @@ impl Inner {
         let keys = self.redis_keys(&batch.keys)?;
         let replies = self
             .run(OP, &keys, |_, key| {
-                let mut cmd = redis::cmd("SET");
+                let mut cmd = set_command(key.len());
                 cmd.arg(key)
                     .arg(&mine[..])
                     .arg("NX")
