@@ -782,21 +782,45 @@ impl Inner {
             pipe.add_command(cmd(start..keys.len().min(start + KEYS_PER_SCRIPT)));
         }
         pipe.ignore_errors();
+        // Commits and releases compare tokens, so sending them again is safe.
+        let replies = self.send(op, manager, &pipe).await?;
+        self.replies(op, replies, chunks)
+    }
+
+    /// Sends `pipe` through the connection manager, once more if the connection was found
+    /// broken (closed while idle, Redis restarted: the manager has started a new one). Every
+    /// caller's commands are safe to repeat.
+    async fn send(
+        &self,
+        op: &'static str,
+        manager: &ConnectionManager,
+        pipe: &Pipeline,
+    ) -> Result<Vec<Value>, StoreError> {
         let mut conn = manager.clone();
-        let replies = match pipe.query_async::<Vec<Value>>(&mut conn).await {
-            Ok(replies) => replies,
-            // As in `run`: a broken connection is replaced by the manager; commits and
-            // releases compare tokens, so sending them again is safe.
+        match pipe.query_async::<Vec<Value>>(&mut conn).await {
+            Ok(replies) => Ok(replies),
             Err(e) if e.is_io_error() && !e.is_timeout() => pipe
                 .query_async::<Vec<Value>>(&mut conn)
                 .await
-                .map_err(|e| map_error(op, e, self.timeout))?,
-            Err(e) => return Err(map_error(op, e, self.timeout)),
-        };
-        if replies.len() != chunks {
+                .map_err(|e| map_error(op, e, self.timeout)),
+            Err(e) => Err(map_error(op, e, self.timeout)),
+        }
+    }
+
+    /// `expected` replies, each an error if Redis answered one.
+    fn replies(
+        &self,
+        op: &'static str,
+        replies: Vec<Value>,
+        expected: usize,
+    ) -> Result<Vec<Value>, StoreError> {
+        if replies.len() != expected {
             return Err(StoreError::backend(
                 op,
-                format!("Redis sent {} replies to {chunks} scripts", replies.len()),
+                format!(
+                    "Redis sent {} replies to {expected} commands",
+                    replies.len()
+                ),
             ));
         }
         replies
@@ -821,39 +845,13 @@ impl Inner {
                     pipe.add_command(cmd(i, key));
                 }
                 pipe.ignore_errors();
-                let mut conn = manager.clone();
-                match pipe.query_async::<Vec<Value>>(&mut conn).await {
-                    Ok(replies) => replies,
-                    // The connection was found broken (closed while idle, Redis restarted):
-                    // the manager has started a new one; send once more through it. Safe to
-                    // repeat: a key that holds this request's token answers `New`, and `DEL`
-                    // of a deleted key does nothing.
-                    Err(e) if e.is_io_error() && !e.is_timeout() => pipe
-                        .query_async::<Vec<Value>>(&mut conn)
-                        .await
-                        .map_err(|e| map_error(op, e, self.timeout))?,
-                    Err(e) => return Err(map_error(op, e, self.timeout)),
-                }
+                // Safe to repeat: a key that holds this request's token answers `New`, and
+                // `DEL` of a deleted key does nothing.
+                self.send(op, manager, &pipe).await?
             }
             Conn::Cluster(cluster) => cluster.run(op, keys, &cmd, self.timeout).await?,
         };
-        if replies.len() != keys.len() {
-            return Err(StoreError::backend(
-                op,
-                format!(
-                    "Redis sent {} replies to {} commands",
-                    replies.len(),
-                    keys.len()
-                ),
-            ));
-        }
-        replies
-            .into_iter()
-            .map(|reply| match reply {
-                Value::ServerError(e) => Err(map_error(op, e.into(), self.timeout)),
-                reply => Ok(reply),
-            })
-            .collect()
+        self.replies(op, replies, keys.len())
     }
 }
 
