@@ -3,11 +3,9 @@
 
 use std::collections::HashMap;
 use std::fmt;
-use std::future::Future;
 use std::hash::Hash;
 use std::ops::{Deref, DerefMut};
-use std::pin::Pin;
-use std::sync::{Arc, Mutex, MutexGuard, OnceLock, PoisonError};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock, PoisonError, Weak};
 use std::time::Duration;
 
 use tokio::sync::{mpsc, oneshot};
@@ -46,9 +44,16 @@ impl Drop for Guard {
 
 /// The key side of a claim, with the key's type erased.
 trait Ticket: Send + Sync {
-    fn commit(self: Box<Self>) -> Pin<Box<dyn Future<Output = Result<(), StoreError>> + Send>>;
+    fn commit(self: Box<Self>) -> Settle;
     fn release(self: Box<Self>);
     fn token(&self) -> Token;
+}
+
+/// How a commit ends: at once (no store, or no runtime to reach it), or when the committer
+/// task has the store's answer.
+enum Settle {
+    Now(Result<(), StoreError>),
+    Later(oneshot::Receiver<Result<(), StoreError>>),
 }
 
 impl<T> Claim<T> {
@@ -76,7 +81,12 @@ impl<T> Claim<T> {
     pub async fn commit(self) -> Result<T, StoreError> {
         let Claim { item, mut guard } = self;
         if let Some(ticket) = guard.0.take() {
-            ticket.commit().await?;
+            match ticket.commit() {
+                Settle::Now(result) => result?,
+                Settle::Later(answer) => answer
+                    .await
+                    .map_err(|_| StoreError::backend("commit", "the commit task is gone"))??,
+            }
         }
         Ok(item)
     }
@@ -130,21 +140,13 @@ struct KeyTicket<K> {
 }
 
 impl<K: Hash + Eq + Send + Sync + 'static> Ticket for KeyTicket<K> {
-    fn commit(self: Box<Self>) -> Pin<Box<dyn Future<Output = Result<(), StoreError>> + Send>> {
-        Box::pin(async move {
-            let KeyTicket { key, token, core } = *self;
-            if let Some(link) = &core.store {
-                let mut bytes = Vec::new();
-                (link.encode)(&key, &mut bytes);
-                let result = link.committer.commit(bytes, token).await;
-                if let Err(e) = result {
-                    // Not done: free the key (here and, if still ours, in the store).
-                    core.release(&key, token);
-                    return Err(e);
-                }
-            }
-            core.commit_locally(key, token)
-        })
+    fn commit(self: Box<Self>) -> Settle {
+        let KeyTicket { key, token, core } = *self;
+        match &core.store {
+            // The committer task commits in the store, then here, then answers.
+            Some(link) => link.committer.commit(&core, key, token),
+            None => Settle::Now(core.lock().commit_locally(key, token, Instant::now())),
+        }
     }
 
     fn release(self: Box<Self>) {
@@ -165,6 +167,32 @@ struct ClaimState<K> {
     in_flight: InFlight<K>,
 }
 
+impl<K: Hash + Eq> ClaimState<K> {
+    /// Marks `key` done, unless another claim holds it now (our lease ran out).
+    fn commit_locally(&mut self, key: K, token: Token, now: Instant) -> Result<(), StoreError> {
+        match self.in_flight.get(&key) {
+            Some(&(t, _)) if t == token => {
+                self.in_flight.remove(&key);
+            }
+            // Our lease ran out and another claim holds the key now.
+            Some(&(_, end)) if end > now => return Err(StoreError::LeaseLost),
+            _ => {}
+        }
+        let t = self.window.now();
+        self.window.observe_uncounted(key, t);
+        self.window.recorder().committed();
+        Ok(())
+    }
+
+    /// Frees `key` if this claim still holds it.
+    fn release_locally(&mut self, key: &K, token: Token) {
+        if self.in_flight.get(key).is_some_and(|&(t, _)| t == token) {
+            self.in_flight.remove(key);
+            self.window.recorder().released();
+        }
+    }
+}
+
 /// What a claim operator and its claims share.
 pub(crate) struct ClaimCore<K> {
     state: Mutex<ClaimState<K>>,
@@ -174,7 +202,7 @@ pub(crate) struct ClaimCore<K> {
 
 pub(crate) struct StoreLink<K> {
     pub(crate) encode: fn(&K, &mut Vec<u8>),
-    pub(crate) committer: Committer,
+    pub(crate) committer: Committer<K>,
 }
 
 impl<K: Hash + Eq> ClaimCore<K> {
@@ -203,35 +231,13 @@ impl<K: Hash + Eq> ClaimCore<K> {
         self.lock().in_flight.insert(key, (token, lease_end));
     }
 
-    fn commit_locally(&self, key: K, token: Token) -> Result<(), StoreError> {
-        let mut state = self.lock();
-        let now = Instant::now();
-        match state.in_flight.get(&key) {
-            Some(&(t, _)) if t == token => {
-                state.in_flight.remove(&key);
-            }
-            // Our lease ran out and another claim holds the key now.
-            Some(&(_, end)) if end > now => return Err(StoreError::LeaseLost),
-            _ => {}
-        }
-        let t = state.window.now();
-        state.window.observe_uncounted(key, t);
-        state.window.recorder().committed();
-        Ok(())
-    }
-
     /// Frees a key this operator claimed but never handed out (it is being dropped).
     pub(crate) fn release_unhanded(&self, key: &K, token: Token) {
         self.release(key, token);
     }
 
     fn release(&self, key: &K, token: Token) {
-        let mut state = self.lock();
-        if state.in_flight.get(key).is_some_and(|&(t, _)| t == token) {
-            state.in_flight.remove(key);
-            state.window.recorder().released();
-        }
-        drop(state);
+        self.lock().release_locally(key, token);
         if let Some(link) = &self.store {
             let mut bytes = Vec::new();
             (link.encode)(key, &mut bytes);
@@ -312,63 +318,95 @@ impl<K: Hash + Eq> Gate<K> for ClaimGate<'_, K> {
     }
 }
 
-enum Op {
-    Commit(Vec<u8>, Token, oneshot::Sender<Result<bool, StoreError>>),
+enum Op<K> {
+    Commit(K, Token, oneshot::Sender<Result<(), StoreError>>),
     Release(Vec<u8>, Token),
 }
 
 /// Sends commits and releases to the store from a background task, in batches: the commits
-/// (and releases) queued while one round trip runs go together in the next.
-pub(crate) struct Committer {
+/// (and releases) queued while one round trip runs go together in the next. The task also
+/// records the answers in memory (one lock per batch), so a commit costs its caller a channel
+/// send and a wake-up.
+pub(crate) struct Committer<K> {
     store: Arc<dyn Store>,
     ttl: Duration,
     timeout: Duration,
-    tx: OnceLock<mpsc::UnboundedSender<Op>>,
+    encode: fn(&K, &mut Vec<u8>),
+    tx: OnceLock<mpsc::UnboundedSender<Op<K>>>,
 }
 
 /// The most operations sent in one round trip.
 const MAX_BATCH: usize = 1024;
 
-impl Committer {
-    pub(crate) fn new(store: Arc<dyn Store>, ttl: Duration, timeout: Duration) -> Self {
+impl<K> Committer<K> {
+    pub(crate) fn new(
+        store: Arc<dyn Store>,
+        ttl: Duration,
+        timeout: Duration,
+        encode: fn(&K, &mut Vec<u8>),
+    ) -> Self {
         Committer {
             store,
             ttl,
             timeout,
+            encode,
             tx: OnceLock::new(),
         }
     }
 
+    fn release(&self, key: Vec<u8>, token: Token) {
+        if let Some(tx) = self.tx.get() {
+            let _ = tx.send(Op::Release(key, token));
+        } else if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            // No commit yet started the task: release on a task of its own.
+            let store = Arc::clone(&self.store);
+            runtime.spawn(release(store, self.timeout, vec![(key, token)]));
+        }
+    }
+}
+
+impl<K: Hash + Eq + Send + 'static> Committer<K> {
     /// The channel to the task, started on first use; `None` outside a tokio runtime.
-    fn sender(&self) -> Option<&mpsc::UnboundedSender<Op>> {
+    fn sender(&self, core: &Arc<ClaimCore<K>>) -> Option<&mpsc::UnboundedSender<Op<K>>> {
         if let Some(tx) = self.tx.get() {
             return Some(tx);
         }
         let runtime = tokio::runtime::Handle::try_current().ok()?;
         Some(self.tx.get_or_init(|| {
             let (tx, rx) = mpsc::unbounded_channel();
-            runtime.spawn(run(Arc::clone(&self.store), self.ttl, self.timeout, rx));
+            let task = Task {
+                store: Arc::clone(&self.store),
+                ttl: self.ttl,
+                timeout: self.timeout,
+                encode: self.encode,
+                // Weak: the core owns the sender, and the task ends when the sender is gone.
+                core: Arc::downgrade(core),
+            };
+            runtime.spawn(task.run(rx));
             tx
         }))
     }
 
-    async fn commit(&self, key: Vec<u8>, token: Token) -> Result<(), StoreError> {
+    fn commit(&self, core: &Arc<ClaimCore<K>>, key: K, token: Token) -> Settle {
+        let Some(tx) = self.sender(core) else {
+            core.release(&key, token);
+            return Settle::Now(Err(StoreError::backend(
+                "commit",
+                "no tokio runtime to commit on",
+            )));
+        };
         let (reply, answer) = oneshot::channel();
-        let gone = || StoreError::backend("commit", "the commit task is gone");
-        let tx = self
-            .sender()
-            .ok_or_else(|| StoreError::backend("commit", "no tokio runtime to commit on"))?;
-        tx.send(Op::Commit(key, token, reply)).map_err(|_| gone())?;
-        match answer.await.map_err(|_| gone())? {
-            Ok(true) => Ok(()),
-            Ok(false) => Err(StoreError::LeaseLost),
-            Err(e) => Err(e),
-        }
-    }
-
-    fn release(&self, key: Vec<u8>, token: Token) {
-        if let Some(tx) = self.sender() {
-            let _ = tx.send(Op::Release(key, token));
+        match tx.send(Op::Commit(key, token, reply)) {
+            Ok(()) => Settle::Later(answer),
+            Err(mpsc::error::SendError(op)) => {
+                if let Op::Commit(key, token, _) = op {
+                    core.release(&key, token);
+                }
+                Settle::Now(Err(StoreError::backend(
+                    "commit",
+                    "the commit task is gone",
+                )))
+            }
         }
     }
 }
@@ -377,88 +415,112 @@ impl Committer {
 /// is already on its way.
 const MAX_BATCHES_IN_FLIGHT: usize = 4;
 
-async fn run(
+/// The committer's background task.
+struct Task<K> {
     store: Arc<dyn Store>,
     ttl: Duration,
     timeout: Duration,
-    mut rx: mpsc::UnboundedReceiver<Op>,
-) {
-    if store.as_claim_store().is_none() {
-        // Claim operators refuse such a store when they are built; answer anyway.
-        while let Some(op) = rx.recv().await {
-            if let Op::Commit(_, _, reply) = op {
-                let _ = reply.send(Err(StoreError::ClaimsUnsupported));
-            }
-        }
-        return;
-    }
-    let mut batches = tokio::task::JoinSet::new();
-    let mut ops = Vec::new();
-    loop {
-        while batches.try_join_next().is_some() {}
-        if batches.len() >= MAX_BATCHES_IN_FLIGHT {
-            batches.join_next().await;
-            continue;
-        }
-        if rx.recv_many(&mut ops, MAX_BATCH).await == 0 {
-            break;
-        }
-        let mut commits: Vec<HeldKey> = Vec::new();
-        let mut replies = Vec::new();
-        let mut releases: Vec<HeldKey> = Vec::new();
-        for op in ops.drain(..) {
-            match op {
-                Op::Commit(key, token, reply) => {
-                    commits.push((key, token));
-                    replies.push(reply);
-                }
-                Op::Release(key, token) => releases.push((key, token)),
-            }
-        }
-        if !commits.is_empty() {
-            batches.spawn(commit(Arc::clone(&store), ttl, timeout, commits, replies));
-        }
-        if !releases.is_empty() {
-            batches.spawn(release(Arc::clone(&store), timeout, releases));
-        }
-    }
-    while batches.join_next().await.is_some() {}
+    encode: fn(&K, &mut Vec<u8>),
+    core: Weak<ClaimCore<K>>,
 }
 
-/// Commits one batch and answers each claim.
-async fn commit(
-    store: Arc<dyn Store>,
-    ttl: Duration,
-    timeout: Duration,
-    commits: Vec<HeldKey>,
-    replies: Vec<oneshot::Sender<Result<bool, StoreError>>>,
-) {
-    let n = commits.len();
-    let answers = match store.as_claim_store() {
-        None => Err(StoreError::ClaimsUnsupported),
-        Some(claims) => match tokio::time::timeout(timeout, claims.commit(commits, ttl)).await {
-            Ok(Ok(answers)) if answers.len() == n => Ok(answers),
-            Ok(Ok(answers)) => Err(StoreError::backend(
-                "commit",
-                format!("{} answers for {n} keys", answers.len()),
-            )),
-            Ok(Err(e)) => Err(e),
-            Err(_) => Err(StoreError::Timeout(timeout)),
-        },
-    };
-    match answers {
-        Ok(answers) => {
-            for (reply, answer) in replies.into_iter().zip(answers) {
-                let _ = reply.send(Ok(answer));
+impl<K: Hash + Eq + Send + 'static> Task<K> {
+    async fn run(self, mut rx: mpsc::UnboundedReceiver<Op<K>>) {
+        let task = Arc::new(self);
+        let mut batches = tokio::task::JoinSet::new();
+        let mut ops = Vec::new();
+        loop {
+            while batches.try_join_next().is_some() {}
+            if batches.len() >= MAX_BATCHES_IN_FLIGHT {
+                batches.join_next().await;
+                continue;
+            }
+            if rx.recv_many(&mut ops, MAX_BATCH).await == 0 {
+                break;
+            }
+            let mut commits = Vec::new();
+            let mut releases: Vec<HeldKey> = Vec::new();
+            for op in ops.drain(..) {
+                match op {
+                    Op::Commit(key, token, reply) => commits.push((key, token, reply)),
+                    Op::Release(key, token) => releases.push((key, token)),
+                }
+            }
+            if !commits.is_empty() {
+                batches.spawn(Arc::clone(&task).commit(commits));
+            }
+            if !releases.is_empty() {
+                batches.spawn(release(Arc::clone(&task.store), task.timeout, releases));
             }
         }
-        Err(e) => {
-            for reply in replies {
-                let _ = reply.send(Err(e.clone()));
+        while batches.join_next().await.is_some() {}
+    }
+
+    /// Commits one batch in the store, records the answers in memory, and answers each claim.
+    async fn commit(self: Arc<Self>, commits: Vec<Commit<K>>) {
+        let held: Vec<HeldKey> = commits
+            .iter()
+            .map(|(key, token, _)| {
+                let mut bytes = Vec::new();
+                (self.encode)(key, &mut bytes);
+                (bytes, *token)
+            })
+            .collect();
+        let n = held.len();
+        let answers = match self.store.as_claim_store() {
+            None => Err(StoreError::ClaimsUnsupported),
+            Some(claims) => {
+                match tokio::time::timeout(self.timeout, claims.commit(held, self.ttl)).await {
+                    Ok(Ok(answers)) if answers.len() == n => Ok(answers),
+                    Ok(Ok(answers)) => Err(StoreError::backend(
+                        "commit",
+                        format!("{} answers for {n} keys", answers.len()),
+                    )),
+                    Ok(Err(e)) => Err(e),
+                    Err(_) => Err(StoreError::Timeout(self.timeout)),
+                }
             }
+        };
+        let mut results = Vec::with_capacity(n);
+        let mut failed: Vec<HeldKey> = Vec::new();
+        {
+            let core = self.core.upgrade();
+            let mut state = core.as_ref().map(|core| core.lock());
+            let now = Instant::now();
+            for (i, (key, token, reply)) in commits.into_iter().enumerate() {
+                let result = match &answers {
+                    Ok(answers) if answers[i] => match state.as_mut() {
+                        Some(state) => state.commit_locally(key, token, now),
+                        None => Ok(()),
+                    },
+                    // Not done: free the key (here and, if still ours, in the store).
+                    answer => {
+                        if let Some(state) = state.as_mut() {
+                            state.release_locally(&key, token);
+                        }
+                        let mut bytes = Vec::new();
+                        (self.encode)(&key, &mut bytes);
+                        failed.push((bytes, token));
+                        match answer {
+                            Err(e) => Err(e.clone()),
+                            Ok(_) => Err(StoreError::LeaseLost),
+                        }
+                    }
+                };
+                results.push((reply, result));
+            }
+        }
+        for (reply, result) in results {
+            let _ = reply.send(result);
+        }
+        if !failed.is_empty() {
+            release(Arc::clone(&self.store), self.timeout, failed).await;
         }
     }
 }
+
+/// A commit waiting in the committer: the key, its claim's token, where the answer goes.
+type Commit<K> = (K, Token, oneshot::Sender<Result<(), StoreError>>);
 
 /// Releases one batch. A failed release is harmless: the key's lease frees it.
 async fn release(store: Arc<dyn Store>, timeout: Duration, releases: Vec<HeldKey>) {

@@ -46,6 +46,7 @@ where
             Arc::clone(&parts.config.store),
             parts.config.ttl,
             parts.config.timeout,
+            parts.encode,
         ),
     });
     let core = Arc::new(ClaimCore::new(window.set, lease, link));

@@ -159,6 +159,112 @@ async fn key_layout() {
     assert!((50_000..=60_000).contains(&pttl), "{pttl}");
 }
 
+/// A key in flight holds `c` + the token + the lease in milliseconds. A commit that finds
+/// another claim's key (in flight or done) is refused and leaves that key as it was: its value,
+/// and an expiry of its own lease (in flight) or of the ttl (done), not the refused commit's.
+/// One commit call mixes keys of several claim batches (tokens) and answers each.
+#[tokio::test]
+async fn refused_commits_leave_the_holders_key_as_it_was() {
+    let Some(url) = redis_server::url("refused_commits_leave_the_holders_key_as_it_was") else {
+        return;
+    };
+    let ns = namespace("refused");
+    let store = connect(&url, &ns).await;
+    let claims = store.as_claim_store().expect("claims");
+    let client = redis::Client::open(url.as_str()).unwrap();
+    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    let mut read = async |k: &[u8]| -> (Option<Vec<u8>>, i64) {
+        let mut redis_key = format!("{ns}:").into_bytes();
+        redis_key.extend_from_slice(k);
+        let (value, pttl): (Option<Vec<u8>>, i64) = redis::pipe()
+            .cmd("GET")
+            .arg(&redis_key)
+            .cmd("PTTL")
+            .arg(&redis_key)
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        (value, pttl)
+    };
+    let claim = |keys: &[&[u8]], lease: Duration, token: Token| {
+        ClaimBatch::new(keys.iter().map(|k| k.to_vec()).collect(), lease).with_token(token)
+    };
+    let (mine, other, theirs) = (Token::new(), Token::new(), Token::new());
+    let long = Duration::from_secs(600);
+    assert!(
+        claims
+            .claim(claim(&[b"a", b"b", b"c"], long, mine))
+            .await
+            .unwrap()
+            .iter()
+            .all(|c| *c == Claimed::Mine)
+    );
+    assert!(
+        claims
+            .claim(claim(&[b"d"], long, other))
+            .await
+            .unwrap()
+            .iter()
+            .all(|c| *c == Claimed::Mine)
+    );
+    let (value, pttl) = read(b"a").await;
+    let mut want = b"c".to_vec();
+    want.extend_from_slice(&mine.to_bytes());
+    want.extend_from_slice(b"600000");
+    assert_eq!(value.as_deref(), Some(&want[..]));
+    assert!((590_000..=600_000).contains(&pttl), "{pttl}");
+
+    // "b" is released and taken by a claim with a 20 s lease; "c" is released and recorded
+    // done by mark-on-emit (an insert).
+    claims
+        .release(vec![(b"b".to_vec(), mine), (b"c".to_vec(), mine)])
+        .await
+        .unwrap();
+    let lease = Duration::from_secs(20);
+    assert_eq!(
+        claims.claim(claim(&[b"b"], lease, theirs)).await.unwrap(),
+        [Claimed::Mine]
+    );
+    let insert = InsertBatch::new(vec![b"c".to_vec()], TTL).with_token(theirs);
+    assert_eq!(store.insert(insert).await.unwrap(), [Inserted::New]);
+    let before_b = read(b"b").await.0;
+
+    // One call: keys of two claim batches, interleaved, and a free key ("e": its lease ran out).
+    let held = vec![
+        (b"a".to_vec(), mine),
+        (b"d".to_vec(), other),
+        (b"b".to_vec(), mine),
+        (b"c".to_vec(), mine),
+        (b"e".to_vec(), other),
+    ];
+    let ttl = Duration::from_secs(300);
+    let answers = claims.commit(held, ttl).await.unwrap();
+    assert_eq!(answers, [true, true, false, false, true]);
+    for k in [&b"a"[..], b"d", b"e"] {
+        let (value, pttl) = read(k).await;
+        let owner = if k == b"a" { mine } else { other };
+        assert_eq!(value, Some(owner.to_bytes().to_vec()), "{k:?}");
+        assert!((290_000..=300_000).contains(&pttl), "{k:?}: {pttl}");
+    }
+    let (value, pttl) = read(b"b").await;
+    assert_eq!(value, before_b);
+    assert!(
+        (10_000..=20_000).contains(&pttl),
+        "in flight keeps its lease: {pttl}"
+    );
+    let (value, pttl) = read(b"c").await;
+    assert_eq!(value, Some(theirs.to_bytes().to_vec()));
+    assert!(pttl > 100_000, "done keeps a ttl: {pttl}");
+    // Their claim still commits.
+    assert_eq!(
+        claims
+            .commit(vec![(b"b".to_vec(), theirs)], ttl)
+            .await
+            .unwrap(),
+        [true]
+    );
+}
+
 /// 100,000 keys through one store, the store dropped, a new one connected: all present.
 #[tokio::test]
 async fn restart_forgets_nothing() {

@@ -447,10 +447,11 @@ impl Store for RedisStore {
 }
 
 /// Claims on Redis. A done key holds the 16 bytes of the token that recorded it (as
-/// [`Store::insert`] writes it); a key in flight holds `c` + its claim's token, with the lease
-/// as its expiry. `claim` is `SET key ctoken NX GET PX lease`, pipelined like `insert`;
-/// `commit` and `release` compare the token in a small Lua script per key (pipelined), so a
-/// consumer whose lease ran out can never overwrite or free a key another consumer holds.
+/// [`Store::insert`] writes it); a key in flight holds `c` + its claim's token + the lease in
+/// decimal milliseconds, with the lease as its expiry. `claim` is `SET key value NX GET PX
+/// lease`, pipelined like `insert`; `commit` and `release` compare the token in a small Lua
+/// script (one call per 1,000 keys on one Redis, per key on a Cluster), so a consumer whose
+/// lease ran out can never overwrite or free a key another consumer holds.
 impl ClaimStore for RedisStore {
     fn claim(&self, batch: ClaimBatch) -> StoreFuture<Vec<Claimed>> {
         let inner = Arc::clone(&self.inner);
@@ -477,51 +478,56 @@ impl ClaimStore for RedisStore {
     }
 }
 
-/// Marks a key done if it is free, or held (in flight or done) by this claim's token.
-/// KEYS[1] = key; ARGV = in-flight value, done value, ttl in ms. Returns 1 if committed.
+/// Marks a key done if it is free, or held (in flight or done) by this claim's token, with one
+/// command in the usual case: `SET key done XX GET PX ttl` answers what the key held; if that
+/// was another claim's, the script puts it back (atomically: no client sees the change), an
+/// in-flight value with its owner's lease (read from the value), a done value with `ttl`.
+///
+/// KEYS = the keys; ARGV[1] = ttl in ms, then runs of (count, in-flight prefix, done value)
+/// that cover the keys in order (the keys of one claim batch share a token). Returns 1 or 0 per
+/// key.
 const COMMIT_SCRIPT: &str = r"
-local held = redis.call('GET', KEYS[1])
-if (not held) or held == ARGV[1] or held == ARGV[2] then
-  redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3])
-  return 1
-end
-return 0
-";
-
-/// Frees a key if this claim still holds it in flight. KEYS[1] = key; ARGV[1] = in-flight value.
-const RELEASE_SCRIPT: &str = r"
-if redis.call('GET', KEYS[1]) == ARGV[1] then
-  return redis.call('DEL', KEYS[1])
-end
-return 0
-";
-
-/// [`COMMIT_SCRIPT`] over many keys in one call (one Redis, not Cluster: the keys of a call
-/// may lie in any slot). KEYS = the keys; ARGV[1] = ttl in ms, then for each key its in-flight
-/// value and its done value. Returns 1 or 0 per key.
-const COMMIT_MANY_SCRIPT: &str = r"
+local ttl = ARGV[1]
 local out = {}
-for i, key in ipairs(KEYS) do
-  local mine, done = ARGV[2 * i], ARGV[2 * i + 1]
-  local held = redis.call('GET', key)
-  if (not held) or held == mine or held == done then
-    redis.call('SET', key, done, 'PX', ARGV[1])
-    out[i] = 1
-  else
-    out[i] = 0
+local i, a = 1, 2
+while a < #ARGV do
+  local last, mine, done = i + tonumber(ARGV[a]) - 1, ARGV[a + 1], ARGV[a + 2]
+  for j = i, last do
+    local key = KEYS[j]
+    local held = redis.call('SET', key, done, 'XX', 'GET', 'PX', ttl)
+    if held == done or (held and string.sub(held, 1, 17) == mine) then
+      out[j] = 1
+    elseif not held then
+      redis.call('SET', key, done, 'PX', ttl)
+      out[j] = 1
+    else
+      local px = ttl
+      if #held > 17 and string.byte(held, 1) == 99 then
+        px = tonumber(string.sub(held, 18)) or ttl
+      end
+      redis.call('SET', key, held, 'PX', px)
+      out[j] = 0
+    end
   end
+  i, a = last + 1, a + 3
 end
 return out
 ";
 
-/// [`RELEASE_SCRIPT`] over many keys in one call. KEYS = the keys; ARGV = their in-flight
-/// values. Returns how many were freed.
-const RELEASE_MANY_SCRIPT: &str = r"
+/// Frees keys that these claims still hold in flight. KEYS = the keys; ARGV = runs of (count,
+/// in-flight prefix) that cover the keys in order. Returns how many were freed.
+const RELEASE_SCRIPT: &str = r"
 local freed = 0
-for i, key in ipairs(KEYS) do
-  if redis.call('GET', key) == ARGV[i] then
-    freed = freed + redis.call('DEL', key)
+local i, a = 1, 1
+while a < #ARGV do
+  local last, mine = i + tonumber(ARGV[a]) - 1, ARGV[a + 1]
+  for j = i, last do
+    local held = redis.call('GET', KEYS[j])
+    if held and string.sub(held, 1, 17) == mine then
+      freed = freed + redis.call('DEL', KEYS[j])
+    end
   end
+  i, a = last + 1, a + 2
 end
 return freed
 ";
@@ -533,16 +539,47 @@ const KEYS_PER_SCRIPT: usize = 1000;
 /// An empty `SET` for a key of `key_len` bytes, sized for its arguments (value, `NX`, `GET`,
 /// `PX`, ttl): built without a reallocation, as every key of every batch needs one.
 fn set_command(key_len: usize) -> Cmd {
-    let mut cmd = Cmd::with_capacity(7, key_len + 17 + 3 + 2 + 3 + 2 + 20);
+    let mut cmd = Cmd::with_capacity(7, key_len + IN_FLIGHT_MAX + 3 + 2 + 3 + 2 + 20);
     cmd.arg("SET");
     cmd
 }
 
-/// The value of a key in flight: `c`, then the claim's token.
-fn in_flight_value(token: Token) -> [u8; 17] {
+/// The first bytes of the value of a key in flight: `c`, then the claim's token. Commits and
+/// releases compare them.
+fn in_flight_prefix(token: Token) -> [u8; 17] {
     let mut value = [b'c'; 17];
     value[1..].copy_from_slice(&token.to_bytes());
     value
+}
+
+/// The longest in-flight value: the prefix and a lease in decimal milliseconds.
+const IN_FLIGHT_MAX: usize = 17 + 20;
+
+/// The value of a key in flight: [`in_flight_prefix`], then the lease in decimal milliseconds
+/// (a commit that finds another claim's key puts it back with that lease).
+fn in_flight_value(token: Token, lease_ms: u64) -> Vec<u8> {
+    let mut value = Vec::with_capacity(IN_FLIGHT_MAX);
+    value.extend_from_slice(&in_flight_prefix(token));
+    value.extend_from_slice(lease_ms.to_string().as_bytes());
+    value
+}
+
+/// Whether a key's value is a claim's in-flight value (a done value is 16 bytes).
+fn is_in_flight(value: &[u8]) -> bool {
+    value.len() >= 17 && value[0] == b'c'
+}
+
+/// Runs of equal tokens in `tokens`, in order: (length, token). The keys of one claim batch
+/// share a token, so a script call names each token once per run, not once per key.
+fn token_runs(tokens: &[Token]) -> Vec<(usize, Token)> {
+    let mut runs: Vec<(usize, Token)> = Vec::new();
+    for &token in tokens {
+        match runs.last_mut() {
+            Some((n, t)) if *t == token => *n += 1,
+            _ => runs.push((1, token)),
+        }
+    }
+    runs
 }
 
 /// `fut`, failed with [`StoreError::Timeout`] once `deadline` has passed.
@@ -592,8 +629,8 @@ impl Inner {
         if batch.keys.is_empty() {
             return Ok(Vec::new());
         }
-        let mine = in_flight_value(batch.token);
         let lease = ttl_millis(batch.lease);
+        let mine = in_flight_value(batch.token, lease);
         let keys = self.redis_keys(&batch.keys)?;
         let replies = self
             .run(OP, &keys, |_, key| {
@@ -612,9 +649,7 @@ impl Inner {
             .map(|reply| match reply {
                 Value::Nil => Ok(Claimed::Mine),
                 Value::BulkString(held) if held == mine => Ok(Claimed::Mine),
-                Value::BulkString(held) if held.len() == 17 && held[0] == b'c' => {
-                    Ok(Claimed::InFlight)
-                }
+                Value::BulkString(held) if is_in_flight(&held) => Ok(Claimed::InFlight),
                 Value::BulkString(_) => Ok(Claimed::Done),
                 other => Err(unexpected(OP, other)),
             })
@@ -629,60 +664,45 @@ impl Inner {
         let (keys, tokens): (Vec<Vec<u8>>, Vec<Token>) = held.into_iter().unzip();
         let keys = self.redis_keys(&keys)?;
         let ttl = ttl_millis(ttl);
-        let replies = match &self.conn {
-            // One script call per chunk of keys: the server runs one command, not one per key.
-            Conn::Single(_) => self
-                .run_scripts(OP, &keys, |range| {
-                    let mut cmd = redis::cmd("EVAL");
-                    cmd.arg(COMMIT_MANY_SCRIPT).arg(range.len());
-                    for key in &keys[range.clone()] {
-                        cmd.arg(key);
-                    }
-                    cmd.arg(ttl);
-                    for &token in &tokens[range] {
-                        cmd.arg(&in_flight_value(token)[..])
-                            .arg(&token.to_bytes()[..]);
-                    }
-                    cmd
-                })
-                .await?
-                .into_iter()
-                .map(|reply| match reply {
-                    Value::Array(answers) => Ok(answers),
-                    other => Err(unexpected(OP, other)),
-                })
-                .collect::<Result<Vec<_>, _>>()?
-                .into_iter()
-                .flatten()
-                .collect(),
-            // Cluster: the keys of one script call must share a slot, so one call per key.
-            Conn::Cluster(_) => {
-                self.run(OP, &keys, |i, key| {
-                    let mut cmd = redis::cmd("EVAL");
-                    cmd.arg(COMMIT_SCRIPT)
-                        .arg(1)
-                        .arg(key)
-                        .arg(&in_flight_value(tokens[i])[..])
-                        .arg(&tokens[i].to_bytes()[..])
-                        .arg(ttl);
-                    cmd
-                })
-                .await?
-            }
-        };
-        if replies.len() != keys.len() {
-            return Err(StoreError::backend(
-                OP,
-                format!("{} answers for {} keys", replies.len(), keys.len()),
-            ));
-        }
-        replies
+        let replies = self
+            .run_scripts(OP, &keys, |range| {
+                let mut cmd = redis::cmd("EVAL");
+                cmd.arg(COMMIT_SCRIPT).arg(range.len());
+                for key in &keys[range.clone()] {
+                    cmd.arg(key);
+                }
+                cmd.arg(ttl);
+                for (n, token) in token_runs(&tokens[range]) {
+                    cmd.arg(n)
+                        .arg(&in_flight_prefix(token)[..])
+                        .arg(&token.to_bytes()[..]);
+                }
+                cmd
+            })
+            .await?;
+        let answers: Vec<bool> = replies
             .into_iter()
             .map(|reply| match reply {
-                Value::Int(n) => Ok(n == 1),
+                Value::Array(answers) => answers
+                    .into_iter()
+                    .map(|answer| match answer {
+                        Value::Int(n) => Ok(n == 1),
+                        other => Err(unexpected(OP, other)),
+                    })
+                    .collect::<Result<Vec<bool>, _>>(),
                 other => Err(unexpected(OP, other)),
             })
-            .collect()
+            .collect::<Result<Vec<_>, _>>()?
+            .into_iter()
+            .flatten()
+            .collect();
+        if answers.len() != keys.len() {
+            return Err(StoreError::backend(
+                OP,
+                format!("{} answers for {} keys", answers.len(), keys.len()),
+            ));
+        }
+        Ok(answers)
     }
 
     async fn release(&self, held: Vec<HeldKey>) -> Result<(), StoreError> {
@@ -692,33 +712,19 @@ impl Inner {
         }
         let (keys, tokens): (Vec<Vec<u8>>, Vec<Token>) = held.into_iter().unzip();
         let keys = self.redis_keys(&keys)?;
-        let replies = match &self.conn {
-            Conn::Single(_) => {
-                self.run_scripts(OP, &keys, |range| {
-                    let mut cmd = redis::cmd("EVAL");
-                    cmd.arg(RELEASE_MANY_SCRIPT).arg(range.len());
-                    for key in &keys[range.clone()] {
-                        cmd.arg(key);
-                    }
-                    for &token in &tokens[range] {
-                        cmd.arg(&in_flight_value(token)[..]);
-                    }
-                    cmd
-                })
-                .await?
-            }
-            Conn::Cluster(_) => {
-                self.run(OP, &keys, |i, key| {
-                    let mut cmd = redis::cmd("EVAL");
-                    cmd.arg(RELEASE_SCRIPT)
-                        .arg(1)
-                        .arg(key)
-                        .arg(&in_flight_value(tokens[i])[..]);
-                    cmd
-                })
-                .await?
-            }
-        };
+        let replies = self
+            .run_scripts(OP, &keys, |range| {
+                let mut cmd = redis::cmd("EVAL");
+                cmd.arg(RELEASE_SCRIPT).arg(range.len());
+                for key in &keys[range.clone()] {
+                    cmd.arg(key);
+                }
+                for (n, token) in token_runs(&tokens[range]) {
+                    cmd.arg(n).arg(&in_flight_prefix(token)[..]);
+                }
+                cmd
+            })
+            .await?;
         match replies.into_iter().find(|r| !matches!(r, Value::Int(_))) {
             None => Ok(()),
             Some(other) => Err(unexpected(OP, other)),
@@ -763,18 +769,23 @@ impl Inner {
             .collect()
     }
 
-    /// Sends `cmd(key)` for every key, pipelined, and returns the replies in the order of the
-    /// keys. A reply that is a Redis error fails the call.
-    /// One Redis (not Cluster): one command per chunk of [`KEYS_PER_SCRIPT`] keys, made by
-    /// `cmd` from the chunk's range, pipelined; the replies in order, one per chunk.
+    /// One script command per chunk of [`KEYS_PER_SCRIPT`] keys (per key on a Cluster), made
+    /// by `cmd` from the chunk's range, pipelined; the replies in order, one per command.
     async fn run_scripts(
         &self,
         op: &'static str,
         keys: &[Vec<u8>],
         cmd: impl Fn(std::ops::Range<usize>) -> Cmd,
     ) -> Result<Vec<Value>, StoreError> {
-        let Conn::Single(manager) = &self.conn else {
-            return Err(StoreError::backend(op, "batch scripts need a single Redis"));
+        let manager = match &self.conn {
+            Conn::Single(manager) => manager,
+            // The keys of one script call must share a slot: one call per key.
+            Conn::Cluster(cluster) => {
+                let replies = cluster
+                    .run(op, keys, &|i, _: &[u8]| cmd(i..i + 1), self.timeout)
+                    .await?;
+                return self.replies(op, replies, keys.len());
+            }
         };
         let chunks = keys.len().div_ceil(KEYS_PER_SCRIPT);
         let mut pipe = Pipeline::with_capacity(chunks);
@@ -832,6 +843,8 @@ impl Inner {
             .collect()
     }
 
+    /// Sends `cmd(i, key)` for every key, pipelined, and returns the replies in the order of
+    /// the keys. A reply that is a Redis error fails the call.
     async fn run(
         &self,
         op: &'static str,
