@@ -2,6 +2,7 @@
 //! when the claim is committed, and freed when it is dropped uncommitted.
 
 use std::collections::HashMap;
+use std::collections::hash_map::Entry;
 use std::fmt;
 use std::hash::Hash;
 use std::ops::{Deref, DerefMut};
@@ -83,7 +84,11 @@ impl<T> Claim<T> {
         if let Some(ticket) = guard.0.take() {
             match ticket.commit() {
                 Settle::Now(result) => result?,
-                Settle::Later(answer) => answer
+                // Outside tokio's coop budget: a batch's answer makes up to a thousand commits
+                // ready at once, and a consumer that awaits them together (`buffer_unordered`)
+                // would otherwise see all but the first ~128 refused and re-woken, every
+                // batch. A commit completes once, so it cannot starve the task.
+                Settle::Later(answer) => tokio::task::unconstrained(answer)
                     .await
                     .map_err(|_| StoreError::backend("commit", "the commit task is gone"))??,
             }
@@ -170,14 +175,15 @@ struct ClaimState<K> {
 impl<K: Hash + Eq> ClaimState<K> {
     /// Marks `key` done, unless another claim holds it now (our lease ran out).
     fn commit_locally(&mut self, key: K, token: Token, now: Instant) -> Result<(), StoreError> {
-        match self.in_flight.get(&key) {
-            Some(&(t, _)) if t == token => {
-                self.in_flight.remove(&key);
-            }
-            // Our lease ran out and another claim holds the key now.
-            Some(&(_, end)) if end > now => return Err(StoreError::LeaseLost),
-            _ => {}
-        }
+        // One lookup: the key comes back out of the entry.
+        let key = match self.in_flight.entry(key) {
+            Entry::Occupied(held) => match *held.get() {
+                // Our lease ran out and another claim holds the key now.
+                (t, end) if t != token && end > now => return Err(StoreError::LeaseLost),
+                _ => held.remove_entry().0,
+            },
+            Entry::Vacant(free) => free.into_key(),
+        };
         let t = self.window.now();
         self.window.observe_uncounted(key, t);
         self.window.recorder().committed();
@@ -225,9 +231,9 @@ impl<K: Hash + Eq> ClaimCore<K> {
         self.lock().window.stats()
     }
 
-    /// Claims `key` in memory (no store, or a store that failed open); returns the token.
-    pub(crate) fn claim_locally(&self, key: K, token: Token) {
-        let lease_end = Instant::now() + self.lease;
+    /// Claims `key` in memory (no store, or a store that failed open) from `now` on.
+    pub(crate) fn claim_locally(&self, key: K, token: Token, now: Instant) {
+        let lease_end = now + self.lease;
         self.lock().in_flight.insert(key, (token, lease_end));
     }
 
@@ -246,9 +252,8 @@ impl<K: Hash + Eq> ClaimCore<K> {
     }
 
     /// The in-memory verdict for `key`: held back while in flight, a duplicate when done.
-    pub(crate) fn pre(&self, key: &K, clone_key: fn(&K) -> K) -> Pre {
+    pub(crate) fn pre(&self, key: &K, now: Instant, clone_key: fn(&K) -> K) -> Pre {
         let mut state = self.lock();
-        let now = Instant::now();
         match state.in_flight.get(key) {
             Some(&(_, end)) if end > now => return Pre::HeldBack,
             Some(_) => {
@@ -290,13 +295,18 @@ impl<K: Hash + Eq> Gate<K> for ClaimGate<'_, K> {
         Some(Instant::now())
     }
 
-    fn pre(&mut self, key: &K, _now: Option<Instant>, clone_key: fn(&K) -> K) -> Pre {
-        self.core.pre(key, clone_key)
+    fn pre(&mut self, key: &K, now: Option<Instant>, clone_key: fn(&K) -> K) -> Pre {
+        self.core
+            .pre(key, now.unwrap_or_else(Instant::now), clone_key)
     }
 
-    fn answered(&mut self, key: &K, answer: Answer, token: Token, _now: Option<Instant>) {
+    fn answered(&mut self, key: &K, answer: Answer, token: Token, now: Option<Instant>) {
         match answer {
-            Answer::New => self.core.claim_locally((self.clone_key)(key), token),
+            Answer::New => self.core.claim_locally(
+                (self.clone_key)(key),
+                token,
+                now.unwrap_or_else(Instant::now),
+            ),
             Answer::Present => {
                 let mut state = self.core.lock();
                 let t = state.window.now();
@@ -306,10 +316,11 @@ impl<K: Hash + Eq> Gate<K> for ClaimGate<'_, K> {
         }
     }
 
-    fn failed(&mut self, key: &K, open: bool, token: Token, _now: Option<Instant>) {
+    fn failed(&mut self, key: &K, open: bool, token: Token, now: Option<Instant>) {
         if open {
             // Passed on unchecked: still a claim, in memory at least.
-            self.core.claim_locally((self.clone_key)(key), token);
+            let now = now.unwrap_or_else(Instant::now);
+            self.core.claim_locally((self.clone_key)(key), token, now);
         }
     }
 

@@ -6,6 +6,7 @@ use std::sync::Arc;
 
 use futures_core::{FusedStream, Stream};
 use pin_project::pin_project;
+use tokio::time::Instant;
 
 use crate::claim::{Claim, ClaimCore, ClaimGate, Committer, StoreLink};
 use crate::hook::{DropDuplicates, OnDuplicate};
@@ -150,12 +151,13 @@ pub(crate) fn claim_in_memory<T, K: Hash + Eq + Clone, E>(
     item: T,
     key: K,
 ) -> Out<T, K, E> {
-    match core.pre(&key, K::clone) {
+    let now = Instant::now();
+    match core.pre(&key, now, K::clone) {
         Pre::Duplicate => Out::Duplicate(item),
         Pre::HeldBack => Out::HeldBack(item),
         Pre::Ask => {
             let token = Token::new();
-            core.claim_locally(key.clone(), token);
+            core.claim_locally(key.clone(), token, now);
             Out::Emit(item, Some((key, token)))
         }
     }

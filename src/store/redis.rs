@@ -1,5 +1,6 @@
 use std::fmt;
 use std::future::Future;
+use std::io::Write as _;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
@@ -8,7 +9,9 @@ use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::cluster::ClusterClientBuilder;
 use redis::cluster_async::ClusterConnection;
 use redis::cluster_routing::{Route, RoutingInfo, SingleNodeRoutingInfo, SlotAddr};
-use redis::{Cmd, ErrorKind, Pipeline, RedisError, ServerErrorKind, Value};
+use redis::{
+    Cmd, ErrorKind, Pipeline, RedisError, RedisWrite, ServerErrorKind, ToRedisArgs, Value,
+};
 
 use super::{
     BoxError, ClaimBatch, ClaimStore, Claimed, HeldKey, InsertBatch, Inserted, Store, StoreError,
@@ -536,6 +539,26 @@ return freed
 /// (~1 ms) for the other clients of the server.
 const KEYS_PER_SCRIPT: usize = 1000;
 
+/// A Redis key as one command argument: the namespace prefix, then the key's bytes, written
+/// straight into the command (no buffer of its own).
+#[derive(Clone, Copy)]
+struct Prefixed<'a>(&'a [u8], &'a [u8]);
+
+impl Prefixed<'_> {
+    fn len(self) -> usize {
+        self.0.len() + self.1.len()
+    }
+}
+
+impl ToRedisArgs for Prefixed<'_> {
+    fn write_redis_args<W: ?Sized + RedisWrite>(&self, out: &mut W) {
+        let mut arg = out.writer_for_next_arg();
+        // Writes into the command's own buffer, which cannot fail.
+        let _ = arg.write_all(self.0);
+        let _ = arg.write_all(self.1);
+    }
+}
+
 /// An empty `SET` for a key of `key_len` bytes, sized for its arguments (value, `NX`, `GET`,
 /// `PX`, ttl): built without a reallocation, as every key of every batch needs one.
 fn set_command(key_len: usize) -> Cmd {
@@ -600,9 +623,10 @@ impl Inner {
         }
         let token = batch.token.to_bytes();
         let ttl = ttl_millis(batch.ttl);
-        let keys = self.redis_keys(&batch.keys)?;
+        self.check_keys(&batch.keys)?;
+        let keys = &batch.keys;
         let replies = self
-            .run(OP, &keys, |_, key| {
+            .run(OP, keys, |_, key| {
                 let mut cmd = set_command(key.len());
                 cmd.arg(key)
                     .arg(&token[..])
@@ -631,9 +655,10 @@ impl Inner {
         }
         let lease = ttl_millis(batch.lease);
         let mine = in_flight_value(batch.token, lease);
-        let keys = self.redis_keys(&batch.keys)?;
+        self.check_keys(&batch.keys)?;
+        let keys = &batch.keys;
         let replies = self
-            .run(OP, &keys, |_, key| {
+            .run(OP, keys, |_, key| {
                 let mut cmd = set_command(key.len());
                 cmd.arg(key)
                     .arg(&mine[..])
@@ -662,14 +687,14 @@ impl Inner {
             return Ok(Vec::new());
         }
         let (keys, tokens): (Vec<Vec<u8>>, Vec<Token>) = held.into_iter().unzip();
-        let keys = self.redis_keys(&keys)?;
+        self.check_keys(&keys)?;
         let ttl = ttl_millis(ttl);
         let replies = self
             .run_scripts(OP, &keys, |range| {
                 let mut cmd = redis::cmd("EVAL");
                 cmd.arg(COMMIT_SCRIPT).arg(range.len());
                 for key in &keys[range.clone()] {
-                    cmd.arg(key);
+                    cmd.arg(self.prefixed(key));
                 }
                 cmd.arg(ttl);
                 for (n, token) in token_runs(&tokens[range]) {
@@ -711,13 +736,13 @@ impl Inner {
             return Ok(());
         }
         let (keys, tokens): (Vec<Vec<u8>>, Vec<Token>) = held.into_iter().unzip();
-        let keys = self.redis_keys(&keys)?;
+        self.check_keys(&keys)?;
         let replies = self
             .run_scripts(OP, &keys, |range| {
                 let mut cmd = redis::cmd("EVAL");
                 cmd.arg(RELEASE_SCRIPT).arg(range.len());
                 for key in &keys[range.clone()] {
-                    cmd.arg(key);
+                    cmd.arg(self.prefixed(key));
                 }
                 for (n, token) in token_runs(&tokens[range]) {
                     cmd.arg(n).arg(&in_flight_prefix(token)[..]);
@@ -736,7 +761,7 @@ impl Inner {
         if keys.is_empty() {
             return Ok(());
         }
-        let keys = self.redis_keys(&keys)?;
+        self.check_keys(&keys)?;
         let replies = self
             .run(OP, &keys, |_, key| {
                 let mut cmd = redis::cmd("DEL");
@@ -750,21 +775,31 @@ impl Inner {
         }
     }
 
-    /// The Redis keys: the prefix, then each key's bytes.
-    fn redis_keys(&self, keys: &[Vec<u8>]) -> Result<Vec<Vec<u8>>, StoreError> {
+    /// Fails if a key is too long for Redis once prefixed.
+    fn check_keys(&self, keys: &[Vec<u8>]) -> Result<(), StoreError> {
         let max = MAX_KEY_LEN.saturating_sub(self.prefix.len());
+        match keys.iter().find(|key| key.len() > max) {
+            Some(key) => Err(StoreError::KeyTooLong {
+                len: key.len(),
+                max,
+            }),
+            None => Ok(()),
+        }
+    }
+
+    /// `key` as its Redis key: the prefix, then the key's bytes.
+    fn prefixed<'a>(&'a self, key: &'a [u8]) -> Prefixed<'a> {
+        Prefixed(&self.prefix, key)
+    }
+
+    /// The Redis keys, each in a buffer of its own (to route them on a Cluster).
+    fn full_keys(&self, keys: &[Vec<u8>]) -> Vec<Vec<u8>> {
         keys.iter()
             .map(|key| {
-                if key.len() > max {
-                    return Err(StoreError::KeyTooLong {
-                        len: key.len(),
-                        max,
-                    });
-                }
                 let mut full = Vec::with_capacity(self.prefix.len() + key.len());
                 full.extend_from_slice(&self.prefix);
                 full.extend_from_slice(key);
-                Ok(full)
+                full
             })
             .collect()
     }
@@ -781,8 +816,9 @@ impl Inner {
             Conn::Single(manager) => manager,
             // The keys of one script call must share a slot: one call per key.
             Conn::Cluster(cluster) => {
+                let full = self.full_keys(keys);
                 let replies = cluster
-                    .run(op, keys, &|i, _: &[u8]| cmd(i..i + 1), self.timeout)
+                    .run(op, &full, &|i, _: &[u8]| cmd(i..i + 1), self.timeout)
                     .await?;
                 return self.replies(op, replies, keys.len());
             }
@@ -849,20 +885,24 @@ impl Inner {
         &self,
         op: &'static str,
         keys: &[Vec<u8>],
-        cmd: impl Fn(usize, &[u8]) -> Cmd,
+        cmd: impl Fn(usize, Prefixed<'_>) -> Cmd,
     ) -> Result<Vec<Value>, StoreError> {
         let replies = match &self.conn {
             Conn::Single(manager) => {
                 let mut pipe = Pipeline::with_capacity(keys.len());
                 for (i, key) in keys.iter().enumerate() {
-                    pipe.add_command(cmd(i, key));
+                    pipe.add_command(cmd(i, self.prefixed(key)));
                 }
                 pipe.ignore_errors();
                 // Safe to repeat: a key that holds this request's token answers `New`, and
                 // `DEL` of a deleted key does nothing.
                 self.send(op, manager, &pipe).await?
             }
-            Conn::Cluster(cluster) => cluster.run(op, keys, &cmd, self.timeout).await?,
+            Conn::Cluster(cluster) => {
+                let full = self.full_keys(keys);
+                let cmd = |i: usize, _: &[u8]| cmd(i, self.prefixed(&keys[i]));
+                cluster.run(op, &full, &cmd, self.timeout).await?
+            }
         };
         self.replies(op, replies, keys.len())
     }
