@@ -542,6 +542,13 @@ impl<T, K: Hash + Eq, E> Driver<T, K, E> {
                                     };
                                     Some(self.refuse_key(gate, key, e, now))
                                 } else {
+                                    if keys.is_empty() {
+                                        // Sized once for the batch (items are ready now).
+                                        let room = self.parts.config.batch_size.min(4096);
+                                        keys.reserve(room);
+                                        encoded.reserve(room);
+                                        waiters.reserve(room);
+                                    }
                                     let index = keys.len() as u32;
                                     self.pending
                                         .insert((self.parts.clone_key)(&key), (id, index));
