@@ -492,14 +492,32 @@ impl<K: Hash + Eq + Send + 'static> Task<K> {
                 }
             }
         };
-        let mut results = Vec::with_capacity(n);
+        let failed = self.settle(commits, &answers);
+        if !failed.is_empty() {
+            release(Arc::clone(&self.store), self.timeout, failed).await;
+        }
+    }
+}
+
+impl<K: Hash + Eq> Task<K> {
+    /// Records the store's answers in memory and answers each claim; returns the keys to free
+    /// in the store. The lock is taken for a short run of keys at a time, as the operator
+    /// takes it for every item it reads.
+    fn settle(
+        &self,
+        commits: Vec<Commit<K>>,
+        answers: &Result<Vec<bool>, StoreError>,
+    ) -> Vec<HeldKey> {
+        const RUN: usize = 64;
+        let core = self.core.upgrade();
+        let now = Instant::now();
         let mut failed: Vec<HeldKey> = Vec::new();
-        {
-            let core = self.core.upgrade();
+        let mut results = Vec::with_capacity(RUN);
+        let mut commits = commits.into_iter().enumerate().peekable();
+        while commits.peek().is_some() {
             let mut state = core.as_ref().map(|core| core.lock());
-            let now = Instant::now();
-            for (i, (key, token, reply)) in commits.into_iter().enumerate() {
-                let result = match &answers {
+            for (i, (key, token, reply)) in commits.by_ref().take(RUN) {
+                let result = match answers {
                     Ok(answers) if answers[i] => match state.as_mut() {
                         Some(state) => state.commit_locally(key, token, now),
                         None => Ok(()),
@@ -520,13 +538,12 @@ impl<K: Hash + Eq + Send + 'static> Task<K> {
                 };
                 results.push((reply, result));
             }
+            drop(state);
+            for (reply, result) in results.drain(..) {
+                let _ = reply.send(result);
+            }
         }
-        for (reply, result) in results {
-            let _ = reply.send(result);
-        }
-        if !failed.is_empty() {
-            release(Arc::clone(&self.store), self.timeout, failed).await;
-        }
+        failed
     }
 }
 
