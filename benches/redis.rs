@@ -19,22 +19,26 @@
 //!
 //! # Measured (2 shared cores; Redis 7.0.15 on loopback)
 //!
-//! 2026-11-28, multi-threaded runtime, three rounds of `cargo bench --features redis --bench
-//! redis -- 'store batch=1000 in_flight=4|store batch=100 in_flight=16|per key'`, each
-//! followed by the `redis-benchmark` command above; keys/s (criterion medians):
+//! 2026-11-29, multi-threaded runtime, three rounds of `cargo bench --features redis --bench
+//! redis -- 'store batch=1000 in_flight=4|store batch=100 in_flight=16|per key|operator'`,
+//! each followed by the `redis-benchmark` command above; keys/s (criterion medians):
 //!
-//! | round | store batch=1000 in_flight=4 | store batch=100 in_flight=16 | per key | redis-benchmark |
-//! |---|---|---|---|---|
-//! | 1 | 350k | 371k | ~17k | 539k |
-//! | 2 | 359k | 364k | ~16k | 332k |
-//! | 3 | 349k | 319k | 15.5k | 265k |
+//! | round | store 1000×4 | store 100×16 | per key | redis-benchmark | dedup_by_key | claim_by_key + commit |
+//! |---|---|---|---|---|---|---|
+//! | 1 | 355k | 376k | 13.0k | 376k | 300k | 134k |
+//! | 2 | 297k | 312k | 13.3k | 335k | 269k | 117k |
+//! | 3 | 347k | 339k | 13.9k | 360k | 269k | 111k |
 //!
-//! Batched over per key: 18–23×. Store over `redis-benchmark`: 69%, 108%, 132%: Redis's own
-//! figure moves by 2× between rounds (the client and the server share two cores, and Redis
-//! expires the benchmark's keys in the background), so the ratio is mostly its noise.
-//! Operators (`-- operator`, four runs): `dedup_by_key` 306–405k items/s, `claim_by_key` +
-//! `commit` 110–154k (31–50% of it in the same run); the claims path is bound by the
-//! consumer thread's CPU (allocation and wake-ups per claim), not by Redis (~20% busy).
+//! Store over `redis-benchmark`: 89–100%; batched over per key: 23–29×; claims over
+//! `dedup_by_key`: 41–45%. Redis's own accounting (`INFO commandstats`, `INFO cpu`) during the
+//! operators: `dedup_by_key` costs Redis ~2.5–5 µs of CPU per key, `claim_by_key` + `commit`
+//! ~7–10 µs (the claim's `SET NX` as much as an insert, plus the commit script's `SET … XX
+//! GET` per key at ~3.4 µs inside Lua against ~1.3 µs for the same command sent plainly), and
+//! the consumer side ~2.3–3.4 µs against ~5–9 µs; client and server share the two cores.
+//!
+//! 2026-11-28 (before the commit script's single `SET` per key and the committer's batched
+//! bookkeeping): store 319–371k, redis-benchmark 265–539k (69%, 108%, 132%), operators
+//! `dedup_by_key` 306–405k, claims 110–154k (31–50%).
 //!
 //! Earlier (before the SET commands were sized up front): store 271–461k, per key 27–42k,
 //! redis-benchmark 222–362k on the multi-threaded runtime; 46–74k per key on the
