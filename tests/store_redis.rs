@@ -434,6 +434,71 @@ async fn closed_connection_is_replaced_within_the_call() {
     }
 }
 
+/// The claim scripts find a closed connection the same way: a claim, its commit and a release
+/// each succeed on the first call after Redis closed the store's connection, and the answers
+/// are those of a single call (a resent commit compares the token, so it is still "mine").
+#[tokio::test]
+async fn closed_connection_is_replaced_for_claim_scripts() {
+    let Some(bin) = redis_server::server_binary("closed_connection_is_replaced_for_claim_scripts")
+    else {
+        return;
+    };
+    let server = RedisServer::start(&bin);
+    let store = RedisStore::connect(&server.url(), "closed-claims")
+        .await
+        .unwrap();
+    let claims = store.as_claim_store().expect("claims");
+    let client = redis::Client::open(server.url().as_str()).unwrap();
+    let kill = || async {
+        let mut admin = client.get_multiplexed_async_connection().await.unwrap();
+        let killed: i64 = redis::cmd("CLIENT")
+            .arg(&["KILL", "TYPE", "normal"])
+            .query_async(&mut admin)
+            .await
+            .unwrap();
+        assert!(killed >= 1, "killed {killed}");
+    };
+    let keys: Vec<Vec<u8>> = (0..1_500).map(key).collect();
+    let token = Token::new();
+    let batch = ClaimBatch::new(keys.clone(), Duration::from_secs(60)).with_token(token);
+    // Open the store's connection, then close it under every call.
+    assert!(
+        claims
+            .claim(batch.clone())
+            .await
+            .unwrap()
+            .iter()
+            .all(|c| *c == Claimed::Mine)
+    );
+    kill().await;
+    assert!(
+        claims
+            .claim(batch)
+            .await
+            .expect("reconnected")
+            .iter()
+            .all(|c| *c == Claimed::Mine)
+    );
+    kill().await;
+    let (done, freed) = keys.split_at(1_000);
+    let answers = claims
+        .commit(done.iter().map(|k| (k.clone(), token)).collect(), TTL)
+        .await
+        .expect("reconnected");
+    assert!(answers.iter().all(|&a| a), "every commit is ours");
+    kill().await;
+    claims
+        .release(freed.iter().map(|k| (k.clone(), token)).collect())
+        .await
+        .expect("reconnected");
+    let after = claims
+        .claim(ClaimBatch::new(keys.clone(), TTL))
+        .await
+        .unwrap();
+    assert!(after[..1_000].iter().all(|c| *c == Claimed::Done));
+    assert!(after[1_000..].iter().all(|c| *c == Claimed::Mine));
+}
+
 /// A hung Redis (SIGSTOP): the call times out; Redis applies it once resumed, and a retry with
 /// the same token answers `New` for those keys, while anybody else sees them `Present`.
 #[tokio::test]
