@@ -28,8 +28,10 @@
 //! | 1 | 355k | 376k | 13.0k | 376k | 300k | 134k |
 //! | 2 | 297k | 312k | 13.3k | 335k | 269k | 117k |
 //! | 3 | 347k | 339k | 13.9k | 360k | 269k | 111k |
+//! | 4 | 310k | 307k | | 269k | | |
+//! | 5 | 270k | 276k | | 240k | | |
 //!
-//! Store over `redis-benchmark`: 89–100%; batched over per key: 23–29×; claims over
+//! (rounds 4 and 5: `-- 'store batch'` only). Store over `redis-benchmark`: 89–115%; batched over per key: 23–29×; claims over
 //! `dedup_by_key`: 41–45%. Redis's own accounting (`INFO commandstats`, `INFO cpu`) during the
 //! operators: `dedup_by_key` costs Redis ~2.5–5 µs of CPU per key, `claim_by_key` + `commit`
 //! ~7–10 µs (the claim's `SET NX` as much as an insert, plus the commit script's `SET … XX
