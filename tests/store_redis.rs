@@ -143,20 +143,27 @@ async fn key_layout() {
 
     let client = redis::Client::open(url.as_str()).unwrap();
     let mut conn = client.get_multiplexed_async_connection().await.unwrap();
-    let mut redis_key = format!("{ns}:").into_bytes();
-    redis_key.extend_from_slice(b"k\xff\x00");
-    let held: Vec<u8> = redis::cmd("GET")
-        .arg(&redis_key)
-        .query_async(&mut conn)
-        .await
-        .unwrap();
-    assert_eq!(held, token.to_bytes());
-    let pttl: i64 = redis::cmd("PTTL")
-        .arg(&redis_key)
-        .query_async(&mut conn)
-        .await
-        .unwrap();
+    let (held, pttl) = read_raw(&mut conn, &ns, b"k\xff\x00").await;
+    assert_eq!(held, Some(token.to_bytes().to_vec()));
     assert!((50_000..=60_000).contains(&pttl), "{pttl}");
+}
+
+/// What Redis holds for `key` of namespace `ns`: its value and its expiry in ms.
+async fn read_raw(
+    conn: &mut redis::aio::MultiplexedConnection,
+    ns: &str,
+    key: &[u8],
+) -> (Option<Vec<u8>>, i64) {
+    let mut redis_key = format!("{ns}:").into_bytes();
+    redis_key.extend_from_slice(key);
+    redis::pipe()
+        .cmd("GET")
+        .arg(&redis_key)
+        .cmd("PTTL")
+        .arg(&redis_key)
+        .query_async(conn)
+        .await
+        .unwrap()
 }
 
 /// A key in flight holds `c` + the token + the lease in milliseconds. A commit that finds
@@ -173,19 +180,6 @@ async fn refused_commits_leave_the_holders_key_as_it_was() {
     let claims = store.as_claim_store().expect("claims");
     let client = redis::Client::open(url.as_str()).unwrap();
     let mut conn = client.get_multiplexed_async_connection().await.unwrap();
-    let mut read = async |k: &[u8]| -> (Option<Vec<u8>>, i64) {
-        let mut redis_key = format!("{ns}:").into_bytes();
-        redis_key.extend_from_slice(k);
-        let (value, pttl): (Option<Vec<u8>>, i64) = redis::pipe()
-            .cmd("GET")
-            .arg(&redis_key)
-            .cmd("PTTL")
-            .arg(&redis_key)
-            .query_async(&mut conn)
-            .await
-            .unwrap();
-        (value, pttl)
-    };
     let claim = |keys: &[&[u8]], lease: Duration, token: Token| {
         ClaimBatch::new(keys.iter().map(|k| k.to_vec()).collect(), lease).with_token(token)
     };
@@ -207,7 +201,7 @@ async fn refused_commits_leave_the_holders_key_as_it_was() {
             .iter()
             .all(|c| *c == Claimed::Mine)
     );
-    let (value, pttl) = read(b"a").await;
+    let (value, pttl) = read_raw(&mut conn, &ns, b"a").await;
     let mut want = b"c".to_vec();
     want.extend_from_slice(&mine.to_bytes());
     want.extend_from_slice(b"600000");
@@ -227,7 +221,7 @@ async fn refused_commits_leave_the_holders_key_as_it_was() {
     );
     let insert = InsertBatch::new(vec![b"c".to_vec()], TTL).with_token(theirs);
     assert_eq!(store.insert(insert).await.unwrap(), [Inserted::New]);
-    let before_b = read(b"b").await.0;
+    let before_b = read_raw(&mut conn, &ns, b"b").await.0;
 
     // One call: keys of two claim batches, interleaved, and a free key ("e": its lease ran out).
     let held = vec![
@@ -241,18 +235,18 @@ async fn refused_commits_leave_the_holders_key_as_it_was() {
     let answers = claims.commit(held, ttl).await.unwrap();
     assert_eq!(answers, [true, true, false, false, true]);
     for k in [&b"a"[..], b"d", b"e"] {
-        let (value, pttl) = read(k).await;
+        let (value, pttl) = read_raw(&mut conn, &ns, k).await;
         let owner = if k == b"a" { mine } else { other };
         assert_eq!(value, Some(owner.to_bytes().to_vec()), "{k:?}");
         assert!((290_000..=300_000).contains(&pttl), "{k:?}: {pttl}");
     }
-    let (value, pttl) = read(b"b").await;
+    let (value, pttl) = read_raw(&mut conn, &ns, b"b").await;
     assert_eq!(value, before_b);
     assert!(
         (10_000..=20_000).contains(&pttl),
         "in flight keeps its lease: {pttl}"
     );
-    let (value, pttl) = read(b"c").await;
+    let (value, pttl) = read_raw(&mut conn, &ns, b"c").await;
     assert_eq!(value, Some(theirs.to_bytes().to_vec()));
     assert!(pttl > 100_000, "done keeps a ttl: {pttl}");
     // Their claim still commits.

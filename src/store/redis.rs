@@ -691,11 +691,7 @@ impl Inner {
         let ttl = ttl_millis(ttl);
         let replies = self
             .run_scripts(OP, &keys, |range| {
-                let mut cmd = redis::cmd("EVAL");
-                cmd.arg(COMMIT_SCRIPT).arg(range.len());
-                for key in &keys[range.clone()] {
-                    cmd.arg(self.prefixed(key));
-                }
+                let mut cmd = self.script(COMMIT_SCRIPT, &keys[range.clone()]);
                 cmd.arg(ttl);
                 for (n, token) in token_runs(&tokens[range]) {
                     cmd.arg(n)
@@ -739,11 +735,7 @@ impl Inner {
         self.check_keys(&keys)?;
         let replies = self
             .run_scripts(OP, &keys, |range| {
-                let mut cmd = redis::cmd("EVAL");
-                cmd.arg(RELEASE_SCRIPT).arg(range.len());
-                for key in &keys[range.clone()] {
-                    cmd.arg(self.prefixed(key));
-                }
+                let mut cmd = self.script(RELEASE_SCRIPT, &keys[range.clone()]);
                 for (n, token) in token_runs(&tokens[range]) {
                     cmd.arg(n).arg(&in_flight_prefix(token)[..]);
                 }
@@ -785,6 +777,17 @@ impl Inner {
             }),
             None => Ok(()),
         }
+    }
+
+    /// `EVAL script` on `keys` (prefixed), sized for them; the caller adds the arguments.
+    fn script(&self, script: &str, keys: &[Vec<u8>]) -> Cmd {
+        let bytes: usize = keys.iter().map(|k| self.prefix.len() + k.len()).sum();
+        let mut cmd = Cmd::with_capacity(keys.len() + 8, bytes + script.len() + 256);
+        cmd.arg("EVAL").arg(script).arg(keys.len());
+        for key in keys {
+            cmd.arg(self.prefixed(key));
+        }
+        cmd
     }
 
     /// `key` as its Redis key: the prefix, then the key's bytes.
