@@ -84,7 +84,7 @@ impl<T> Claim<T> {
         if let Some(ticket) = guard.0.take() {
             match ticket.commit() {
                 Settle::Now(result) => result?,
-                // Outside tokio's coop budget: a batch's answer makes up to a thousand commits
+                // Outside tokio's coop budget: a batch's answer makes up to 1,024 commits
                 // ready at once, and a consumer that awaits them together (`buffer_unordered`)
                 // would otherwise see all but the first ~128 refused and re-woken, every
                 // batch. A commit completes once, so it cannot starve the task.
@@ -336,7 +336,7 @@ enum Op<K> {
 
 /// Sends commits and releases to the store from a background task, in batches: the commits
 /// (and releases) queued while one round trip runs go together in the next. The task also
-/// records the answers in memory (one lock per batch), so a commit costs its caller a channel
+/// records the answers in memory (one lock per 64 keys), so a commit costs its caller a channel
 /// send and a wake-up.
 pub(crate) struct Committer<K> {
     store: Arc<dyn Store>,
@@ -469,7 +469,12 @@ impl<K: Hash + Eq + Send + 'static> Task<K> {
 
     /// Commits one batch in the store, records the answers in memory, and answers each claim.
     async fn commit(self: Arc<Self>, commits: Vec<Commit<K>>) {
+        let mut commits = Unsettled {
+            commits,
+            core: Weak::clone(&self.core),
+        };
         let held: Vec<HeldKey> = commits
+            .commits
             .iter()
             .map(|(key, token, _)| {
                 let mut bytes = Vec::new();
@@ -492,7 +497,7 @@ impl<K: Hash + Eq + Send + 'static> Task<K> {
                 }
             }
         };
-        let failed = self.settle(commits, &answers);
+        let failed = self.settle(std::mem::take(&mut commits.commits), &answers);
         if !failed.is_empty() {
             release(Arc::clone(&self.store), self.timeout, failed).await;
         }
@@ -544,6 +549,28 @@ impl<K: Hash + Eq> Task<K> {
             }
         }
         failed
+    }
+}
+
+/// Commits not answered yet. Dropped with some left (the runtime shut down while the store
+/// call ran), it frees their keys in memory, so that redeliveries are processed; the store's
+/// copies are freed by their lease. Their callers get "the commit task is gone".
+struct Unsettled<K: Hash + Eq> {
+    commits: Vec<Commit<K>>,
+    core: Weak<ClaimCore<K>>,
+}
+
+impl<K: Hash + Eq> Drop for Unsettled<K> {
+    fn drop(&mut self) {
+        if self.commits.is_empty() {
+            return;
+        }
+        if let Some(core) = self.core.upgrade() {
+            let mut state = core.lock();
+            for (key, token, _) in self.commits.drain(..) {
+                state.release_locally(&key, token);
+            }
+        }
     }
 }
 

@@ -202,10 +202,19 @@ async fn refused_commits_leave_the_holders_key_as_it_was() {
             .all(|c| *c == Claimed::Mine)
     );
     let (value, pttl) = read_raw(&mut conn, &ns, b"a").await;
-    let mut want = b"c".to_vec();
-    want.extend_from_slice(&mine.to_bytes());
-    want.extend_from_slice(b"600000");
-    assert_eq!(value.as_deref(), Some(&want[..]));
+    let value = value.expect("a is claimed");
+    let mut prefix = b"c".to_vec();
+    prefix.extend_from_slice(&mine.to_bytes());
+    assert_eq!(value[..17], prefix[..]);
+    let deadline: u128 = std::str::from_utf8(&value[17..]).unwrap().parse().unwrap();
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis();
+    assert!(
+        (now + 590_000..=now + 600_000).contains(&deadline),
+        "the lease's end as Unix ms: {deadline} at {now}"
+    );
     assert!((590_000..=600_000).contains(&pttl), "{pttl}");
 
     // "b" is released and taken by a claim with a 20 s lease; "c" is released and recorded
@@ -222,6 +231,8 @@ async fn refused_commits_leave_the_holders_key_as_it_was() {
     let insert = InsertBatch::new(vec![b"c".to_vec()], TTL).with_token(theirs);
     assert_eq!(store.insert(insert).await.unwrap(), [Inserted::New]);
     let before_b = read_raw(&mut conn, &ns, b"b").await.0;
+    // Time passes on their lease: the refused commit must not start it again.
+    tokio::time::sleep(Duration::from_millis(1_500)).await;
 
     // One call: keys of two claim batches, interleaved, and a free key ("e": its lease ran out).
     let held = vec![
@@ -243,8 +254,8 @@ async fn refused_commits_leave_the_holders_key_as_it_was() {
     let (value, pttl) = read_raw(&mut conn, &ns, b"b").await;
     assert_eq!(value, before_b);
     assert!(
-        (10_000..=20_000).contains(&pttl),
-        "in flight keeps its lease: {pttl}"
+        (10_000..=18_600).contains(&pttl),
+        "in flight keeps what was left of its lease: {pttl}"
     );
     let (value, pttl) = read_raw(&mut conn, &ns, b"c").await;
     assert_eq!(value, Some(theirs.to_bytes().to_vec()));
@@ -257,6 +268,78 @@ async fn refused_commits_leave_the_holders_key_as_it_was() {
             .unwrap(),
         [true]
     );
+}
+
+/// A commit that meets a value it did not write answers `false` for that key and leaves it as
+/// it was, whatever it holds: an in-flight value whose deadline is not a number (kept, with the
+/// ttl), a key that is not a string (untouched), and the other keys of the call still commit.
+#[tokio::test]
+async fn commits_survive_foreign_values() {
+    let Some(url) = redis_server::url("commits_survive_foreign_values") else {
+        return;
+    };
+    let ns = namespace("foreign");
+    let store = connect(&url, &ns).await;
+    let claims = store.as_claim_store().expect("claims");
+    let client = redis::Client::open(url.as_str()).unwrap();
+    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    let mine = Token::new();
+    let keys: Vec<Vec<u8>> = [&b"k1"[..], b"k2", b"k3", b"k4", b"k5"]
+        .iter()
+        .map(|k| k.to_vec())
+        .collect();
+    let batch = ClaimBatch::new(keys.clone(), Duration::from_secs(60)).with_token(mine);
+    assert!(
+        claims
+            .claim(batch)
+            .await
+            .unwrap()
+            .iter()
+            .all(|c| *c == Claimed::Mine)
+    );
+    let raw = |k: &str| format!("{ns}:{k}");
+    let mut odd = b"c".to_vec();
+    odd.extend_from_slice(&Token::new().to_bytes());
+    odd.extend_from_slice(b"-5");
+    let _: () = redis::pipe()
+        .cmd("SET")
+        .arg(raw("k2"))
+        .arg(&odd[..])
+        .arg("PX")
+        .arg(60_000)
+        .ignore()
+        .cmd("DEL")
+        .arg(raw("k4"))
+        .ignore()
+        .cmd("RPUSH")
+        .arg(raw("k4"))
+        .arg("a list")
+        .ignore()
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let answers = claims
+        .commit(keys.iter().map(|k| (k.clone(), mine)).collect(), TTL)
+        .await
+        .unwrap();
+    assert_eq!(answers, [true, false, true, false, true]);
+    let (value, pttl) = read_raw(&mut conn, &ns, b"k2").await;
+    assert_eq!(value, Some(odd));
+    assert!(pttl > 60_000, "kept with the ttl: {pttl}");
+    let list: Vec<String> = redis::cmd("LRANGE")
+        .arg(raw("k4"))
+        .arg(0)
+        .arg(-1)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(list, ["a list"]);
+    for k in [&b"k1"[..], b"k3", b"k5"] {
+        assert_eq!(
+            read_raw(&mut conn, &ns, k).await.0,
+            Some(mine.to_bytes().to_vec())
+        );
+    }
 }
 
 /// 100,000 keys through one store, the store dropped, a new one connected: all present.

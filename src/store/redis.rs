@@ -450,11 +450,13 @@ impl Store for RedisStore {
 }
 
 /// Claims on Redis. A done key holds the 16 bytes of the token that recorded it (as
-/// [`Store::insert`] writes it); a key in flight holds `c` + its claim's token + the lease in
-/// decimal milliseconds, with the lease as its expiry. `claim` is `SET key value NX GET PX
-/// lease`, pipelined like `insert`; `commit` and `release` compare the token in a small Lua
-/// script (one call per 1,000 keys on one Redis, per key on a Cluster), so a consumer whose
-/// lease ran out can never overwrite or free a key another consumer holds.
+/// [`Store::insert`] writes it); a key in flight holds `c` + its claim's token + the end of its
+/// lease (Unix milliseconds, decimal), with the lease as its expiry. `claim` is `SET key value
+/// NX GET PX lease`, pipelined like `insert`; `commit` and `release` compare the token in a
+/// small Lua script (one call per 1,000 keys on one Redis, per key on a Cluster). A consumer
+/// whose lease ran out cannot free a key another consumer holds, nor change it as any other
+/// client sees it: a commit that finds another claim's key puts it back within the same script
+/// (an in-flight key with its own deadline, a done key with the commit's ttl) and is refused.
 impl ClaimStore for RedisStore {
     fn claim(&self, batch: ClaimBatch) -> StoreFuture<Vec<Claimed>> {
         let inner = Arc::clone(&self.inner);
@@ -482,9 +484,12 @@ impl ClaimStore for RedisStore {
 }
 
 /// Marks a key done if it is free, or held (in flight or done) by this claim's token, with one
-/// command in the usual case: `SET key done XX GET PX ttl` answers what the key held; if that
-/// was another claim's, the script puts it back (atomically: no client sees the change), an
-/// in-flight value with its owner's lease (read from the value), a done value with `ttl`.
+/// command in the usual case: `SET key done XX GET PX ttl` answers what the key held. If that
+/// was another claim's value, the script puts it back before anything else can run (Redis runs
+/// a script alone), so no client ever sees the change: an in-flight value with the absolute
+/// deadline of its owner's lease, read from the value (`PXAT`; a deadline already past frees
+/// the key, as its lease would have), a done value (which records no deadline) with `ttl`. A
+/// key that is not a string is answered 0 and left alone.
 ///
 /// KEYS = the keys; ARGV[1] = ttl in ms, then runs of (count, in-flight prefix, done value)
 /// that cover the keys in order (the keys of one claim batch share a token). Returns 1 or 0 per
@@ -497,18 +502,22 @@ while a < #ARGV do
   local last, mine, done = i + tonumber(ARGV[a]) - 1, ARGV[a + 1], ARGV[a + 2]
   for j = i, last do
     local key = KEYS[j]
-    local held = redis.call('SET', key, done, 'XX', 'GET', 'PX', ttl)
-    if held == done or (held and string.sub(held, 1, 17) == mine) then
+    local held = redis.pcall('SET', key, done, 'XX', 'GET', 'PX', ttl)
+    if type(held) == 'table' then
+      out[j] = 0
+    elseif held == done or (held and string.sub(held, 1, 17) == mine) then
       out[j] = 1
     elseif not held then
       redis.call('SET', key, done, 'PX', ttl)
       out[j] = 1
     else
-      local px = ttl
-      if #held > 17 and string.byte(held, 1) == 99 then
-        px = tonumber(string.sub(held, 18)) or ttl
+      local deadline = string.sub(held, 18)
+      if #held > 17 and string.byte(held, 1) == 99 and #deadline <= 15
+          and string.match(deadline, '^[1-9]%d*$') then
+        redis.call('SET', key, held, 'PXAT', deadline)
+      else
+        redis.call('SET', key, held, 'PX', ttl)
       end
-      redis.call('SET', key, held, 'PX', px)
       out[j] = 0
     end
   end
@@ -575,15 +584,22 @@ fn in_flight_prefix(token: Token) -> [u8; 17] {
     value
 }
 
-/// The longest in-flight value: the prefix and a lease in decimal milliseconds.
+/// The longest in-flight value: the prefix and a deadline in decimal milliseconds.
 const IN_FLIGHT_MAX: usize = 17 + 20;
 
-/// The value of a key in flight: [`in_flight_prefix`], then the lease in decimal milliseconds
-/// (a commit that finds another claim's key puts it back with that lease).
-fn in_flight_value(token: Token, lease_ms: u64) -> Vec<u8> {
+/// The value of a key in flight: [`in_flight_prefix`], then the end of the lease as Unix time
+/// in decimal milliseconds (`lease` from now by this machine's clock; Redis's own expiry of
+/// the key, `PX lease` from when it applies the claim, is a little later). A commit that
+/// finds another claim's key puts it back with that deadline.
+fn in_flight_value(token: Token, lease: Duration) -> Vec<u8> {
+    let deadline = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default()
+        .saturating_add(lease)
+        .as_millis();
     let mut value = Vec::with_capacity(IN_FLIGHT_MAX);
     value.extend_from_slice(&in_flight_prefix(token));
-    value.extend_from_slice(lease_ms.to_string().as_bytes());
+    value.extend_from_slice(deadline.to_string().as_bytes());
     value
 }
 
@@ -654,7 +670,8 @@ impl Inner {
             return Ok(Vec::new());
         }
         let lease = ttl_millis(batch.lease);
-        let mine = in_flight_value(batch.token, lease);
+        let mine = in_flight_value(batch.token, batch.lease);
+        let prefix = in_flight_prefix(batch.token);
         self.check_keys(&batch.keys)?;
         let keys = &batch.keys;
         let replies = self
@@ -673,7 +690,9 @@ impl Inner {
             .into_iter()
             .map(|reply| match reply {
                 Value::Nil => Ok(Claimed::Mine),
-                Value::BulkString(held) if held == mine => Ok(Claimed::Mine),
+                // A retry of this request (its first attempt was applied; the value may carry
+                // an earlier deadline).
+                Value::BulkString(held) if held.starts_with(&prefix) => Ok(Claimed::Mine),
                 Value::BulkString(held) if is_in_flight(&held) => Ok(Claimed::InFlight),
                 Value::BulkString(_) => Ok(Claimed::Done),
                 other => Err(unexpected(OP, other)),

@@ -544,7 +544,7 @@ impl<T, K: Hash + Eq, E> Driver<T, K, E> {
                                 } else {
                                     if keys.is_empty() {
                                         // Sized once for the batch (items are ready now).
-                                        let room = self.parts.config.batch_size.min(4096);
+                                        let room = self.parts.config.batch_size.min(256);
                                         keys.reserve(room);
                                         encoded.reserve(room);
                                         waiters.reserve(room);
