@@ -731,6 +731,41 @@ async fn cluster_exactly_once() {
         .map(|node| moved_count(&cluster.cli(node, &["info", "errorstats"])))
         .sum();
     assert_eq!(moved_after, moved);
+
+    // Claims on the cluster: one script call per key, routed to the key's node.
+    let claims = store.as_claim_store().expect("claims");
+    let keys: Vec<Vec<u8>> = (50_000..51_000).map(key).collect();
+    let (mine, theirs) = (Token::new(), Token::new());
+    let lease = Duration::from_secs(60);
+    let batch = ClaimBatch::new(keys.clone(), lease).with_token(mine);
+    assert!(
+        claims
+            .claim(batch)
+            .await
+            .unwrap()
+            .iter()
+            .all(|c| *c == Claimed::Mine)
+    );
+    let (done, freed) = keys.split_at(600);
+    claims
+        .release(freed.iter().map(|k| (k.clone(), mine)).collect())
+        .await
+        .unwrap();
+    // One freed key is taken by another claim: our late commit of it is refused.
+    let taken = ClaimBatch::new(vec![freed[0].clone()], lease).with_token(theirs);
+    assert_eq!(claims.claim(taken).await.unwrap(), [Claimed::Mine]);
+    let mut held: Vec<(Vec<u8>, Token)> = done.iter().map(|k| (k.clone(), mine)).collect();
+    held.push((freed[0].clone(), mine));
+    let answers = claims.commit(held, TTL).await.unwrap();
+    assert!(answers[..600].iter().all(|&a| a));
+    assert!(!answers[600]);
+    let again = claims
+        .claim(ClaimBatch::new(keys.clone(), lease))
+        .await
+        .unwrap();
+    assert!(again[..600].iter().all(|c| *c == Claimed::Done));
+    assert_eq!(again[600], Claimed::InFlight, "their claim stands");
+    assert!(again[601..].iter().all(|c| *c == Claimed::Mine));
 }
 
 /// The `MOVED` count in the output of `INFO errorstats`.
