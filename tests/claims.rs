@@ -344,3 +344,26 @@ async fn dropping_the_operator_releases_what_it_read_ahead() {
         .await;
     assert_eq!(processed, [1, 2, 3]);
 }
+
+/// The runtime shuts down while a commit waits on the store: the claim's key is freed in memory
+/// (counted as released), not left in flight until its lease ran out.
+#[test]
+fn a_commit_cut_off_by_runtime_shutdown_frees_its_key() {
+    let store = FaultyStore::new();
+    let window = Window::max_keys(10).ttl(TTL).store(store.clone());
+    let mut claims = futures::stream::iter([1u32, 2]).claim_by_key(|k| *k, window);
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let claim = claims.next().await.unwrap();
+        store.set(Mode::Hang);
+        tokio::spawn(claim.commit());
+        // The commit reaches the store, which never answers (the call's timeout is 250 ms).
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    });
+    assert_eq!(claims.stats().released(), 0);
+    drop(rt);
+    assert_eq!(claims.stats().released(), 1);
+}

@@ -148,6 +148,19 @@ async fn key_layout() {
     assert!((50_000..=60_000).contains(&pttl), "{pttl}");
 }
 
+/// For tests that look at what Redis holds: a store in a namespace of the test's own, the
+/// namespace, and a plain connection; `None` (skipped) without a server.
+async fn store_and_raw(
+    test: &str,
+) -> Option<(RedisStore, String, redis::aio::MultiplexedConnection)> {
+    let url = redis_server::url(test)?;
+    let ns = namespace(test);
+    let store = connect(&url, &ns).await;
+    let client = redis::Client::open(url.as_str()).unwrap();
+    let conn = client.get_multiplexed_async_connection().await.unwrap();
+    Some((store, ns, conn))
+}
+
 /// What Redis holds for `key` of namespace `ns`: its value and its expiry in ms.
 async fn read_raw(
     conn: &mut redis::aio::MultiplexedConnection,
@@ -166,20 +179,18 @@ async fn read_raw(
         .unwrap()
 }
 
-/// A key in flight holds `c` + the token + the lease in milliseconds. A commit that finds
+/// A key in flight holds `c` + the token + its lease's end in Unix ms. A commit that finds
 /// another claim's key (in flight or done) is refused and leaves that key as it was: its value,
 /// and an expiry of its own lease (in flight) or of the ttl (done), not the refused commit's.
 /// One commit call mixes keys of several claim batches (tokens) and answers each.
 #[tokio::test]
 async fn refused_commits_leave_the_holders_key_as_it_was() {
-    let Some(url) = redis_server::url("refused_commits_leave_the_holders_key_as_it_was") else {
+    let Some((store, ns, mut conn)) =
+        store_and_raw("refused_commits_leave_the_holders_key_as_it_was").await
+    else {
         return;
     };
-    let ns = namespace("refused");
-    let store = connect(&url, &ns).await;
     let claims = store.as_claim_store().expect("claims");
-    let client = redis::Client::open(url.as_str()).unwrap();
-    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
     let claim = |keys: &[&[u8]], lease: Duration, token: Token| {
         ClaimBatch::new(keys.iter().map(|k| k.to_vec()).collect(), lease).with_token(token)
     };
@@ -275,14 +286,10 @@ async fn refused_commits_leave_the_holders_key_as_it_was() {
 /// ttl), a key that is not a string (untouched), and the other keys of the call still commit.
 #[tokio::test]
 async fn commits_survive_foreign_values() {
-    let Some(url) = redis_server::url("commits_survive_foreign_values") else {
+    let Some((store, ns, mut conn)) = store_and_raw("commits_survive_foreign_values").await else {
         return;
     };
-    let ns = namespace("foreign");
-    let store = connect(&url, &ns).await;
     let claims = store.as_claim_store().expect("claims");
-    let client = redis::Client::open(url.as_str()).unwrap();
-    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
     let mine = Token::new();
     let keys: Vec<Vec<u8>> = [&b"k1"[..], b"k2", b"k3", b"k4", b"k5"]
         .iter()
