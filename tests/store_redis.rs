@@ -15,7 +15,7 @@ use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 use stream_dedup::store::{
-    ClaimBatch, Claimed, InsertBatch, Inserted, RedisStore, Store, StoreError, Token,
+    ClaimBatch, ClaimStore, Claimed, InsertBatch, Inserted, RedisStore, Store, StoreError, Token,
 };
 use support::redis_server::{self, RedisCluster, RedisServer};
 
@@ -161,6 +161,12 @@ async fn store_and_raw(
     Some((store, ns, conn))
 }
 
+/// Claims `batch`, which must make every key ours.
+async fn claim_all(claims: &dyn ClaimStore, batch: ClaimBatch) {
+    let answers = claims.claim(batch).await.expect("claim");
+    assert!(answers.iter().all(|c| *c == Claimed::Mine), "{answers:?}");
+}
+
 /// What Redis holds for `key` of namespace `ns`: its value and its expiry in ms.
 async fn read_raw(
     conn: &mut redis::aio::MultiplexedConnection,
@@ -196,22 +202,8 @@ async fn refused_commits_leave_the_holders_key_as_it_was() {
     };
     let (mine, other, theirs) = (Token::new(), Token::new(), Token::new());
     let long = Duration::from_secs(600);
-    assert!(
-        claims
-            .claim(claim(&[b"a", b"b", b"c"], long, mine))
-            .await
-            .unwrap()
-            .iter()
-            .all(|c| *c == Claimed::Mine)
-    );
-    assert!(
-        claims
-            .claim(claim(&[b"d"], long, other))
-            .await
-            .unwrap()
-            .iter()
-            .all(|c| *c == Claimed::Mine)
-    );
+    claim_all(claims, claim(&[b"a", b"b", b"c"], long, mine)).await;
+    claim_all(claims, claim(&[b"d"], long, other)).await;
     let (value, pttl) = read_raw(&mut conn, &ns, b"a").await;
     let value = value.expect("a is claimed");
     let mut prefix = b"c".to_vec();
@@ -296,14 +288,7 @@ async fn commits_survive_foreign_values() {
         .map(|k| k.to_vec())
         .collect();
     let batch = ClaimBatch::new(keys.clone(), Duration::from_secs(60)).with_token(mine);
-    assert!(
-        claims
-            .claim(batch)
-            .await
-            .unwrap()
-            .iter()
-            .all(|c| *c == Claimed::Mine)
-    );
+    claim_all(claims, batch).await;
     let raw = |k: &str| format!("{ns}:{k}");
     let mut odd = b"c".to_vec();
     odd.extend_from_slice(&Token::new().to_bytes());
@@ -486,6 +471,18 @@ async fn killed_server_fails_fast_then_recovers() {
     assert_eq!(count(&again, Inserted::Present), 150);
 }
 
+/// Makes the server at `url` close every other client's connection (the store's among them).
+async fn close_clients(url: &str) {
+    let client = redis::Client::open(url).unwrap();
+    let mut admin = client.get_multiplexed_async_connection().await.unwrap();
+    let killed: i64 = redis::cmd("CLIENT")
+        .arg(&["KILL", "TYPE", "normal"])
+        .query_async(&mut admin)
+        .await
+        .unwrap();
+    assert!(killed >= 1, "killed {killed}");
+}
+
 /// A connection that Redis closed (idle clients closed, a proxy restarted) is replaced within
 /// the call that finds it broken: no call fails.
 #[tokio::test]
@@ -502,15 +499,7 @@ async fn closed_connection_is_replaced_within_the_call() {
         100
     );
     for round in 0..3 {
-        let client = redis::Client::open(server.url().as_str()).unwrap();
-        let mut admin = client.get_multiplexed_async_connection().await.unwrap();
-        // Every other client: the store's connection (the caller is skipped).
-        let killed: i64 = redis::cmd("CLIENT")
-            .arg(&["KILL", "TYPE", "normal"])
-            .query_async(&mut admin)
-            .await
-            .unwrap();
-        assert!(killed >= 1, "round {round}: killed {killed}");
+        close_clients(&server.url()).await;
         let answers = store.insert(batch(0..200)).await.expect("reconnected");
         let present = if round == 0 { 100 } else { 200 };
         assert_eq!(count(&answers, Inserted::Present), present);
@@ -532,37 +521,15 @@ async fn closed_connection_is_replaced_for_claim_scripts() {
         .await
         .unwrap();
     let claims = store.as_claim_store().expect("claims");
-    let client = redis::Client::open(server.url().as_str()).unwrap();
-    let kill = || async {
-        let mut admin = client.get_multiplexed_async_connection().await.unwrap();
-        let killed: i64 = redis::cmd("CLIENT")
-            .arg(&["KILL", "TYPE", "normal"])
-            .query_async(&mut admin)
-            .await
-            .unwrap();
-        assert!(killed >= 1, "killed {killed}");
-    };
+    let url = server.url();
+    let kill = || close_clients(&url);
     let keys: Vec<Vec<u8>> = (0..1_500).map(key).collect();
     let token = Token::new();
     let batch = ClaimBatch::new(keys.clone(), Duration::from_secs(60)).with_token(token);
     // Open the store's connection, then close it under every call.
-    assert!(
-        claims
-            .claim(batch.clone())
-            .await
-            .unwrap()
-            .iter()
-            .all(|c| *c == Claimed::Mine)
-    );
+    claim_all(claims, batch.clone()).await;
     kill().await;
-    assert!(
-        claims
-            .claim(batch)
-            .await
-            .expect("reconnected")
-            .iter()
-            .all(|c| *c == Claimed::Mine)
-    );
+    claim_all(claims, batch).await;
     kill().await;
     let (done, freed) = keys.split_at(1_000);
     let answers = claims
@@ -745,14 +712,7 @@ async fn cluster_exactly_once() {
     let (mine, theirs) = (Token::new(), Token::new());
     let lease = Duration::from_secs(60);
     let batch = ClaimBatch::new(keys.clone(), lease).with_token(mine);
-    assert!(
-        claims
-            .claim(batch)
-            .await
-            .unwrap()
-            .iter()
-            .all(|c| *c == Claimed::Mine)
-    );
+    claim_all(claims, batch).await;
     let (done, freed) = keys.split_at(600);
     claims
         .release(freed.iter().map(|k| (k.clone(), mine)).collect())
