@@ -367,3 +367,21 @@ fn a_commit_cut_off_by_runtime_shutdown_frees_its_key() {
     drop(rt);
     assert_eq!(claims.stats().released(), 1);
 }
+
+/// A claim committed outside any tokio runtime (its store cannot be reached from there): the
+/// commit fails with a clear error and the key is released, never left in flight.
+#[test]
+fn a_commit_outside_a_runtime_fails_and_releases() {
+    let window = Window::max_keys(10).ttl(TTL).store(MemoryStore::new());
+    let mut claims = futures::stream::iter([1u32]).claim_by_key(|k| *k, window);
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let claim = rt.block_on(claims.next()).unwrap();
+    drop(rt);
+    let e = futures::executor::block_on(claim.commit()).unwrap_err();
+    let why = std::error::Error::source(&e).map(ToString::to_string);
+    assert_eq!(why.as_deref(), Some("no tokio runtime to commit on"), "{e}");
+    assert_eq!(claims.stats().released(), 1);
+}
