@@ -150,7 +150,15 @@ impl<K: Hash + Eq + Send + Sync + 'static> Ticket for KeyTicket<K> {
         match &core.store {
             // The committer task commits in the store, then here, then answers.
             Some(link) => link.committer.commit(&core, key, token),
-            None => Settle::Now(core.lock().commit_locally(key, token, Instant::now())),
+            None => {
+                let mut state = core.lock();
+                let result = state.commit_locally(key, token, Instant::now());
+                if result.is_err() {
+                    // Refused (the lease ran out): released, as a failed store commit is.
+                    state.window.recorder().released();
+                }
+                Settle::Now(result)
+            }
         }
     }
 
@@ -190,12 +198,12 @@ impl<K: Hash + Eq> ClaimState<K> {
         Ok(())
     }
 
-    /// Frees `key` if this claim still holds it.
+    /// Frees `key` if this claim still holds it in memory, and counts the claim released.
     fn release_locally(&mut self, key: &K, token: Token) {
         if self.in_flight.get(key).is_some_and(|&(t, _)| t == token) {
             self.in_flight.remove(key);
-            self.window.recorder().released();
         }
+        self.window.recorder().released();
     }
 }
 
@@ -302,6 +310,8 @@ impl<K: Hash + Eq> Gate<K> for ClaimGate<'_, K> {
 
     fn answered(&mut self, key: &K, answer: Answer, token: Token, now: Option<Instant>) {
         match answer {
+            // Also in flight here: a copy read while it is gets held back without asking the
+            // store again (the store would answer the same).
             Answer::New => self.core.claim_locally(
                 (self.clone_key)(key),
                 token,

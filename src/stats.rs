@@ -117,7 +117,8 @@ impl Stats {
         self.0.committed.load(Relaxed)
     }
 
-    /// Claims released uncommitted, by `release` or a drop (claims only).
+    /// Claims released uncommitted: by `release`, a drop, or a commit that failed (claims
+    /// only).
     pub fn released(&self) -> u64 {
         self.0.released.load(Relaxed)
     }

@@ -484,33 +484,29 @@ impl ClaimStore for RedisStore {
 }
 
 /// Marks a key done if it is free, or held (in flight or done) by this claim's token, with one
-/// command in the usual case: `SET key done XX GET PX ttl` answers what the key held. If that
-/// was another claim's value, the script puts it back before anything else can run (Redis runs
-/// a script alone), so no client ever sees the change: an in-flight value with the absolute
-/// deadline of its owner's lease, read from the value (`PXAT`; a deadline already past frees
-/// the key, as its lease would have), a done value (which records no deadline) with `ttl`. A
-/// key that is not a string is answered 0 and left alone.
+/// command per key: `SET key done GET PX ttl` answers what the key held. If that was another
+/// claim's value, the script puts it back before anything else can run (Redis runs a script
+/// alone), so no client ever sees the change: an in-flight value with the absolute deadline of
+/// its owner's lease, read from the value (`PXAT`; a deadline already past frees the key, as
+/// its lease would have), a done value (which records no deadline) with `ttl`. A key that is
+/// not a string is refused and left alone (`SET … GET` fails before it writes).
 ///
 /// KEYS = the keys; ARGV[1] = ttl in ms, then runs of (count, in-flight prefix, done value)
-/// that cover the keys in order (the keys of one claim batch share a token). Returns 1 or 0 per
-/// key.
+/// that cover the keys in order (the keys of one claim batch share a token). Returns the
+/// positions (1-based) of the keys it refused, usually none: an answer per key cost Redis a
+/// table entry and the client a parsed reply each.
 const COMMIT_SCRIPT: &str = r"
 local ttl = ARGV[1]
-local out = {}
+local refused = {}
 local i, a = 1, 2
 while a < #ARGV do
   local last, mine, done = i + tonumber(ARGV[a]) - 1, ARGV[a + 1], ARGV[a + 2]
   for j = i, last do
     local key = KEYS[j]
-    local held = redis.pcall('SET', key, done, 'XX', 'GET', 'PX', ttl)
+    local held = redis.pcall('SET', key, done, 'GET', 'PX', ttl)
     if type(held) == 'table' then
-      out[j] = 0
-    elseif held == done or (held and string.sub(held, 1, 17) == mine) then
-      out[j] = 1
-    elseif not held then
-      redis.call('SET', key, done, 'PX', ttl)
-      out[j] = 1
-    else
+      refused[#refused + 1] = j
+    elseif held and held ~= done and string.sub(held, 1, 17) ~= mine then
       local deadline = string.sub(held, 18)
       if #held > 17 and string.byte(held, 1) == 99 and #deadline <= 15
           and string.match(deadline, '^[1-9]%d*$') then
@@ -518,12 +514,12 @@ while a < #ARGV do
       else
         redis.call('SET', key, held, 'PX', ttl)
       end
-      out[j] = 0
+      refused[#refused + 1] = j
     end
   end
   i, a = last + 1, a + 3
 end
-return out
+return refused
 ";
 
 /// Frees keys that these claims still hold in flight. KEYS = the keys; ARGV = runs of (count,
@@ -720,27 +716,25 @@ impl Inner {
                 cmd
             })
             .await?;
-        let answers: Vec<bool> = replies
-            .into_iter()
-            .map(|reply| match reply {
-                Value::Array(answers) => answers
-                    .into_iter()
-                    .map(|answer| match answer {
-                        Value::Int(n) => Ok(n == 1),
-                        other => Err(unexpected(OP, other)),
-                    })
-                    .collect::<Result<Vec<bool>, _>>(),
-                other => Err(unexpected(OP, other)),
-            })
-            .collect::<Result<Vec<_>, _>>()?
-            .into_iter()
-            .flatten()
-            .collect();
-        if answers.len() != keys.len() {
-            return Err(StoreError::backend(
-                OP,
-                format!("{} answers for {} keys", answers.len(), keys.len()),
-            ));
+        let mut answers = vec![true; keys.len()];
+        for (range, reply) in replies {
+            let Value::Array(refused) = reply else {
+                return Err(unexpected(OP, reply));
+            };
+            for position in refused {
+                // 1-based within the script's keys.
+                let at = match position {
+                    Value::Int(j) => usize::try_from(j)
+                        .ok()
+                        .filter(|&j| j >= 1 && j <= range.len())
+                        .map(|j| range.start + j - 1),
+                    _ => None,
+                };
+                match at {
+                    Some(at) => answers[at] = false,
+                    None => return Err(unexpected(OP, position)),
+                }
+            }
         }
         Ok(answers)
     }
@@ -761,9 +755,12 @@ impl Inner {
                 cmd
             })
             .await?;
-        match replies.into_iter().find(|r| !matches!(r, Value::Int(_))) {
+        match replies
+            .into_iter()
+            .find(|(_, r)| !matches!(r, Value::Int(_)))
+        {
             None => Ok(()),
-            Some(other) => Err(unexpected(OP, other)),
+            Some((_, other)) => Err(unexpected(OP, other)),
         }
     }
 
@@ -833,7 +830,7 @@ impl Inner {
         op: &'static str,
         keys: &[Vec<u8>],
         cmd: impl Fn(std::ops::Range<usize>) -> Cmd,
-    ) -> Result<Vec<Value>, StoreError> {
+    ) -> Result<Vec<(std::ops::Range<usize>, Value)>, StoreError> {
         let manager = match &self.conn {
             Conn::Single(manager) => manager,
             // The keys of one script call must share a slot: one call per key.
@@ -842,18 +839,27 @@ impl Inner {
                 let replies = cluster
                     .run(op, &full, &|i, _: &[u8]| cmd(i..i + 1), self.timeout)
                     .await?;
-                return self.replies(op, replies, keys.len());
+                let replies = self.replies(op, replies, keys.len())?;
+                return Ok(replies
+                    .into_iter()
+                    .enumerate()
+                    .map(|(i, reply)| (i..i + 1, reply))
+                    .collect());
             }
         };
-        let chunks = keys.len().div_ceil(KEYS_PER_SCRIPT);
-        let mut pipe = Pipeline::with_capacity(chunks);
-        for start in (0..keys.len()).step_by(KEYS_PER_SCRIPT) {
-            pipe.add_command(cmd(start..keys.len().min(start + KEYS_PER_SCRIPT)));
+        let ranges: Vec<_> = (0..keys.len())
+            .step_by(KEYS_PER_SCRIPT)
+            .map(|start| start..keys.len().min(start + KEYS_PER_SCRIPT))
+            .collect();
+        let mut pipe = Pipeline::with_capacity(ranges.len());
+        for range in &ranges {
+            pipe.add_command(cmd(range.clone()));
         }
         pipe.ignore_errors();
         // Commits and releases compare tokens, so sending them again is safe.
         let replies = self.send(op, manager, &pipe).await?;
-        self.replies(op, replies, chunks)
+        let replies = self.replies(op, replies, ranges.len())?;
+        Ok(ranges.into_iter().zip(replies).collect())
     }
 
     /// Sends `pipe` through the connection manager, once more if the connection was found
