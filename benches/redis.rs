@@ -34,9 +34,16 @@
 //! (rounds 4 and 5: `-- 'store batch'` only). Store over `redis-benchmark`: 89–115%; batched over per key: 23–29×; claims over
 //! `dedup_by_key`: 41–45%. Redis's own accounting (`INFO commandstats`, `INFO cpu`) during the
 //! operators: `dedup_by_key` costs Redis ~2.5–5 µs of CPU per key, `claim_by_key` + `commit`
-//! ~7–10 µs (the claim's `SET NX` as much as an insert, plus the commit script's `SET … XX
+//! ~7–10 µs (the claim's `SET NX` as much as an insert, plus the commit script's `SET …
 //! GET` per key at ~3.4 µs inside Lua against ~1.3 µs for the same command sent plainly), and
 //! the consumer side ~2.3–3.4 µs against ~5–9 µs; client and server share the two cores.
+//!
+//! Later on 2026-11-29 (a new VM; the commit script answers only refused keys), `-- operator`,
+//! claims of `dedup_by_key`: 203k of 487k (42%), 211k of 443k (48%), 217k of 413k (53%), 161k
+//! of 385k (42%), 154k of 377k (41%); the same day before that change 170k of 345k (49%), 154k
+//! of 330k (47%), 177k of 419k (42%). The two benches run one after the other, and the
+//! machine's speed drifts between them: run in the other order the claims bench gave 204k and
+//! `dedup_by_key` 483k; alone, the claims bench gave 231k.
 //!
 //! 2026-11-28 (before the commit script's single `SET` per key and the committer's batched
 //! bookkeeping): store 319–371k, redis-benchmark 265–539k (69%, 108%, 132%), operators
