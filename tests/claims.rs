@@ -142,47 +142,38 @@ proptest! {
     }
 }
 
+/// A claim whose lease ran out loses its key to the next copy. Committed late, it is refused;
+/// dropped, it frees nothing (the other claim still holds the key). Either way it counts as
+/// released, whoever holds the key now.
 #[tokio::test(start_paused = true)]
-async fn an_expired_lease_frees_the_key_and_the_late_commit_is_refused() {
-    let (tx, rx) = mpsc::unbounded_channel();
-    let window = Window::max_keys(100).lease(Duration::from_secs(5));
-    let mut claims = UnboundedReceiverStream::new(rx).claim_by_key(|k: &u32| *k, window);
-    tx.send(1).unwrap();
-    let slow = claims.next().await.unwrap();
-    tokio::time::advance(Duration::from_secs(6)).await;
-    tx.send(1).unwrap();
-    let again = claims.next().await.unwrap(); // the lease ran out: processed again
-    assert!(matches!(slow.commit().await, Err(StoreError::LeaseLost)));
-    again.commit().await.unwrap();
-    tx.send(1).unwrap();
-    drop(tx);
-    assert!(claims.next().await.is_none());
-    assert_eq!(claims.stats().duplicates(), 1);
-    // The refused commit counts as a release, whoever holds the key now.
-    assert_eq!(claims.stats().released(), 1);
-    assert_eq!(claims.stats().committed(), 1);
-}
-
-/// A claim whose lease ran out and whose key another claim took is still counted when it is
-/// dropped, although the key is not its to free any more.
-#[tokio::test(start_paused = true)]
-async fn a_release_after_the_lease_ran_out_is_counted_and_frees_nothing() {
-    let (tx, rx) = mpsc::unbounded_channel();
-    let window = Window::max_keys(100).lease(Duration::from_secs(5));
-    let mut claims = UnboundedReceiverStream::new(rx).claim_by_key(|k: &u32| *k, window);
-    tx.send(1).unwrap();
-    let slow = claims.next().await.unwrap();
-    tokio::time::advance(Duration::from_secs(6)).await;
-    tx.send(1).unwrap();
-    let again = claims.next().await.unwrap();
-    drop(slow);
-    assert_eq!(claims.stats().released(), 1);
-    // The second claim still holds the key: a copy is held back, not processed.
-    tx.send(1).unwrap();
-    let mut next = claims.next();
-    assert!(futures::poll!(&mut next).is_pending());
-    assert_eq!(claims.stats().held_back(), 1);
-    again.commit().await.unwrap();
+async fn an_expired_lease_frees_the_key_and_the_late_claim_cannot_take_it_back() {
+    for commit_late in [true, false] {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let window = Window::max_keys(100).lease(Duration::from_secs(5));
+        let mut claims = UnboundedReceiverStream::new(rx).claim_by_key(|k: &u32| *k, window);
+        tx.send(1).unwrap();
+        let slow = claims.next().await.unwrap();
+        tokio::time::advance(Duration::from_secs(6)).await;
+        tx.send(1).unwrap();
+        let again = claims.next().await.unwrap(); // the lease ran out: processed again
+        if commit_late {
+            assert!(matches!(slow.commit().await, Err(StoreError::LeaseLost)));
+        } else {
+            drop(slow);
+            // The second claim still holds the key: a copy is held back, not processed.
+            tx.send(1).unwrap();
+            let mut next = claims.next();
+            assert!(futures::poll!(&mut next).is_pending());
+            assert_eq!(claims.stats().held_back(), 1);
+        }
+        assert_eq!(claims.stats().released(), 1);
+        again.commit().await.unwrap();
+        tx.send(1).unwrap();
+        drop(tx);
+        assert!(claims.next().await.is_none());
+        assert_eq!(claims.stats().duplicates(), 1);
+        assert_eq!(claims.stats().committed(), 1);
+    }
 }
 
 /// A handler that panics drops its claim while unwinding: the key is free again.
