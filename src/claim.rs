@@ -192,7 +192,7 @@ impl<K: Hash + Eq> ClaimState<K> {
             },
             Entry::Vacant(free) => free.into_key(),
         };
-        let t = self.window.now();
+        let t = self.window.at(now);
         self.window.observe_uncounted(key, t);
         self.window.recorder().committed();
         Ok(())
@@ -271,7 +271,7 @@ impl<K: Hash + Eq> ClaimCore<K> {
         }
         if state.window.contains(key) {
             // A hit counts as seen (LRU order).
-            let t = state.window.now();
+            let t = state.window.at(now);
             state.window.observe_uncounted(clone_key(key), t);
             Pre::Duplicate
         } else {
@@ -319,7 +319,7 @@ impl<K: Hash + Eq> Gate<K> for ClaimGate<'_, K> {
             ),
             Answer::Present => {
                 let mut state = self.core.lock();
-                let t = state.window.now();
+                let t = state.window.at(now.unwrap_or_else(Instant::now));
                 state.window.observe_uncounted((self.clone_key)(key), t);
             }
             Answer::InFlight => {}
@@ -459,7 +459,7 @@ impl<K: Hash + Eq + Send + 'static> Task<K> {
             if rx.recv_many(&mut ops, MAX_BATCH).await == 0 {
                 break;
             }
-            let mut commits = Vec::new();
+            let mut commits = Vec::with_capacity(ops.len());
             let mut releases: Vec<HeldKey> = Vec::new();
             for op in ops.drain(..) {
                 match op {

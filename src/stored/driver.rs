@@ -452,26 +452,38 @@ impl<T, K: Hash + Eq, E> Driver<T, K, E> {
                 }
             }
         }
+        // A claim takes its key from the request (each key has one first copy, so one claim).
+        let token = request.token;
+        let mut keys: Vec<Option<K>> = if claims {
+            request.keys.into_iter().map(Some).collect()
+        } else {
+            Vec::new()
+        };
         for w in request.waiters {
             let answer = result.as_ref().map(|answers| answers[w.key as usize]);
+            let mut claim = || {
+                keys.get_mut(w.key as usize)
+                    .and_then(Option::take)
+                    .map(|key| (key, token))
+            };
             let verdict = match answer {
                 // A copy of a key whose first copy was accepted: a duplicate, or with claims
                 // (where the first is now in flight, unfinished) held back.
                 Ok(Answer::New) if w.copy && claims => Verdict::HeldBack,
                 Ok(Answer::New | Answer::Present) if w.copy => Verdict::Duplicate,
+                // (A key taken twice cannot happen; its item would be held back, not lost.)
                 Ok(Answer::New) if claims => {
-                    let key = &request.keys[w.key as usize];
-                    Verdict::Accept(Some(((self.parts.clone_key)(key), request.token)))
+                    claim().map_or(Verdict::HeldBack, |c| Verdict::Accept(Some(c)))
                 }
                 Ok(Answer::New) => Verdict::Accept(None),
                 Ok(Answer::Present) => Verdict::Duplicate,
                 Ok(Answer::InFlight) => Verdict::HeldBack,
                 Err(_) if open && w.copy && claims => Verdict::HeldBack,
                 Err(_) if open && w.copy => Verdict::Duplicate,
-                Err(_) if open => Verdict::Unchecked(claims.then(|| {
-                    let key = &request.keys[w.key as usize];
-                    ((self.parts.clone_key)(key), request.token)
-                })),
+                Err(_) if open && claims => {
+                    claim().map_or(Verdict::HeldBack, |c| Verdict::Unchecked(Some(c)))
+                }
+                Err(_) if open => Verdict::Unchecked(None),
                 Err(e) => Verdict::Failed((self.parts.convert)(e.clone())),
             };
             let at = (w.seq - self.front_seq) as usize;

@@ -362,6 +362,12 @@ impl<K: Hash + Eq> WindowSet<K> {
         self.clock.as_ref().map(|_| Instant::now())
     }
 
+    /// `now` as this window's time: `None` when it keeps no clock (no ttl). For a caller that
+    /// has read the clock already.
+    pub(crate) fn at(&self, now: Instant) -> Option<Instant> {
+        self.clock.as_ref().map(|_| now)
+    }
+
     #[inline]
     fn tick(&mut self, now: Option<Instant>) -> u32 {
         match (&mut self.clock, now) {
