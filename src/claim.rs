@@ -150,15 +150,7 @@ impl<K: Hash + Eq + Send + Sync + 'static> Ticket for KeyTicket<K> {
         match &core.store {
             // The committer task commits in the store, then here, then answers.
             Some(link) => link.committer.commit(&core, key, token),
-            None => {
-                let mut state = core.lock();
-                let result = state.commit_locally(key, token, Instant::now());
-                if result.is_err() {
-                    // Refused (the lease ran out): released, as a failed store commit is.
-                    state.window.recorder().released();
-                }
-                Settle::Now(result)
-            }
+            None => Settle::Now(core.lock().commit_locally(key, token, Instant::now())),
         }
     }
 
@@ -186,8 +178,12 @@ impl<K: Hash + Eq> ClaimState<K> {
         // One lookup: the key comes back out of the entry.
         let key = match self.in_flight.entry(key) {
             Entry::Occupied(held) => match *held.get() {
-                // Our lease ran out and another claim holds the key now.
-                (t, end) if t != token && end > now => return Err(StoreError::LeaseLost),
+                // Our lease ran out and another claim holds the key now: refused, and
+                // counted released as a failed store commit is.
+                (t, end) if t != token && end > now => {
+                    self.window.recorder().released();
+                    return Err(StoreError::LeaseLost);
+                }
                 _ => held.remove_entry().0,
             },
             Entry::Vacant(free) => free.into_key(),
@@ -198,11 +194,18 @@ impl<K: Hash + Eq> ClaimState<K> {
         Ok(())
     }
 
-    /// Frees `key` if this claim still holds it in memory, and counts the claim released.
-    fn release_locally(&mut self, key: &K, token: Token) {
+    /// Frees `key` if this claim still holds it in memory.
+    fn free_locally(&mut self, key: &K, token: Token) {
         if self.in_flight.get(key).is_some_and(|&(t, _)| t == token) {
             self.in_flight.remove(key);
         }
+    }
+
+    /// A claim the caller had is given up uncommitted: its key is freed here if it still holds
+    /// it, and it counts as released either way (its lease may have run out and another claim
+    /// may hold the key now).
+    fn release_locally(&mut self, key: &K, token: Token) {
+        self.free_locally(key, token);
         self.window.recorder().released();
     }
 }
@@ -245,13 +248,19 @@ impl<K: Hash + Eq> ClaimCore<K> {
         self.lock().in_flight.insert(key, (token, lease_end));
     }
 
-    /// Frees a key this operator claimed but never handed out (it is being dropped).
+    /// Frees a key this operator may hold but never handed out (it is being dropped): not a
+    /// claim anyone saw, so not counted as released.
     pub(crate) fn release_unhanded(&self, key: &K, token: Token) {
-        self.release(key, token);
+        self.lock().free_locally(key, token);
+        self.release_in_store(key, token);
     }
 
     fn release(&self, key: &K, token: Token) {
         self.lock().release_locally(key, token);
+        self.release_in_store(key, token);
+    }
+
+    fn release_in_store(&self, key: &K, token: Token) {
         if let Some(link) = &self.store {
             let mut bytes = Vec::new();
             (link.encode)(key, &mut bytes);
@@ -446,8 +455,12 @@ struct Task<K> {
 }
 
 impl<K: Hash + Eq + Send + 'static> Task<K> {
-    async fn run(self, mut rx: mpsc::UnboundedReceiver<Op<K>>) {
+    async fn run(self, rx: mpsc::UnboundedReceiver<Op<K>>) {
         let task = Arc::new(self);
+        let mut rx = Inbox {
+            rx,
+            core: Weak::clone(&task.core),
+        };
         let mut batches = tokio::task::JoinSet::new();
         let mut ops = Vec::new();
         loop {
@@ -456,7 +469,7 @@ impl<K: Hash + Eq + Send + 'static> Task<K> {
                 batches.join_next().await;
                 continue;
             }
-            if rx.recv_many(&mut ops, MAX_BATCH).await == 0 {
+            if rx.rx.recv_many(&mut ops, MAX_BATCH).await == 0 {
                 break;
             }
             let mut commits = Vec::with_capacity(ops.len());
@@ -468,6 +481,11 @@ impl<K: Hash + Eq + Send + 'static> Task<K> {
                 }
             }
             if !commits.is_empty() {
+                // Guarded from here: a batch cut off before its first poll frees its keys too.
+                let commits = Unsettled {
+                    commits,
+                    core: Weak::clone(&task.core),
+                };
                 batches.spawn(Arc::clone(&task).commit(commits));
             }
             if !releases.is_empty() {
@@ -478,11 +496,7 @@ impl<K: Hash + Eq + Send + 'static> Task<K> {
     }
 
     /// Commits one batch in the store, records the answers in memory, and answers each claim.
-    async fn commit(self: Arc<Self>, commits: Vec<Commit<K>>) {
-        let mut commits = Unsettled {
-            commits,
-            core: Weak::clone(&self.core),
-        };
+    async fn commit(self: Arc<Self>, mut commits: Unsettled<K>) {
         let held: Vec<HeldKey> = commits
             .commits
             .iter()
@@ -578,6 +592,27 @@ impl<K: Hash + Eq> Drop for Unsettled<K> {
         if let Some(core) = self.core.upgrade() {
             let mut state = core.lock();
             for (key, token, _) in self.commits.drain(..) {
+                state.release_locally(&key, token);
+            }
+        }
+    }
+}
+
+/// The committer's channel. Dropped with commits still queued (the runtime shut down), it frees
+/// their keys in memory, as [`Unsettled`] does for a batch.
+struct Inbox<K: Hash + Eq> {
+    rx: mpsc::UnboundedReceiver<Op<K>>,
+    core: Weak<ClaimCore<K>>,
+}
+
+impl<K: Hash + Eq> Drop for Inbox<K> {
+    fn drop(&mut self) {
+        let Some(core) = self.core.upgrade() else {
+            return;
+        };
+        let mut state = core.lock();
+        while let Ok(op) = self.rx.try_recv() {
+            if let Op::Commit(key, token, _) = op {
                 state.release_locally(&key, token);
             }
         }

@@ -351,7 +351,10 @@ async fn dropping_the_operator_releases_what_it_read_ahead() {
     let mut a = futures::stream::iter([1u32, 2, 3]).claim_by_key(|k| *k, window());
     let first = a.next().await.unwrap(); // 1, 2 and 3 were claimed in one batch
     drop(first);
+    let stats = a.stats();
     drop(a);
+    // Only the claim handed out counts as released; 2 and 3 were never anyone's.
+    assert_eq!(stats.released(), 1);
     tokio::time::sleep(Duration::from_millis(20)).await; // the releases go out in the background
     let processed: Vec<u32> = futures::stream::iter([1u32, 2, 3])
         .claim_by_key(|k| *k, window())
@@ -400,4 +403,47 @@ fn a_commit_outside_a_runtime_fails_and_releases() {
     let why = std::error::Error::source(&e).map(ToString::to_string);
     assert_eq!(why.as_deref(), Some("no tokio runtime to commit on"), "{e}");
     assert_eq!(claims.stats().released(), 1);
+}
+
+/// Dropping the operator while a claim call is in flight frees its keys in the store, but
+/// counts no release: none of them was ever a claim.
+#[tokio::test]
+async fn dropping_the_operator_mid_call_counts_no_release() {
+    let store = FaultyStore::new();
+    store.set(Mode::Hang);
+    let window = Window::max_keys(10).ttl(TTL).store(store.clone());
+    let mut claims = futures::stream::iter([1u32, 2, 3]).claim_by_key(|k| *k, window);
+    assert!(futures::poll!(claims.next()).is_pending());
+    assert_eq!(store.calls(), 1);
+    let stats = claims.stats();
+    drop(claims);
+    assert_eq!(stats.released(), 0);
+}
+
+/// Commits still queued behind batches that hang (the committer runs four at a time) are
+/// freed in memory too when the runtime shuts down, not left in flight until their lease.
+#[test]
+fn commits_queued_behind_hung_batches_are_freed_at_shutdown() {
+    let store = FaultyStore::new();
+    let window = Window::max_keys(10).ttl(TTL).store(store.clone());
+    let mut claims = futures::stream::iter(1u32..=6).claim_by_key(|k| *k, window);
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let mut open = Vec::new();
+        for _ in 0..6 {
+            open.push(claims.next().await.unwrap());
+        }
+        store.set(Mode::Hang);
+        for claim in open {
+            tokio::spawn(claim.commit());
+            // One batch each: four hang in the store, the last two wait in the channel.
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    });
+    assert_eq!(claims.stats().released(), 0);
+    drop(rt);
+    assert_eq!(claims.stats().released(), 6);
 }

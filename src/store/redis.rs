@@ -492,12 +492,12 @@ impl ClaimStore for RedisStore {
 /// not a string is refused and left alone (`SET … GET` fails before it writes).
 ///
 /// KEYS = the keys; ARGV[1] = ttl in ms, then runs of (count, in-flight prefix, done value)
-/// that cover the keys in order (the keys of one claim batch share a token). Returns the
-/// positions (1-based) of the keys it refused, usually none: an answer per key cost Redis a
-/// table entry and the client a parsed reply each.
+/// that cover the keys in order (the keys of one claim batch share a token). Returns how many
+/// keys it went through, then the positions (1-based) of those it refused, usually none: an
+/// answer per key cost Redis a table entry and the client a parsed reply each.
 const COMMIT_SCRIPT: &str = r"
 local ttl = ARGV[1]
-local refused = {}
+local refused = {0}
 local i, a = 1, 2
 while a < #ARGV do
   local last, mine, done = i + tonumber(ARGV[a]) - 1, ARGV[a + 1], ARGV[a + 2]
@@ -519,6 +519,7 @@ while a < #ARGV do
   end
   i, a = last + 1, a + 3
 end
+refused[1] = i - 1
 return refused
 ";
 
@@ -718,10 +719,24 @@ impl Inner {
             .await?;
         let mut answers = vec![true; keys.len()];
         for (range, reply) in replies {
-            let Value::Array(refused) = reply else {
+            let Value::Array(answer) = reply else {
                 return Err(unexpected(OP, reply));
             };
-            for position in refused {
+            let mut answer = answer.into_iter();
+            // First, how many keys the script went through: all of them, or it is an error.
+            match answer.next() {
+                Some(Value::Int(n)) if usize::try_from(n).is_ok_and(|n| n == range.len()) => {}
+                other => {
+                    return Err(StoreError::backend(
+                        OP,
+                        format!(
+                            "the commit script went through {other:?} of {} keys",
+                            range.len()
+                        ),
+                    ));
+                }
+            }
+            for position in answer {
                 // 1-based within the script's keys.
                 let at = match position {
                     Value::Int(j) => usize::try_from(j)
