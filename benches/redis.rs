@@ -45,7 +45,7 @@
 //! machine's speed drifts between them: run in the other order the claims bench gave 204k and
 //! `dedup_by_key` 483k; alone, the claims bench gave 231k. On the final code (a claim takes its
 //! key from the request instead of a clone): 184k of 463k (40%), 180k of 346k (52%), 165k of
-//! 286k (58%).
+//! 286k (58%); after the review's fixes 168k of 404k (42%), 160k of 403k (40%).
 //!
 //! 2026-11-28 (before the commit script's single `SET` per key and the committer's batched
 //! bookkeeping): store 319–371k, redis-benchmark 265–539k (69%, 108%, 132%), operators
