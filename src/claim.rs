@@ -149,7 +149,7 @@ impl<K: Hash + Eq + Send + Sync + 'static> Ticket for KeyTicket<K> {
         let KeyTicket { key, token, core } = *self;
         match &core.store {
             // The committer task commits in the store, then here, then answers.
-            Some(link) => link.committer.commit(&core, key, token),
+            Some(committer) => committer.commit(&core, key, token),
             None => Settle::Now(core.lock().commit_locally(key, token, Instant::now())),
         }
     }
@@ -214,16 +214,12 @@ impl<K: Hash + Eq> ClaimState<K> {
 pub(crate) struct ClaimCore<K> {
     state: Mutex<ClaimState<K>>,
     lease: Duration,
-    store: Option<StoreLink<K>>,
-}
-
-pub(crate) struct StoreLink<K> {
-    pub(crate) encode: fn(&K, &mut Vec<u8>),
-    pub(crate) committer: Committer<K>,
+    /// The store path, if there is a store.
+    store: Option<Committer<K>>,
 }
 
 impl<K: Hash + Eq> ClaimCore<K> {
-    pub(crate) fn new(window: WindowSet<K>, lease: Duration, store: Option<StoreLink<K>>) -> Self {
+    pub(crate) fn new(window: WindowSet<K>, lease: Duration, store: Option<Committer<K>>) -> Self {
         ClaimCore {
             state: Mutex::new(ClaimState {
                 window,
@@ -261,10 +257,8 @@ impl<K: Hash + Eq> ClaimCore<K> {
     }
 
     fn release_in_store(&self, key: &K, token: Token) {
-        if let Some(link) = &self.store {
-            let mut bytes = Vec::new();
-            (link.encode)(key, &mut bytes);
-            link.committer.release(bytes, token);
+        if let Some(committer) = &self.store {
+            committer.release(key_bytes(committer.encode, key), token);
         }
     }
 
@@ -500,11 +494,7 @@ impl<K: Hash + Eq + Send + 'static> Task<K> {
         let held: Vec<HeldKey> = commits
             .commits
             .iter()
-            .map(|(key, token, _)| {
-                let mut bytes = Vec::new();
-                (self.encode)(key, &mut bytes);
-                (bytes, *token)
-            })
+            .map(|(key, token, _)| (key_bytes(self.encode, key), *token))
             .collect();
         let n = held.len();
         let answers = match self.store.as_claim_store() {
@@ -556,9 +546,7 @@ impl<K: Hash + Eq> Task<K> {
                         if let Some(state) = state.as_mut() {
                             state.release_locally(&key, token);
                         }
-                        let mut bytes = Vec::new();
-                        (self.encode)(&key, &mut bytes);
-                        failed.push((bytes, token));
+                        failed.push((key_bytes(self.encode, &key), token));
                         match answer {
                             Err(e) => Err(e.clone()),
                             Ok(_) => Err(StoreError::LeaseLost),
@@ -617,6 +605,14 @@ impl<K: Hash + Eq> Drop for Inbox<K> {
             }
         }
     }
+}
+
+/// `key`'s store bytes ([`StoreKey::key_bytes`](crate::store::StoreKey::key_bytes) through the
+/// operator's encoder, since the claim types do not carry the `StoreKey` bound).
+fn key_bytes<K>(encode: fn(&K, &mut Vec<u8>), key: &K) -> Vec<u8> {
+    let mut bytes = Vec::new();
+    encode(key, &mut bytes);
+    bytes
 }
 
 /// A commit waiting in the committer: the key, its claim's token, where the answer goes.

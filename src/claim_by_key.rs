@@ -8,7 +8,7 @@ use futures_core::{FusedStream, Stream};
 use pin_project::pin_project;
 use tokio::time::Instant;
 
-use crate::claim::{Claim, ClaimCore, ClaimGate, Committer, StoreLink};
+use crate::claim::{Claim, ClaimCore, ClaimGate, Committer};
 use crate::hook::{DropDuplicates, OnDuplicate};
 use crate::stats::Stats;
 use crate::store::{StoreError, Token};
@@ -41,16 +41,15 @@ where
     K: Hash + Eq + Send + 'static,
 {
     let lease = window.lease;
-    let link = window.store.as_ref().map(|parts| StoreLink {
-        encode: parts.encode,
-        committer: Committer::new(
+    let committer = window.store.as_ref().map(|parts| {
+        Committer::new(
             Arc::clone(&parts.config.store),
             parts.config.ttl,
             parts.config.timeout,
             parts.encode,
-        ),
+        )
     });
-    let core = Arc::new(ClaimCore::new(window.set, lease, link));
+    let core = Arc::new(ClaimCore::new(window.set, lease, committer));
     let driver = window.store.map(|parts| {
         let mut driver = Box::new(Driver::new(parts, Mode::Claim { lease }));
         let owner = Arc::clone(&core);

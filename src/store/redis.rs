@@ -719,36 +719,8 @@ impl Inner {
             .await?;
         let mut answers = vec![true; keys.len()];
         for (range, reply) in replies {
-            let Value::Array(answer) = reply else {
-                return Err(unexpected(OP, reply));
-            };
-            let mut answer = answer.into_iter();
-            // First, how many keys the script went through: all of them, or it is an error.
-            match answer.next() {
-                Some(Value::Int(n)) if usize::try_from(n).is_ok_and(|n| n == range.len()) => {}
-                other => {
-                    return Err(StoreError::backend(
-                        OP,
-                        format!(
-                            "the commit script went through {other:?} of {} keys",
-                            range.len()
-                        ),
-                    ));
-                }
-            }
-            for position in answer {
-                // 1-based within the script's keys.
-                let at = match position {
-                    Value::Int(j) => usize::try_from(j)
-                        .ok()
-                        .filter(|&j| j >= 1 && j <= range.len())
-                        .map(|j| range.start + j - 1),
-                    _ => None,
-                };
-                match at {
-                    Some(at) => answers[at] = false,
-                    None => return Err(unexpected(OP, position)),
-                }
+            for at in refused_positions(OP, range, reply)? {
+                answers[at] = false;
             }
         }
         Ok(answers)
@@ -1189,6 +1161,40 @@ fn ttl_millis(ttl: Duration) -> u64 {
     u64::try_from(ms).unwrap_or(u64::MAX).clamp(1, MAX_TTL_MS)
 }
 
+/// The keys one commit script call refused, as indices into the whole call's keys: the reply
+/// is how many keys the script went through (all of `range`, or the reply is an error), then
+/// the 1-based positions it refused.
+fn refused_positions(
+    op: &'static str,
+    range: std::ops::Range<usize>,
+    reply: Value,
+) -> Result<Vec<usize>, StoreError> {
+    let Value::Array(reply) = reply else {
+        return Err(unexpected(op, reply));
+    };
+    let mut reply = reply.into_iter();
+    match reply.next() {
+        Some(Value::Int(n)) if usize::try_from(n).is_ok_and(|n| n == range.len()) => {}
+        other => {
+            return Err(StoreError::backend(
+                op,
+                format!(
+                    "the commit script went through {other:?} of {} keys",
+                    range.len()
+                ),
+            ));
+        }
+    }
+    reply
+        .map(|position| match position {
+            Value::Int(j) if j >= 1 && usize::try_from(j).is_ok_and(|j| j <= range.len()) => {
+                Ok(range.start + j as usize - 1)
+            }
+            other => Err(unexpected(op, other)),
+        })
+        .collect()
+}
+
 fn unexpected(op: &'static str, reply: Value) -> StoreError {
     StoreError::backend(op, format!("unexpected reply from Redis: {reply:?}"))
 }
@@ -1231,6 +1237,31 @@ fn unavailable_error(e: RedisError) -> StoreError {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn commit_replies_are_checked_before_they_are_believed() {
+        use super::refused_positions;
+        use redis::Value::{Array, Int, Nil};
+        let ok = |reply| refused_positions("commit", 1000..1004, reply);
+        // All four went through, the 2nd and 4th refused.
+        assert_eq!(
+            ok(Array(vec![Int(4), Int(2), Int(4)])).unwrap(),
+            [1001, 1003]
+        );
+        assert_eq!(ok(Array(vec![Int(4)])).unwrap(), Vec::<usize>::new());
+        // A script that stopped early, positions outside its keys, replies of the wrong shape.
+        for bad in [
+            Array(vec![Int(3)]),
+            Array(vec![]),
+            Array(vec![Int(4), Int(0)]),
+            Array(vec![Int(4), Int(5)]),
+            Array(vec![Int(4), Int(-1)]),
+            Array(vec![Int(4), Nil]),
+            Int(1),
+        ] {
+            assert!(ok(bad.clone()).is_err(), "{bad:?}");
+        }
+    }
+
     use std::io;
 
     use super::*;
