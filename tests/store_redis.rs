@@ -185,10 +185,11 @@ async fn read_raw(
         .unwrap()
 }
 
-/// A key in flight holds `c` + the token + its lease's end in Unix ms. A commit that finds
-/// another claim's key (in flight or done) is refused and leaves that key as it was: its value,
-/// and an expiry of its own lease (in flight) or of the ttl (done), not the refused commit's.
-/// One commit call mixes keys of several claim batches (tokens) and answers each.
+/// A key in flight holds `c` + the token + the ttl it will be committed with (ms), with an
+/// expiry of ttl + lease; a commit with that ttl keeps the expiry. A commit that finds another
+/// claim's key (in flight or done) is refused and leaves that key as it was: its value and its
+/// expiry, not the refused commit's. One commit call mixes keys of several claim batches
+/// (tokens) and answers each.
 #[tokio::test]
 async fn refused_commits_leave_the_holders_key_as_it_was() {
     let Some((store, ns, mut conn)) =
@@ -202,23 +203,19 @@ async fn refused_commits_leave_the_holders_key_as_it_was() {
     };
     let (mine, other, theirs) = (Token::new(), Token::new(), Token::new());
     let long = Duration::from_secs(600);
-    claim_all(claims, claim(&[b"a", b"b", b"c"], long, mine)).await;
+    let ttl = Duration::from_secs(300);
+    claim_all(claims, claim(&[b"a", b"b", b"c"], long, mine).with_ttl(ttl)).await;
+    // No ttl given: the key's expiry is the lease alone.
     claim_all(claims, claim(&[b"d"], long, other)).await;
     let (value, pttl) = read_raw(&mut conn, &ns, b"a").await;
-    let value = value.expect("a is claimed");
-    let mut prefix = b"c".to_vec();
-    prefix.extend_from_slice(&mine.to_bytes());
-    assert_eq!(value[..17], prefix[..]);
-    let deadline: u128 = std::str::from_utf8(&value[17..]).unwrap().parse().unwrap();
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_millis();
-    assert!(
-        (now + 590_000..=now + 600_000).contains(&deadline),
-        "the lease's end as Unix ms: {deadline} at {now}"
-    );
-    assert!((590_000..=600_000).contains(&pttl), "{pttl}");
+    let mut expected = b"c".to_vec();
+    expected.extend_from_slice(&mine.to_bytes());
+    expected.extend_from_slice(b"300000");
+    assert_eq!(value, Some(expected));
+    assert!((890_000..=900_000).contains(&pttl), "ttl + lease: {pttl}");
+    let (value, pttl) = read_raw(&mut conn, &ns, b"d").await;
+    assert!(value.expect("d is claimed").ends_with(b"0"));
+    assert!((590_000..=600_000).contains(&pttl), "the lease: {pttl}");
 
     // "b" is released and taken by a claim with a 20 s lease; "c" is released and recorded
     // done by mark-on-emit (an insert).
@@ -245,13 +242,16 @@ async fn refused_commits_leave_the_holders_key_as_it_was() {
         (b"c".to_vec(), mine),
         (b"e".to_vec(), other),
     ];
-    let ttl = Duration::from_secs(300);
     let answers = claims.commit(held, ttl).await.unwrap();
     assert_eq!(answers, [true, true, false, false, true]);
-    for k in [&b"a"[..], b"d", b"e"] {
+    // "a" keeps its claim's expiry (ttl + lease, less the time gone by); "d" (claimed with no
+    // ttl) and "e" (free) get the commit's ttl.
+    let (value, pttl) = read_raw(&mut conn, &ns, b"a").await;
+    assert_eq!(value, Some(mine.to_bytes().to_vec()));
+    assert!((880_000..=898_600).contains(&pttl), "a: {pttl}");
+    for k in [&b"d"[..], b"e"] {
         let (value, pttl) = read_raw(&mut conn, &ns, k).await;
-        let owner = if k == b"a" { mine } else { other };
-        assert_eq!(value, Some(owner.to_bytes().to_vec()), "{k:?}");
+        assert_eq!(value, Some(other.to_bytes().to_vec()), "{k:?}");
         assert!((290_000..=300_000).contains(&pttl), "{k:?}: {pttl}");
     }
     let (value, pttl) = read_raw(&mut conn, &ns, b"b").await;
@@ -273,9 +273,101 @@ async fn refused_commits_leave_the_holders_key_as_it_was() {
     );
 }
 
+/// With a ttl, a key in flight outlives its lease in Redis (its expiry is ttl + lease), and the
+/// lease is judged by what is left of that expiry, on Redis's clock: during the lease another
+/// claim answers `InFlight`; after it, the next claim takes the key, the first claim's commit
+/// is refused and its release leaves the new holder alone. A committed key keeps its claim's
+/// expiry and answers `Done`.
+#[tokio::test]
+async fn a_lease_that_ran_out_is_taken_by_the_next_claim() {
+    let Some((store, ns, mut conn)) =
+        store_and_raw("a_lease_that_ran_out_is_taken_by_the_next_claim").await
+    else {
+        return;
+    };
+    let claims = store.as_claim_store().expect("claims");
+    let ttl = Duration::from_secs(300);
+    let batch = |keys: &[&[u8]], lease_ms: u64, token: Token| {
+        ClaimBatch::new(
+            keys.iter().map(|k| k.to_vec()).collect(),
+            Duration::from_millis(lease_ms),
+        )
+        .with_token(token)
+        .with_ttl(ttl)
+    };
+    let (first, second, third) = (Token::new(), Token::new(), Token::new());
+    claim_all(claims, batch(&[b"k", b"d"], 1_000, first)).await;
+    let held = |k: &[u8], token: Token| vec![(k.to_vec(), token)];
+    assert_eq!(claims.commit(held(b"d", first), ttl).await.unwrap(), [true]);
+    let (value, pttl) = read_raw(&mut conn, &ns, b"d").await;
+    assert_eq!(value, Some(first.to_bytes().to_vec()));
+    assert!(
+        (299_000..=301_000).contains(&pttl),
+        "the claim's expiry: {pttl}"
+    );
+
+    assert_eq!(
+        claims
+            .claim(batch(&[b"k", b"d"], 60_000, second))
+            .await
+            .unwrap(),
+        [Claimed::InFlight, Claimed::Done],
+        "during the lease"
+    );
+    tokio::time::sleep(Duration::from_millis(1_200)).await;
+    let (value, pttl) = read_raw(&mut conn, &ns, b"k").await;
+    assert!(value.is_some(), "still in Redis after its lease");
+    assert!(pttl < 300_000, "less than the ttl left: {pttl}");
+
+    assert_eq!(
+        claims
+            .claim(batch(&[b"k", b"d"], 60_000, second))
+            .await
+            .unwrap(),
+        [Claimed::Mine, Claimed::Done],
+        "after the lease"
+    );
+    let (taken, pttl) = read_raw(&mut conn, &ns, b"k").await;
+    let mut expected = b"c".to_vec();
+    expected.extend_from_slice(&second.to_bytes());
+    expected.extend_from_slice(b"300000");
+    assert_eq!(taken, Some(expected));
+    assert!(
+        (359_000..=360_000).contains(&pttl),
+        "its own ttl + lease: {pttl}"
+    );
+    // A retry of that claim is still its own; another claim finds it in flight.
+    assert_eq!(
+        claims.claim(batch(&[b"k"], 60_000, second)).await.unwrap(),
+        [Claimed::Mine]
+    );
+    assert_eq!(
+        claims.claim(batch(&[b"k"], 60_000, third)).await.unwrap(),
+        [Claimed::InFlight]
+    );
+    // The first claim can neither commit nor free it.
+    assert_eq!(
+        claims.commit(held(b"k", first), ttl).await.unwrap(),
+        [false]
+    );
+    claims.release(held(b"k", first)).await.unwrap();
+    let (value, pttl) = read_raw(&mut conn, &ns, b"k").await;
+    assert_eq!(value, taken);
+    assert!((350_000..=360_000).contains(&pttl), "kept: {pttl}");
+    assert_eq!(
+        claims.commit(held(b"k", second), ttl).await.unwrap(),
+        [true]
+    );
+    assert_eq!(
+        claims.claim(batch(&[b"k"], 60_000, third)).await.unwrap(),
+        [Claimed::Done]
+    );
+}
+
 /// A commit that meets a value it did not write answers `false` for that key and leaves it as
-/// it was, whatever it holds: an in-flight value whose deadline is not a number (kept, with the
-/// ttl), a key that is not a string (untouched), and the other keys of the call still commit.
+/// it was, whatever it holds: another claim's in-flight value of an odd shape (kept, with its
+/// expiry, and never taken over: its lease cannot be read, so it runs to the key's expiry), a
+/// key that is not a string (untouched), and the other keys of the call still commit.
 #[tokio::test]
 async fn commits_survive_foreign_values() {
     let Some((store, ns, mut conn)) = store_and_raw("commits_survive_foreign_values").await else {
@@ -317,7 +409,12 @@ async fn commits_survive_foreign_values() {
     assert_eq!(answers, [true, false, true, false, true]);
     let (value, pttl) = read_raw(&mut conn, &ns, b"k2").await;
     assert_eq!(value, Some(odd));
-    assert!(pttl > 60_000, "kept with the ttl: {pttl}");
+    assert!(
+        (50_000..=60_000).contains(&pttl),
+        "kept with its expiry: {pttl}"
+    );
+    let claim_k2 = ClaimBatch::new(vec![b"k2".to_vec()], Duration::from_millis(1)).with_ttl(TTL);
+    assert_eq!(claims.claim(claim_k2).await.unwrap(), [Claimed::InFlight]);
     let list: Vec<String> = redis::cmd("LRANGE")
         .arg(raw("k4"))
         .arg(0)

@@ -277,6 +277,10 @@ pub struct ClaimBatch {
     /// This request's token; the same on every retry of it. Commits and releases of these
     /// keys present it.
     pub token: Token,
+    /// How long a key will be kept once committed (the ttl its commit will give), or zero
+    /// when unknown. A store may shape the in-flight record by it: the Redis store gives the
+    /// key an expiry of ttl + lease at once, so that a commit with this ttl keeps it.
+    pub ttl: Duration,
 }
 
 impl ClaimBatch {
@@ -286,7 +290,15 @@ impl ClaimBatch {
             keys,
             lease,
             token: Token::new(),
+            ttl: Duration::ZERO,
         }
+    }
+
+    /// The same batch with the `ttl` its keys will be committed with (see
+    /// [`ttl`](ClaimBatch::ttl)).
+    pub fn with_ttl(mut self, ttl: Duration) -> Self {
+        self.ttl = ttl;
+        self
     }
 
     /// The same batch with `token` (to retry an earlier request).

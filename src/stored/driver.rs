@@ -197,7 +197,7 @@ fn call(
             let Some(claims) = store.as_claim_store() else {
                 return Box::pin(std::future::ready(Err(StoreError::ClaimsUnsupported)));
             };
-            let fut = claims.claim(ClaimBatch::new(keys, lease).with_token(token));
+            let fut = claims.claim(ClaimBatch::new(keys, lease).with_token(token).with_ttl(ttl));
             Box::pin(async move {
                 let answers = fut.await?;
                 Ok(answers

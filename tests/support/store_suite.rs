@@ -208,7 +208,8 @@ pub async fn claim<S: ClaimStore>(
     ks: &[&str],
     lease: Duration,
 ) -> (Token, Vec<Claimed>) {
-    let batch = ClaimBatch::new(keys(ks), lease);
+    // With the ttl its keys are committed with, as the operators send it.
+    let batch = ClaimBatch::new(keys(ks), lease).with_ttl(TTL);
     let token = batch.token;
     (token, store.claim(batch).await.expect("claim"))
 }
