@@ -466,7 +466,9 @@ impl Store for RedisStore {
 /// commit script ~24% cheaper for Redis). A consumer whose lease ran out cannot free a key
 /// another consumer holds, nor change it as any other client sees it: a commit that finds
 /// another claim's key puts it back within the same script, with the expiry it had, and is
-/// refused.
+/// refused. [`Store::insert`] (mark on emit) counts a key in flight as present, also once its
+/// lease ran out and until a claim takes it: do not mix the two modes on one namespace if a
+/// crashed claim's key must be processed by a mark-on-emit consumer.
 impl ClaimStore for RedisStore {
     fn claim(&self, batch: ClaimBatch) -> StoreFuture<Vec<Claimed>> {
         let inner = Arc::clone(&self.inner);
