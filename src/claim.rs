@@ -14,7 +14,7 @@ use tokio::time::Instant;
 
 use crate::WindowSet;
 use crate::store::{HeldKey, Store, StoreError, Token};
-use crate::stored::driver::{Answer, Fate, Gate, Pre};
+use crate::stored::driver::{Answer, Fate, Gate, Held, Pre};
 
 /// An item whose key is claimed: in flight until [`commit`](Claim::commit) marks it done, or
 /// [`release`](Claim::release) (or a drop) frees it.
@@ -60,13 +60,18 @@ enum Settle {
 impl<T> Claim<T> {
     pub(crate) fn new<K: Hash + Eq + Send + Sync + 'static>(
         item: T,
-        key: K,
-        token: Token,
+        held: Held<K>,
         core: Arc<ClaimCore<K>>,
     ) -> Self {
+        let Held { key, token, bytes } = held;
         Claim {
             item,
-            guard: Guard(Some(Box::new(KeyTicket { key, token, core }))),
+            guard: Guard(Some(Box::new(KeyTicket {
+                key,
+                bytes,
+                token,
+                core,
+            }))),
         }
     }
 
@@ -140,22 +145,35 @@ impl<T: fmt::Debug> fmt::Debug for Claim<T> {
 
 struct KeyTicket<K> {
     key: K,
+    /// The key's store bytes if the claim request encoded them (empty otherwise).
+    bytes: Vec<u8>,
     token: Token,
     core: Arc<ClaimCore<K>>,
 }
 
 impl<K: Hash + Eq + Send + Sync + 'static> Ticket for KeyTicket<K> {
     fn commit(self: Box<Self>) -> Settle {
-        let KeyTicket { key, token, core } = *self;
+        let KeyTicket {
+            key,
+            bytes,
+            token,
+            core,
+        } = *self;
         match &core.store {
             // The committer task commits in the store, then here, then answers.
-            Some(committer) => committer.commit(&core, key, token),
+            Some(committer) => committer.commit(&core, key, bytes, token),
             None => Settle::Now(core.lock().commit_locally(key, token, Instant::now())),
         }
     }
 
     fn release(self: Box<Self>) {
-        self.core.release(&self.key, self.token);
+        let KeyTicket {
+            key,
+            bytes,
+            token,
+            core,
+        } = *self;
+        core.release(&key, bytes, token);
     }
 
     fn token(&self) -> Token {
@@ -248,17 +266,18 @@ impl<K: Hash + Eq> ClaimCore<K> {
     /// claim anyone saw, so not counted as released.
     pub(crate) fn release_unhanded(&self, key: &K, token: Token) {
         self.lock().free_locally(key, token);
-        self.release_in_store(key, token);
+        self.release_in_store(key, Vec::new(), token);
     }
 
-    fn release(&self, key: &K, token: Token) {
+    /// Frees a claim's key; `bytes` are its store bytes if known (empty: encoded here).
+    fn release(&self, key: &K, bytes: Vec<u8>, token: Token) {
         self.lock().release_locally(key, token);
-        self.release_in_store(key, token);
+        self.release_in_store(key, bytes, token);
     }
 
-    fn release_in_store(&self, key: &K, token: Token) {
+    fn release_in_store(&self, key: &K, bytes: Vec<u8>, token: Token) {
         if let Some(committer) = &self.store {
-            committer.release(key_bytes(committer.encode, key), token);
+            committer.release(or_encoded(bytes, committer.encode, key), token);
         }
     }
 
@@ -312,20 +331,30 @@ impl<K: Hash + Eq> Gate<K> for ClaimGate<'_, K> {
     }
 
     fn answered(&mut self, key: &K, answer: Answer, token: Token, now: Option<Instant>) {
-        match answer {
-            // Also in flight here: a copy read while it is gets held back without asking the
-            // store again (the store would answer the same).
-            Answer::New => self.core.claim_locally(
-                (self.clone_key)(key),
-                token,
-                now.unwrap_or_else(Instant::now),
-            ),
-            Answer::Present => {
-                let mut state = self.core.lock();
-                let t = state.window.at(now.unwrap_or_else(Instant::now));
-                state.window.observe_uncounted((self.clone_key)(key), t);
+        self.answered_all(std::slice::from_ref(key), &[answer], token, now);
+    }
+
+    /// One lock for the whole request (the committer task takes it too, from another thread).
+    fn answered_all(&mut self, keys: &[K], answers: &[Answer], token: Token, now: Option<Instant>) {
+        let now = now.unwrap_or_else(Instant::now);
+        let lease_end = now + self.core.lease;
+        let mut state = self.core.lock();
+        let mut t = None;
+        for (key, &answer) in keys.iter().zip(answers) {
+            match answer {
+                // Also in flight here: a copy read while it is gets held back without asking
+                // the store again (the store would answer the same).
+                Answer::New => {
+                    state
+                        .in_flight
+                        .insert((self.clone_key)(key), (token, lease_end));
+                }
+                Answer::Present => {
+                    let at = *t.get_or_insert_with(|| state.window.at(now));
+                    state.window.observe_uncounted((self.clone_key)(key), at);
+                }
+                Answer::InFlight => {}
             }
-            Answer::InFlight => {}
         }
     }
 
@@ -343,7 +372,9 @@ impl<K: Hash + Eq> Gate<K> for ClaimGate<'_, K> {
 }
 
 enum Op<K> {
-    Commit(K, Token, oneshot::Sender<Result<(), StoreError>>),
+    /// A claim's key, its store bytes (empty: not encoded yet), its token, where the answer
+    /// goes.
+    Commit(K, Vec<u8>, Token, oneshot::Sender<Result<(), StoreError>>),
     Release(Vec<u8>, Token),
 }
 
@@ -411,20 +442,20 @@ impl<K: Hash + Eq + Send + 'static> Committer<K> {
         }))
     }
 
-    fn commit(&self, core: &Arc<ClaimCore<K>>, key: K, token: Token) -> Settle {
+    fn commit(&self, core: &Arc<ClaimCore<K>>, key: K, bytes: Vec<u8>, token: Token) -> Settle {
         let Some(tx) = self.sender(core) else {
-            core.release(&key, token);
+            core.release(&key, bytes, token);
             return Settle::Now(Err(StoreError::backend(
                 "commit",
                 "no tokio runtime to commit on",
             )));
         };
         let (reply, answer) = oneshot::channel();
-        match tx.send(Op::Commit(key, token, reply)) {
+        match tx.send(Op::Commit(key, bytes, token, reply)) {
             Ok(()) => Settle::Later(answer),
             Err(mpsc::error::SendError(op)) => {
-                if let Op::Commit(key, token, _) = op {
-                    core.release(&key, token);
+                if let Op::Commit(key, bytes, token, _) = op {
+                    core.release(&key, bytes, token);
                 }
                 Settle::Now(Err(StoreError::backend(
                     "commit",
@@ -470,7 +501,9 @@ impl<K: Hash + Eq + Send + 'static> Task<K> {
             let mut releases: Vec<HeldKey> = Vec::new();
             for op in ops.drain(..) {
                 match op {
-                    Op::Commit(key, token, reply) => commits.push((key, token, reply)),
+                    Op::Commit(key, bytes, token, reply) => {
+                        commits.push((key, bytes, token, reply));
+                    }
                     Op::Release(key, token) => releases.push((key, token)),
                 }
             }
@@ -493,8 +526,10 @@ impl<K: Hash + Eq + Send + 'static> Task<K> {
     async fn commit(self: Arc<Self>, mut commits: Unsettled<K>) {
         let held: Vec<HeldKey> = commits
             .commits
-            .iter()
-            .map(|(key, token, _)| (key_bytes(self.encode, key), *token))
+            .iter_mut()
+            .map(|(key, bytes, token, _)| {
+                (or_encoded(std::mem::take(bytes), self.encode, key), *token)
+            })
             .collect();
         let n = held.len();
         let answers = match self.store.as_claim_store() {
@@ -535,7 +570,7 @@ impl<K: Hash + Eq> Task<K> {
         let mut commits = commits.into_iter().enumerate().peekable();
         while commits.peek().is_some() {
             let mut state = core.as_ref().map(|core| core.lock());
-            for (i, (key, token, reply)) in commits.by_ref().take(RUN) {
+            for (i, (key, _, token, reply)) in commits.by_ref().take(RUN) {
                 let result = match answers {
                     Ok(answers) if answers[i] => match state.as_mut() {
                         Some(state) => state.commit_locally(key, token, now),
@@ -579,7 +614,7 @@ impl<K: Hash + Eq> Drop for Unsettled<K> {
         }
         if let Some(core) = self.core.upgrade() {
             let mut state = core.lock();
-            for (key, token, _) in self.commits.drain(..) {
+            for (key, _, token, _) in self.commits.drain(..) {
                 state.release_locally(&key, token);
             }
         }
@@ -600,7 +635,7 @@ impl<K: Hash + Eq> Drop for Inbox<K> {
         };
         let mut state = core.lock();
         while let Ok(op) = self.rx.try_recv() {
-            if let Op::Commit(key, token, _) = op {
+            if let Op::Commit(key, _, token, _) = op {
                 state.release_locally(&key, token);
             }
         }
@@ -615,8 +650,18 @@ fn key_bytes<K>(encode: fn(&K, &mut Vec<u8>), key: &K) -> Vec<u8> {
     bytes
 }
 
-/// A commit waiting in the committer: the key, its claim's token, where the answer goes.
-type Commit<K> = (K, Token, oneshot::Sender<Result<(), StoreError>>);
+/// A commit waiting in the committer: the key, its store bytes (taken when the batch is sent),
+/// its claim's token, where the answer goes.
+type Commit<K> = (K, Vec<u8>, Token, oneshot::Sender<Result<(), StoreError>>);
+
+/// `bytes` if the claim kept them, else `key` encoded now.
+fn or_encoded<K>(bytes: Vec<u8>, encode: fn(&K, &mut Vec<u8>), key: &K) -> Vec<u8> {
+    if bytes.is_empty() {
+        key_bytes(encode, key)
+    } else {
+        bytes
+    }
+}
 
 /// Releases one batch. A failed release is harmless: the key's lease frees it.
 async fn release(store: Arc<dyn Store>, timeout: Duration, releases: Vec<HeldKey>) {

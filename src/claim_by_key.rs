@@ -12,7 +12,7 @@ use crate::claim::{Claim, ClaimCore, ClaimGate, Committer};
 use crate::hook::{DropDuplicates, OnDuplicate};
 use crate::stats::Stats;
 use crate::store::{StoreError, Token};
-use crate::stored::driver::{Driver, Fate, Mode, Out, Pre};
+use crate::stored::driver::{Driver, Fate, Held, Mode, Out, Pre};
 use crate::window::ClaimAttached;
 
 /// Stream for the [`claim_by_key`](crate::DedupStreamExt::claim_by_key) method.
@@ -157,7 +157,14 @@ pub(crate) fn claim_in_memory<T, K: Hash + Eq + Clone, E>(
         Pre::Ask => {
             let token = Token::new();
             core.claim_locally(key.clone(), token, now);
-            Out::Emit(item, Some((key, token)))
+            Out::Emit(
+                item,
+                Some(Held {
+                    key,
+                    token,
+                    bytes: Vec::new(),
+                }),
+            )
         }
     }
 }
@@ -210,8 +217,8 @@ where
                     *this.done = true;
                     return Poll::Ready(None);
                 }
-                Some(Out::Emit(item, Some((key, token)))) => {
-                    return Poll::Ready(Some(Claim::new(item, key, token, Arc::clone(this.core))));
+                Some(Out::Emit(item, Some(held))) => {
+                    return Poll::Ready(Some(Claim::new(item, held, Arc::clone(this.core))));
                 }
                 // Every keyed item of a claim operator carries its claim.
                 Some(Out::Emit(_, None)) => {}

@@ -156,8 +156,8 @@ where
                     *this.done = true;
                     return Poll::Ready(None);
                 }
-                Some(Out::Emit(Ok(item), Some((key, token)))) => {
-                    let claim = Claim::new(item, key, token, Arc::clone(this.core));
+                Some(Out::Emit(Ok(item), Some(held))) => {
+                    let claim = Claim::new(item, held, Arc::clone(this.core));
                     return Poll::Ready(Some(Ok(claim)));
                 }
                 Some(Out::Emit(Err(e), _)) => return Poll::Ready(Some(Err(e))),

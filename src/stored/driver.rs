@@ -52,6 +52,12 @@ pub(crate) trait Gate<K> {
     fn pre(&mut self, key: &K, now: Option<Instant>, clone_key: fn(&K) -> K) -> Pre;
     /// The store answered for `key` (first copies only).
     fn answered(&mut self, key: &K, answer: Answer, token: Token, now: Option<Instant>);
+    /// The store answered for every key of one request, in order.
+    fn answered_all(&mut self, keys: &[K], answers: &[Answer], token: Token, now: Option<Instant>) {
+        for (key, &answer) in keys.iter().zip(answers) {
+            self.answered(key, answer, token, now);
+        }
+    }
     /// The store failed for `key` (first copies only), under fail open or closed; `token` is
     /// the request's (a claim passed on unchecked keeps it).
     fn failed(&mut self, key: &K, open: bool, token: Token, now: Option<Instant>);
@@ -111,10 +117,19 @@ pub(crate) enum Mode {
     Claim { lease: Duration },
 }
 
+/// A claim a claim mode hands out: the key, its claim's token, and the key's store bytes
+/// when they were encoded for the store already (empty otherwise), so that the commit does not
+/// encode the key again.
+pub(crate) struct Held<K> {
+    pub(crate) key: K,
+    pub(crate) token: Token,
+    pub(crate) bytes: Vec<u8>,
+}
+
 /// What the operator does with the next item.
 pub(crate) enum Out<T, K, E> {
-    /// Yield it (with a claim mode's key and token when the store claimed it).
-    Emit(T, Option<(K, Token)>),
+    /// Yield it (with a claim mode's claim when the store claimed it).
+    Emit(T, Option<Held<K>>),
     /// Hand it to `on_duplicate`.
     Duplicate(T),
     /// Its key is in flight elsewhere: neither processed nor a duplicate.
@@ -124,11 +139,11 @@ pub(crate) enum Out<T, K, E> {
 }
 
 enum Verdict<K, E> {
-    Accept(Option<(K, Token)>),
+    Accept(Option<Held<K>>),
     Duplicate,
     HeldBack,
     /// Passed unchecked (fail open), with a claim mode's key and token.
-    Unchecked(Option<(K, Token)>),
+    Unchecked(Option<Held<K>>),
     /// Not a keyed item (an `Err` of a try stream): passes untouched.
     Pass,
     Failed(E),
@@ -314,7 +329,9 @@ impl<T, K, E> Driver<T, K, E> {
             .queue
             .drain(..)
             .filter_map(|e| match e.verdict {
-                Some(Verdict::Accept(claim) | Verdict::Unchecked(claim)) => claim,
+                Some(Verdict::Accept(claim) | Verdict::Unchecked(claim)) => {
+                    claim.map(|held| (held.key, held.token))
+                }
                 _ => None,
             })
             .collect();
@@ -440,11 +457,7 @@ impl<T, K: Hash + Eq, E> Driver<T, K, E> {
         let claims = matches!(self.mode, Mode::Claim { .. });
         let now = gate.now();
         match &result {
-            Ok(answers) => {
-                for (key, &answer) in request.keys.iter().zip(answers) {
-                    gate.answered(key, answer, request.token, now);
-                }
-            }
+            Ok(answers) => gate.answered_all(&request.keys, answers, request.token, now),
             Err(_) => {
                 gate.count(Fate::StoreError);
                 for key in &request.keys {
@@ -452,10 +465,16 @@ impl<T, K: Hash + Eq, E> Driver<T, K, E> {
                 }
             }
         }
-        // A claim takes its key from the request (each key has one first copy, so one claim).
+        // A claim takes its key and its store bytes from the request (each key has one first
+        // copy, so one claim).
         let token = request.token;
-        let mut keys: Vec<Option<K>> = if claims {
-            request.keys.into_iter().map(Some).collect()
+        let mut keys: Vec<Option<(K, Vec<u8>)>> = if claims {
+            request
+                .keys
+                .into_iter()
+                .zip(request.encoded)
+                .map(Some)
+                .collect()
         } else {
             Vec::new()
         };
@@ -464,7 +483,7 @@ impl<T, K: Hash + Eq, E> Driver<T, K, E> {
             let mut claim = || {
                 keys.get_mut(w.key as usize)
                     .and_then(Option::take)
-                    .map(|key| (key, token))
+                    .map(|(key, bytes)| Held { key, token, bytes })
             };
             let verdict = match answer {
                 // A copy of a key whose first copy was accepted: a duplicate, or with claims
@@ -609,7 +628,11 @@ impl<T, K: Hash + Eq, E> Driver<T, K, E> {
         gate.failed(&key, open, token, now);
         if open {
             let claims = matches!(self.mode, Mode::Claim { .. });
-            Verdict::Unchecked(claims.then_some((key, token)))
+            Verdict::Unchecked(claims.then_some(Held {
+                key,
+                token,
+                bytes: Vec::new(),
+            }))
         } else {
             Verdict::Failed((self.parts.convert)(e))
         }
