@@ -6,6 +6,7 @@ use std::collections::hash_map::Entry;
 use std::fmt;
 use std::hash::Hash;
 use std::ops::{Deref, DerefMut};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock, PoisonError, Weak};
 use std::time::Duration;
 
@@ -13,6 +14,7 @@ use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 
 use crate::WindowSet;
+use crate::stats::Recorder;
 use crate::store::{HeldKey, Store, StoreError, Token};
 use crate::stored::driver::{Answer, Fate, Gate, Held, Pre};
 
@@ -212,6 +214,30 @@ impl<K: Hash + Eq> ClaimState<K> {
         Ok(())
     }
 
+    /// Records what the store answered for commits: done keys into the window, refused ones
+    /// freed.
+    fn apply(&mut self, settled: Vec<Settled<K>>, now: Instant) {
+        let t = self.window.at(now);
+        for (key, token, done) in settled {
+            // (Counted by the committer task, when it answered.)
+            if !done {
+                self.free_locally(&key, token);
+                continue;
+            }
+            let key = match self.in_flight.entry(key) {
+                Entry::Occupied(held) => match *held.get() {
+                    // Another claim of this operator took the key here after our lease ran
+                    // out (the store's lease ended first): it stays in flight, and its own
+                    // commit or release settles it.
+                    (other, end) if other != token && end > now => continue,
+                    _ => held.remove_entry().0,
+                },
+                Entry::Vacant(free) => free.into_key(),
+            };
+            self.window.observe_uncounted(key, t);
+        }
+    }
+
     /// Frees `key` if this claim still holds it in memory.
     fn free_locally(&mut self, key: &K, token: Token) {
         if self.in_flight.get(key).is_some_and(|&(t, _)| t == token) {
@@ -228,9 +254,21 @@ impl<K: Hash + Eq> ClaimState<K> {
     }
 }
 
+/// A commit the store answered: the key, its claim's token, whether it is done.
+type Settled<K> = (K, Token, bool);
+
 /// What a claim operator and its claims share.
 pub(crate) struct ClaimCore<K> {
     state: Mutex<ClaimState<K>>,
+    /// Commits the store answered, recorded in memory by the next taker of `state` (the
+    /// operator, as it reads its next item): the committer task, on another thread, neither
+    /// waits for `state` nor touches its tables, and the keys are freed on the thread that
+    /// made them.
+    settled: Mutex<Vec<Settled<K>>>,
+    /// Whether `settled` holds anything (read without its lock on every `lock`).
+    has_settled: AtomicBool,
+    /// The window's counters, for the committer task to count commits as it answers them.
+    recorder: Recorder,
     lease: Duration,
     /// The store path, if there is a store.
     store: Option<Committer<K>>,
@@ -239,17 +277,46 @@ pub(crate) struct ClaimCore<K> {
 impl<K: Hash + Eq> ClaimCore<K> {
     pub(crate) fn new(window: WindowSet<K>, lease: Duration, store: Option<Committer<K>>) -> Self {
         ClaimCore {
+            recorder: window.recorder().clone(),
             state: Mutex::new(ClaimState {
                 window,
                 in_flight: HashMap::default(),
             }),
+            settled: Mutex::new(Vec::new()),
+            has_settled: AtomicBool::new(false),
             lease,
             store,
         }
     }
 
+    /// The state, with the commits settled so far recorded.
     fn lock(&self) -> MutexGuard<'_, ClaimState<K>> {
-        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+        let mut state = self.state.lock().unwrap_or_else(PoisonError::into_inner);
+        // Acquire: pairs with the committer's release, which it makes before it answers the
+        // commit, so that whatever runs after a commit returned finds the key done.
+        if self.has_settled.load(Ordering::Acquire) {
+            let settled = {
+                let mut queue = self.settled.lock().unwrap_or_else(PoisonError::into_inner);
+                self.has_settled.store(false, Ordering::Relaxed);
+                std::mem::take(&mut *queue)
+            };
+            state.apply(settled, Instant::now());
+        }
+        state
+    }
+
+    /// Queues commits the store answered, for [`lock`](Self::lock) to record.
+    fn settle(&self, settled: Vec<Settled<K>>) {
+        if settled.is_empty() {
+            return;
+        }
+        let mut queue = self.settled.lock().unwrap_or_else(PoisonError::into_inner);
+        if queue.is_empty() {
+            *queue = settled;
+        } else {
+            queue.extend(settled);
+        }
+        self.has_settled.store(true, Ordering::Release);
     }
 
     pub(crate) fn stats(&self) -> crate::Stats {
@@ -379,9 +446,9 @@ enum Op<K> {
 }
 
 /// Sends commits and releases to the store from a background task, in batches: the commits
-/// (and releases) queued while one round trip runs go together in the next. The task also
-/// records the answers in memory (one lock per 64 keys), so a commit costs its caller a channel
-/// send and a wake-up.
+/// (and releases) queued while one round trip runs go together in the next. The task counts
+/// the answers and queues them for the operator's state (one short lock per batch), so a
+/// commit costs its caller a channel send and a wake-up.
 pub(crate) struct Committer<K> {
     store: Arc<dyn Store>,
     ttl: Duration,
@@ -522,7 +589,7 @@ impl<K: Hash + Eq + Send + 'static> Task<K> {
         while batches.join_next().await.is_some() {}
     }
 
-    /// Commits one batch in the store, records the answers in memory, and answers each claim.
+    /// Commits one batch in the store, hands the answers to memory, and answers each claim.
     async fn commit(self: Arc<Self>, mut commits: Unsettled<K>) {
         let held: Vec<HeldKey> = commits
             .commits
@@ -554,46 +621,44 @@ impl<K: Hash + Eq + Send + 'static> Task<K> {
 }
 
 impl<K: Hash + Eq> Task<K> {
-    /// Records the store's answers in memory and answers each claim; returns the keys to free
-    /// in the store. The lock is taken for a short run of keys at a time, as the operator
-    /// takes it for every item it reads.
+    /// Hands the store's answers to the operator's state (recorded there by its next lock) and
+    /// answers each claim; returns the keys to free in the store.
     fn settle(
         &self,
         commits: Vec<Commit<K>>,
         answers: &Result<Vec<bool>, StoreError>,
     ) -> Vec<HeldKey> {
-        const RUN: usize = 64;
-        let core = self.core.upgrade();
-        let now = Instant::now();
         let mut failed: Vec<HeldKey> = Vec::new();
-        let mut results = Vec::with_capacity(RUN);
-        let mut commits = commits.into_iter().enumerate().peekable();
-        while commits.peek().is_some() {
-            let mut state = core.as_ref().map(|core| core.lock());
-            for (i, (key, _, token, reply)) in commits.by_ref().take(RUN) {
-                let result = match answers {
-                    Ok(answers) if answers[i] => match state.as_mut() {
-                        Some(state) => state.commit_locally(key, token, now),
-                        None => Ok(()),
-                    },
-                    // Not done: free the key (here and, if still ours, in the store).
-                    answer => {
-                        if let Some(state) = state.as_mut() {
-                            state.release_locally(&key, token);
-                        }
-                        failed.push((key_bytes(self.encode, &key), token));
-                        match answer {
-                            Err(e) => Err(e.clone()),
-                            Ok(_) => Err(StoreError::LeaseLost),
-                        }
+        let mut settled = Vec::with_capacity(commits.len());
+        let mut replies = Vec::with_capacity(commits.len());
+        for (i, (key, _, token, reply)) in commits.into_iter().enumerate() {
+            let result = match answers {
+                Ok(answers) if answers[i] => Ok(()),
+                // Not done: free the key (here and, if still ours, in the store).
+                answer => {
+                    failed.push((key_bytes(self.encode, &key), token));
+                    match answer {
+                        Err(e) => Err(e.clone()),
+                        Ok(_) => Err(StoreError::LeaseLost),
                     }
-                };
-                results.push((reply, result));
+                }
+            };
+            settled.push((key, token, result.is_ok()));
+            replies.push((reply, result));
+        }
+        // Queued and counted before any claim hears its answer.
+        if let Some(core) = self.core.upgrade() {
+            for &(_, _, done) in &settled {
+                if done {
+                    core.recorder.committed();
+                } else {
+                    core.recorder.released();
+                }
             }
-            drop(state);
-            for (reply, result) in results.drain(..) {
-                let _ = reply.send(result);
-            }
+            core.settle(settled);
+        }
+        for (reply, result) in replies {
+            let _ = reply.send(result);
         }
         failed
     }

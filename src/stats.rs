@@ -174,7 +174,10 @@ pub struct StatsSnapshot {
 
 /// The writing side: owned by exactly one window, which is only ever written through `&mut`
 /// (directly, or under the shared window's mutex). With a single writer a plain load + store
-/// is an exact increment and costs no locked instruction on the hot path.
+/// is an exact increment and costs no locked instruction on the hot path. The claim counters
+/// (`committed`, `released`) are the exception: a claim operator's committer task counts them
+/// from its own thread through a clone, so they are atomic increments.
+#[derive(Clone)]
 pub(crate) struct Recorder {
     counters: Stats,
     accepted: Counter,
@@ -250,13 +253,13 @@ impl Recorder {
 
     /// A claim was committed.
     pub(crate) fn committed(&self) {
-        bump(&self.counters.0.committed, 1);
+        self.counters.0.committed.fetch_add(1, Relaxed);
         self.committed.increment(1);
     }
 
     /// A claim was released uncommitted.
     pub(crate) fn released(&self) {
-        bump(&self.counters.0.released, 1);
+        self.counters.0.released.fetch_add(1, Relaxed);
         self.released.increment(1);
     }
 
