@@ -216,9 +216,8 @@ impl<K: Hash + Eq> ClaimState<K> {
 
     /// Records what the store answered for commits: done keys into the window, refused ones
     /// freed.
-    fn apply(&mut self, settled: Vec<Settled<K>>, now: Instant) {
-        let t = self.window.at(now);
-        for (key, token, done) in settled {
+    fn apply(&mut self, settled: Vec<Settled<K>>) {
+        for (key, token, done, now) in settled {
             // (Counted by the committer task, when it answered.)
             if !done {
                 self.free_locally(&key, token);
@@ -234,6 +233,8 @@ impl<K: Hash + Eq> ClaimState<K> {
                 },
                 Entry::Vacant(free) => free.into_key(),
             };
+            // At the time of the store's answer, not of this lock.
+            let t = self.window.at(now);
             self.window.observe_uncounted(key, t);
         }
     }
@@ -254,8 +255,8 @@ impl<K: Hash + Eq> ClaimState<K> {
     }
 }
 
-/// A commit the store answered: the key, its claim's token, whether it is done.
-type Settled<K> = (K, Token, bool);
+/// A commit the store answered: the key, its claim's token, whether it is done, when.
+type Settled<K> = (K, Token, bool, Instant);
 
 /// What a claim operator and its claims share.
 pub(crate) struct ClaimCore<K> {
@@ -300,7 +301,7 @@ impl<K: Hash + Eq> ClaimCore<K> {
                 self.has_settled.store(false, Ordering::Relaxed);
                 std::mem::take(&mut *queue)
             };
-            state.apply(settled, Instant::now());
+            state.apply(settled);
         }
         state
     }
@@ -628,6 +629,7 @@ impl<K: Hash + Eq> Task<K> {
         commits: Vec<Commit<K>>,
         answers: &Result<Vec<bool>, StoreError>,
     ) -> Vec<HeldKey> {
+        let now = Instant::now();
         let mut failed: Vec<HeldKey> = Vec::new();
         let mut settled = Vec::with_capacity(commits.len());
         let mut replies = Vec::with_capacity(commits.len());
@@ -643,12 +645,12 @@ impl<K: Hash + Eq> Task<K> {
                     }
                 }
             };
-            settled.push((key, token, result.is_ok()));
+            settled.push((key, token, result.is_ok(), now));
             replies.push((reply, result));
         }
         // Queued and counted before any claim hears its answer.
         if let Some(core) = self.core.upgrade() {
-            for &(_, _, done) in &settled {
+            for &(_, _, done, _) in &settled {
                 if done {
                     core.recorder.committed();
                 } else {

@@ -364,6 +364,20 @@ async fn a_lease_that_ran_out_is_taken_by_the_next_claim() {
     );
 }
 
+/// A ttl beyond Redis's longest expiry is cut short, never the lease: a claim made a moment
+/// ago is not taken by the next one.
+#[tokio::test]
+async fn an_endless_ttl_keeps_the_lease() {
+    let Some((store, _ns, _conn)) = store_and_raw("an_endless_ttl_keeps_the_lease").await else {
+        return;
+    };
+    let claims = store.as_claim_store().expect("claims");
+    let batch =
+        || ClaimBatch::new(vec![b"k".to_vec()], Duration::from_secs(60)).with_ttl(Duration::MAX);
+    claim_all(claims, batch()).await;
+    assert_eq!(claims.claim(batch()).await.unwrap(), [Claimed::InFlight]);
+}
+
 /// A commit that meets a value it did not write answers `false` for that key and leaves it as
 /// it was, whatever it holds: another claim's in-flight value of an odd shape (kept, with its
 /// expiry, and never taken over: its lease cannot be read, so it runs to the key's expiry), a

@@ -334,7 +334,10 @@ pub type HeldKey = (Vec<u8>, Token);
 ///   flight with the **same** token answers `Mine` too (a retry); a key in flight with another
 ///   token answers [`Claimed::InFlight`]; a done key answers [`Claimed::Done`].
 /// - [`commit`](ClaimStore::commit): a key in flight with the given token (or free again, or
-///   done by the same token) becomes done for `ttl`, and answers `true`; a key another token
+///   done by the same token) becomes done for `ttl` (a store that sizes the in-flight record
+///   by [`ClaimBatch::ttl`] may keep it until that ttl + the lease after the claim instead,
+///   which is at least `ttl` after a commit made within the lease), and answers `true`; a key
+///   another token
 ///   holds or committed answers `false` (this claim's lease ran out and someone else took
 ///   the key): a consumer never overwrites a key it no longer holds.
 /// - [`release`](ClaimStore::release): a key in flight with the given token becomes free;

@@ -460,8 +460,10 @@ impl Store for RedisStore {
 /// (`PTTL`), so consumers' clocks never matter. A key whose lease ran out is taken by the next
 /// claim of it: a claim that finds another claim's key in flight asks a second script, for
 /// those keys only, which takes each whose lease is over. A commit keeps the key's expiry
-/// (`SET key token GET KEEPTTL`): a done key is kept for at least the ttl after a commit made
-/// within the lease (up to ttl + lease), and Redis changes one value per commit, where
+/// (`SET key token GET KEEPTTL`): a done key is kept until ttl + lease after its claim, so for
+/// at least the ttl after a commit made within the lease (a commit that comes after the lease
+/// ran out, the key not taken, keeps what is left of that), and Redis changes one value per
+/// commit, where
 /// setting a new expiry also rewrote the key's entry in its table of expiries (measured: the
 /// commit script ~24% cheaper for Redis). A consumer whose lease ran out cannot free a key
 /// another consumer holds, nor change it as any other client sees it: a commit that finds
@@ -717,8 +719,11 @@ impl Inner {
         if batch.keys.is_empty() {
             return Ok(Vec::new());
         }
-        let keep = keep_millis(batch.ttl);
-        let px = ttl_millis(batch.lease).saturating_add(keep).min(MAX_TTL_MS);
+        // The lease is what the expiry holds beyond the ttl: the ttl is cut short rather than
+        // the lease when the two exceed Redis's longest expiry.
+        let lease_ms = ttl_millis(batch.lease);
+        let keep = keep_millis(batch.ttl).min(MAX_TTL_MS - lease_ms);
+        let px = lease_ms + keep;
         let mine = in_flight_value(batch.token, keep);
         let prefix = in_flight_prefix(batch.token);
         self.check_keys(&batch.keys)?;
