@@ -844,6 +844,20 @@ async fn cluster_exactly_once() {
     assert!(again[..600].iter().all(|c| *c == Claimed::Done));
     assert_eq!(again[600], Claimed::InFlight, "their claim stands");
     assert!(again[601..].iter().all(|c| *c == Claimed::Mine));
+
+    // A lease that ran out (the key kept for its ttl) is taken on the key's node.
+    let short = |token: Token| {
+        ClaimBatch::new(vec![key(60_000)], Duration::from_millis(300))
+            .with_token(token)
+            .with_ttl(TTL)
+    };
+    claim_all(claims, short(mine)).await;
+    assert_eq!(
+        claims.claim(short(theirs)).await.unwrap(),
+        [Claimed::InFlight]
+    );
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(claims.claim(short(theirs)).await.unwrap(), [Claimed::Mine]);
 }
 
 /// The `MOVED` count in the output of `INFO errorstats`.
