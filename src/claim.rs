@@ -155,27 +155,21 @@ struct KeyTicket<K> {
 
 impl<K: Hash + Eq + Send + Sync + 'static> Ticket for KeyTicket<K> {
     fn commit(self: Box<Self>) -> Settle {
-        let KeyTicket {
-            key,
-            bytes,
-            token,
-            core,
-        } = *self;
-        match &core.store {
+        let this = *self;
+        match &this.core.store {
             // The committer task commits in the store, then here, then answers.
-            Some(committer) => committer.commit(&core, key, bytes, token),
-            None => Settle::Now(core.lock().commit_locally(key, token, Instant::now())),
+            Some(committer) => committer.commit(&this.core, this.key, this.bytes, this.token),
+            None => Settle::Now(this.core.lock().commit_locally(
+                this.key,
+                this.token,
+                Instant::now(),
+            )),
         }
     }
 
     fn release(self: Box<Self>) {
-        let KeyTicket {
-            key,
-            bytes,
-            token,
-            core,
-        } = *self;
-        core.release(&key, bytes, token);
+        let this = *self;
+        this.core.release(&this.key, this.bytes, this.token);
     }
 
     fn token(&self) -> Token {
