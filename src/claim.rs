@@ -396,7 +396,7 @@ impl<K: Hash + Eq> Gate<K> for ClaimGate<'_, K> {
         self.answered_all(std::slice::from_ref(key), &[answer], token, now);
     }
 
-    /// One lock for the whole request (the committer task takes it too, from another thread).
+    /// One lock for the whole request, not one per key.
     fn answered_all(&mut self, keys: &[K], answers: &[Answer], token: Token, now: Option<Instant>) {
         let now = now.unwrap_or_else(Instant::now);
         let lease_end = now + self.core.lease;
