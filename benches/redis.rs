@@ -51,8 +51,9 @@
 //! 96k of 194k (49%); after it (`SET … GET KEEPTTL`), 111k of 208k (53%) and 103k of 206k
 //! (50%); with a claim keeping its store bytes, 126k of 265k (47%) and 132k of 246k (54%);
 //! with the committer no longer taking the operator's lock as well, 130k of 274k (47%), 128k
-//! of 246k (52%), 133k of 277k (48%); after the review's fixes 120k of 248k (48%), 129k of 234k (55%), 124k of 263k (47%), 133k
-//! of 281k (47%).
+//! of 246k (52%), 133k of 277k (48%); after the review's fixes 120k of 248k (48%), 129k of
+//! 234k (55%), 124k of 263k (47%), 133k of 281k (47%); with the smaller commit future, 128k of
+//! 264k (49%), 129k of 263k (49%), 127k of 257k (50%).
 //!
 //! 2026-11-28 (before the commit script's single `SET` per key and the committer's batched
 //! bookkeeping): store 319–371k, redis-benchmark 265–539k (69%, 108%, 132%), operators
