@@ -448,12 +448,8 @@ impl<K: Hash + Eq> Gate<K> for ClaimGate<'_, K> {
             .pre(key, now.unwrap_or_else(Instant::now), clone_key)
     }
 
-    fn answered(&mut self, key: &K, answer: Answer, token: Token, now: Option<Instant>) {
-        self.answered_all(std::slice::from_ref(key), &[answer], token, now);
-    }
-
     /// One lock for the whole request, not one per key.
-    fn answered_all(&mut self, keys: &[K], answers: &[Answer], token: Token, now: Option<Instant>) {
+    fn answered(&mut self, keys: &[K], answers: &[Answer], token: Token, now: Option<Instant>) {
         let now = now.unwrap_or_else(Instant::now);
         let lease_end = now + self.core.lease;
         let mut state = self.core.lock();

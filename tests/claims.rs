@@ -320,6 +320,82 @@ async fn claims_under_store_failures() {
     assert_eq!(*closed.next().await.unwrap().unwrap(), 5);
 }
 
+/// A commit the store fails (it went down between the claim and the commit, or it is too
+/// slow) returns the store's error; the key is freed here and counted released, never
+/// committed. Down: the store's copy cannot be released either, so it stays in flight until
+/// its lease runs out, and the broker's redelivery after that is processed. Slow: the commit
+/// may still be applied late (a timeout is not a refusal), so the redelivery is processed or,
+/// once the late commit landed, a duplicate: never lost.
+#[tokio::test(start_paused = true)]
+async fn a_commit_the_store_fails_frees_the_key() {
+    let lease = Duration::from_secs(30);
+    for fault in [Mode::Down, Mode::Slow(Duration::from_secs(5))] {
+        let store = FaultyStore::new();
+        let (tx, rx) = mpsc::unbounded_channel::<u32>();
+        let window = Window::max_keys(100)
+            .ttl(TTL)
+            .lease(lease)
+            .store(store.clone())
+            .timeout(Duration::from_secs(1));
+        let dropped = Arc::new(Mutex::new(Vec::new()));
+        let seen = Arc::clone(&dropped);
+        let mut claims = UnboundedReceiverStream::new(rx)
+            .claim_by_key(|k| *k, window)
+            .on_duplicate(move |k| seen.lock().unwrap().push(k));
+        tx.send(7).unwrap();
+        let claim = claims.next().await.unwrap();
+        store.set(fault);
+        let err = claim.commit().await.unwrap_err();
+        assert!(
+            matches!(err, StoreError::Unavailable(_) | StoreError::Timeout(_)),
+            "{fault:?}: {err:?}"
+        );
+        assert_eq!(
+            (claims.stats().committed(), claims.stats().released()),
+            (0, 1),
+            "{fault:?}"
+        );
+        store.set(Mode::Up);
+        tokio::time::sleep(lease + Duration::from_secs(10)).await;
+        tx.send(7).unwrap();
+        tx.send(8).unwrap();
+        let next = claims.next().await.unwrap();
+        let processed = *next == 7;
+        assert!(
+            processed || dropped.lock().unwrap().as_slice() == [7],
+            "{fault:?}: the redelivery is processed or a duplicate"
+        );
+        if fault == Mode::Down {
+            assert!(
+                processed,
+                "nothing was committed: the redelivery is processed"
+            );
+        }
+    }
+}
+
+/// `commit()` sends nothing until it is polled: dropped unpolled, it releases the key as
+/// dropping the claim does. Its future stays small (it sits in a consumer's
+/// `buffer_unordered` by the thousand).
+#[tokio::test(start_paused = true)]
+async fn an_unpolled_commit_releases_the_key() {
+    let (tx, rx) = mpsc::unbounded_channel::<String>();
+    let window = Window::max_keys(100).ttl(TTL).store(MemoryStore::new());
+    let mut claims = UnboundedReceiverStream::new(rx).claim_by_key(String::clone, window);
+    tx.send("k".into()).unwrap();
+    let commit = claims.next().await.unwrap().commit();
+    assert!(
+        std::mem::size_of_val(&commit) <= 48,
+        "{}",
+        std::mem::size_of_val(&commit)
+    );
+    drop(commit);
+    assert_eq!(claims.stats().released(), 1);
+    tokio::time::sleep(Duration::from_millis(1)).await; // the store's release, in the background
+    tx.send("k".into()).unwrap();
+    assert_eq!(*claims.next().await.unwrap(), "k");
+}
+
 #[test]
 #[should_panic(expected = "does not offer claims")]
 fn a_store_without_claims_is_refused() {

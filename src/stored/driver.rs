@@ -50,14 +50,8 @@ pub(crate) trait Gate<K> {
     fn now(&self) -> Option<Instant>;
     /// Answers `key` from memory if it can (`clone_key` copies a key it must keep).
     fn pre(&mut self, key: &K, now: Option<Instant>, clone_key: fn(&K) -> K) -> Pre;
-    /// The store answered for `key` (first copies only).
-    fn answered(&mut self, key: &K, answer: Answer, token: Token, now: Option<Instant>);
-    /// The store answered for every key of one request, in order.
-    fn answered_all(&mut self, keys: &[K], answers: &[Answer], token: Token, now: Option<Instant>) {
-        for (key, &answer) in keys.iter().zip(answers) {
-            self.answered(key, answer, token, now);
-        }
-    }
+    /// The store answered for every key of one request (first copies only), in order.
+    fn answered(&mut self, keys: &[K], answers: &[Answer], token: Token, now: Option<Instant>);
     /// The store failed for `key` (first copies only), under fail open or closed; `token` is
     /// the request's (a claim passed on unchecked keeps it).
     fn failed(&mut self, key: &K, open: bool, token: Token, now: Option<Instant>);
@@ -89,7 +83,7 @@ impl<K: Hash + Eq> Gate<K> for Handle<K> {
         }
     }
 
-    fn answered(&mut self, _key: &K, _answer: Answer, _token: Token, _now: Option<Instant>) {}
+    fn answered(&mut self, _: &[K], _: &[Answer], _: Token, _: Option<Instant>) {}
 
     fn failed(&mut self, key: &K, open: bool, _token: Token, _now: Option<Instant>) {
         if !open {
@@ -457,7 +451,7 @@ impl<T, K: Hash + Eq, E> Driver<T, K, E> {
         let claims = matches!(self.mode, Mode::Claim { .. });
         let now = gate.now();
         match &result {
-            Ok(answers) => gate.answered_all(&request.keys, answers, request.token, now),
+            Ok(answers) => gate.answered(&request.keys, answers, request.token, now),
             Err(_) => {
                 gate.count(Fate::StoreError);
                 for key in &request.keys {
