@@ -74,7 +74,7 @@
 //!
 //! Rust 1.85 (edition 2024).
 
-#![forbid(unsafe_code)]
+#![deny(unsafe_code)]
 #![warn(
     missing_docs,
     missing_debug_implementations,

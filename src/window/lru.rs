@@ -38,6 +38,21 @@ fn prefetch<T>(value: &T) {
     let _ = value;
 }
 
+/// Asks the CPU to start loading the cache line at `addr`, which may be any address at all: a
+/// prefetch is a hint that never faults and reads nothing the program can observe.
+#[inline(always)]
+#[allow(unsafe_code)]
+fn prefetch_addr(addr: usize) {
+    #[cfg(target_arch = "x86_64")]
+    // SAFETY: `prefetcht0` touches no memory in the abstract machine and cannot fault, whatever
+    // the address (Intel SDM, PREFETCHh); SSE is part of the x86_64 baseline.
+    unsafe {
+        core::arch::x86_64::_mm_prefetch::<{ core::arch::x86_64::_MM_HINT_T0 }>(addr as *const i8);
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = addr;
+}
+
 /// "No slot": the end of a list.
 const NIL: u32 = u32::MAX;
 
@@ -364,6 +379,10 @@ pub(crate) struct Core<K, M> {
     /// The same for the key after it, one eviction ahead.
     next_victim: VictimHint,
     hasher: foldhash::fast::RandomState,
+    /// Where the table's control bytes probably start (0: not known), worked out from a full
+    /// bucket's address: hashbrown keeps bucket `b` at `ctrl - (b + 1) * size_of::<u32>()`. Only
+    /// ever used as a prefetch address, so a wrong guess costs a useless prefetch.
+    ctrl: usize,
     /// Head of the free-slot list, threaded through the recency links' `next`.
     free: u32,
     len: u32,
@@ -384,6 +403,7 @@ impl<K: Hash + Eq, M: Meta> Core<K, M> {
             victim: NO_HINT,
             next_victim: NO_HINT,
             hasher: foldhash::fast::RandomState::default(),
+            ctrl: 0,
             free: NIL,
             len: 0,
             max,
@@ -449,6 +469,7 @@ impl<K: Hash + Eq, M: Meta> Core<K, M> {
         self.keys.clear();
         self.metas.clear();
         self.table.clear();
+        self.ctrl = 0;
         self.by_recency = List::EMPTY;
         self.by_arrival = List::EMPTY;
         self.free = NIL;
@@ -558,13 +579,23 @@ impl<K: Hash + Eq, M: Meta> Core<K, M> {
         let second = self.metas[front as usize].newer();
         if second != NIL && self.next_victim.slot != second {
             self.next_victim = self.hint(second);
+            // The third victim's key and record came in one observation ago: start loading its
+            // control group, and the fourth's key and record.
             let third = self.metas[second as usize].newer();
-            if let (Some(key), Some(meta)) = (
-                self.keys.get(third as usize),
-                self.metas.get(third as usize),
-            ) {
-                prefetch(key);
-                prefetch(meta);
+            if let Some(key) = self.keys.get(third as usize) {
+                if self.ctrl != 0 {
+                    let mask = self.table.num_buckets().wrapping_sub(1);
+                    let pos = self.hasher.hash_one(key) as usize & mask;
+                    prefetch_addr(self.ctrl.wrapping_add(pos));
+                }
+                let fourth = self.metas[third as usize].newer();
+                if let (Some(key), Some(meta)) = (
+                    self.keys.get(fourth as usize),
+                    self.metas.get(fourth as usize),
+                ) {
+                    prefetch(key);
+                    prefetch(meta);
+                }
             }
         }
     }
@@ -572,12 +603,14 @@ impl<K: Hash + Eq, M: Meta> Core<K, M> {
     /// The first bucket of slot `i`'s probe sequence with a matching control byte, its slot
     /// index prefetched.
     #[inline]
-    fn hint(&self, i: u32) -> VictimHint {
+    fn hint(&mut self, i: u32) -> VictimHint {
         let hash = self.hasher.hash_one(&self.keys[i as usize]);
         match self.table.iter_hash_buckets(hash).next() {
             Some(bucket) => {
                 if let Some(index) = self.table.get_bucket(bucket) {
                     prefetch(index);
+                    self.ctrl = (index as *const u32 as usize)
+                        .wrapping_add((bucket + 1) * core::mem::size_of::<u32>());
                 }
                 VictimHint { slot: i, bucket }
             }
@@ -654,6 +687,7 @@ impl<K: Hash + Eq, M: Meta> Core<K, M> {
             });
         }
         self.table = table;
+        self.ctrl = 0;
         self.victim = NO_HINT; // every entry moved
         self.next_victim = NO_HINT;
     }
