@@ -419,9 +419,10 @@ impl<K: Hash + Eq> ClaimCore<K> {
         }
     }
 
+    /// Counts an item's fate. No lock: these counters are written only here, by the operator
+    /// (the committer task and dropped claims count commits and releases, with atomic adds).
     pub(crate) fn count(&self, fate: Fate) {
-        let state = self.lock();
-        let r = state.window.recorder();
+        let r = &self.recorder;
         match fate {
             Fate::Accepted => r.verdict(true),
             Fate::Duplicate => r.verdict(false),

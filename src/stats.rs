@@ -176,7 +176,10 @@ pub struct StatsSnapshot {
 /// (directly, or under the shared window's mutex). With a single writer a plain load + store
 /// is an exact increment and costs no locked instruction on the hot path. The claim counters
 /// (`committed`, `released`) are the exception: a claim operator's committer task counts them
-/// from its own thread through a clone, so they are atomic increments.
+/// from its own thread through a clone, so they are atomic increments. A claim operator counts
+/// each item's fate (accepted, duplicate, held back, unchecked, store error) through its own
+/// clone without the claims' lock: it is the only writer of those counters, while the window's
+/// (evicted, expired, keys) are written under the lock.
 #[derive(Clone)]
 pub(crate) struct Recorder {
     counters: Stats,
