@@ -2,11 +2,16 @@
 
 mod support;
 
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use futures::{StreamExt, stream};
 use proptest::prelude::*;
-use stream_dedup::store::{MemoryStore, StoreError};
+use stream_dedup::store::{InsertBatch, Inserted, MemoryStore, Store, StoreError, StoreFuture};
 use stream_dedup::{DedupStreamExt, FailurePolicy, TryDedupStreamExt, Window};
 use support::faulty::{FaultyStore, Mode};
 use tokio::sync::mpsc;
@@ -309,4 +314,67 @@ proptest! {
         keys.sort_unstable();
         prop_assert_eq!(keys, distinct.into_iter().collect::<Vec<_>>());
     }
+}
+
+/// A store whose calls answer after `delay` and count how often they are polled.
+#[derive(Clone, Debug)]
+struct PollCounting {
+    inner: MemoryStore,
+    delay: Duration,
+    polls: Arc<AtomicUsize>,
+}
+
+/// Counts the polls of the future it wraps.
+struct Counted<F> {
+    inner: Pin<Box<F>>,
+    polls: Arc<AtomicUsize>,
+}
+
+impl<F: Future> Future for Counted<F> {
+    type Output = F::Output;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<F::Output> {
+        self.polls.fetch_add(1, Ordering::SeqCst);
+        self.inner.as_mut().poll(cx)
+    }
+}
+
+impl Store for PollCounting {
+    fn insert(&self, batch: InsertBatch) -> StoreFuture<Vec<Inserted>> {
+        let (inner, delay) = (self.inner.clone(), self.delay);
+        Box::pin(Counted {
+            inner: Box::pin(async move {
+                tokio::time::sleep(delay).await;
+                inner.insert(batch).await
+            }),
+            polls: Arc::clone(&self.polls),
+        })
+    }
+
+    fn remove(&self, keys: Vec<Vec<u8>>) -> StoreFuture<()> {
+        self.inner.remove(keys)
+    }
+}
+
+/// Polling the operator while its store call is out does not poll the call again: the call is
+/// polled when it starts and when it wakes the operator. (A consumer that polls the operator
+/// once per finished task, as `buffer_unordered` does, used to poll every call in flight each
+/// time.)
+#[tokio::test(start_paused = true)]
+async fn a_call_in_flight_is_polled_only_when_it_wakes_the_operator() {
+    let store = PollCounting {
+        inner: MemoryStore::new(),
+        delay: Duration::from_millis(10),
+        polls: Arc::default(),
+    };
+    let mut out = stream::iter([1u64, 2, 1]).dedup_by_key(|k| *k, window().store(store.clone()));
+    for _ in 0..1_000 {
+        assert!(futures::poll!(out.next()).is_pending());
+    }
+    assert_eq!(store.polls.load(Ordering::SeqCst), 1);
+    assert_eq!(next(&mut out).await, Some(1));
+    assert_eq!(next(&mut out).await, Some(2));
+    assert_eq!(next(&mut out).await, None);
+    // Started, then woken once by its timer.
+    assert_eq!(store.polls.load(Ordering::SeqCst), 2);
 }

@@ -6,8 +6,9 @@ use std::collections::{HashMap, VecDeque};
 use std::future::Future;
 use std::hash::Hash;
 use std::pin::Pin;
-use std::sync::Arc;
-use std::task::{Context, Poll, ready};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::task::{Context, Poll, Wake, Waker, ready};
 use std::time::Duration;
 
 use sync_wrapper::SyncWrapper;
@@ -271,6 +272,45 @@ impl<K> Request<K> {
     }
 }
 
+/// The waker the calls in flight see: it notes that one of them has something to say, then
+/// wakes the operator's task. The operator polls its calls only after such a wake-up (or a new
+/// call), not each time its consumer polls it; a consumer that polls the operator once per
+/// finished commit polled every call about twice per key before.
+struct Wakeup {
+    woken: AtomicBool,
+    task: Mutex<Option<Waker>>,
+}
+
+impl Wakeup {
+    /// Makes `waker` the one to wake (when it is not already).
+    fn register(&self, waker: &Waker) {
+        let mut task = self.task.lock().unwrap_or_else(PoisonError::into_inner);
+        if !task.as_ref().is_some_and(|t| t.will_wake(waker)) {
+            *task = Some(waker.clone());
+        }
+    }
+}
+
+impl Wake for Wakeup {
+    fn wake(self: Arc<Self>) {
+        self.wake_by_ref();
+    }
+
+    fn wake_by_ref(self: &Arc<Self>) {
+        // Release: what the call did before waking is seen by the poll that reads the flag.
+        self.woken.store(true, Ordering::Release);
+        // Woken outside the lock: an executor may do anything in `wake`.
+        let task = self
+            .task
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone();
+        if let Some(task) = task {
+            task.wake();
+        }
+    }
+}
+
 /// The store path's state, owned by one operator.
 pub(crate) struct Driver<T, K, E> {
     parts: StoreParts<K, E>,
@@ -279,6 +319,9 @@ pub(crate) struct Driver<T, K, E> {
     queue: VecDeque<Entry<T, K, E>>,
     front_seq: u64,
     requests: Vec<Request<K>>,
+    /// What the calls in flight wake; [`Waker`] of the same, made once.
+    wakeup: Arc<Wakeup>,
+    waker: Waker,
     next_request: u64,
     /// Keys whose first copy awaits the store: where to find its answer.
     pending: HashMap<K, (u64, u32), foldhash::fast::RandomState>,
@@ -339,7 +382,13 @@ impl<T, K, E> Driver<T, K, E> {
 
 impl<T, K: Hash + Eq, E> Driver<T, K, E> {
     pub(crate) fn new(parts: StoreParts<K, E>, mode: Mode) -> Self {
+        let wakeup = Arc::new(Wakeup {
+            woken: AtomicBool::new(false),
+            task: Mutex::new(None),
+        });
         Driver {
+            waker: Waker::from(Arc::clone(&wakeup)),
+            wakeup,
             parts,
             mode,
             queue: VecDeque::new(),
@@ -421,12 +470,24 @@ impl<T, K: Hash + Eq, E> Driver<T, K, E> {
         })
     }
 
-    /// Polls every call in flight; applies the answers of those that finished.
+    /// Polls every call in flight if one of them woke the operator (or is new); applies the
+    /// answers of those that finished.
     fn drive<G: Gate<K>>(&mut self, gate: &mut G, cx: &mut Context<'_>) -> bool {
+        if self.requests.is_empty() {
+            return false;
+        }
+        self.wakeup.register(cx.waker());
+        // Acquire: pairs with the wake-up's release. A wake-up after this swap sets the flag
+        // again and wakes the task (registered above), so none is lost.
+        if !self.wakeup.woken.swap(false, Ordering::Acquire) {
+            return false;
+        }
+        let waker = self.waker.clone();
+        let mut calls = Context::from_waker(&waker);
         let mut progress = false;
         let mut i = 0;
         while i < self.requests.len() {
-            match self.requests[i].poll(cx, &self.parts.config, self.mode) {
+            match self.requests[i].poll(&mut calls, &self.parts.config, self.mode) {
                 Poll::Pending => i += 1,
                 Poll::Ready(result) => {
                     let request = self.requests.swap_remove(i);
@@ -595,6 +656,8 @@ impl<T, K: Hash + Eq, E> Driver<T, K, E> {
         }
         if !keys.is_empty() {
             let token = Token::new();
+            // A new call is polled (started) by the next `drive`.
+            self.wakeup.woken.store(true, Ordering::Relaxed);
             self.requests.push(Request {
                 id,
                 attempt: start(&self.parts.config, self.mode, &encoded, token),
