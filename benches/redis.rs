@@ -55,6 +55,14 @@
 //! 234k (55%), 124k of 263k (47%), 133k of 281k (47%); with the smaller commit future, 128k of
 //! 264k (49%), 129k of 263k (49%), 127k of 257k (50%).
 //!
+//! On a still later VM of 2026-11-29 (AMD EPYC, ~4× faster): claims of `dedup_by_key` 459k of
+//! 884k (52%), 440k of 782k (56%), 451k of 854k (53%), 482k of 713k (68%); after the operator
+//! stopped polling its store calls on every poll (a consumer's `buffer_unordered` polled each
+//! claim call ~1.8 times per key), 448k of 805k (56%), 433k of 787k (55%), 444k of 779k (57%),
+//! and in a full run 453k of 831k (54%), the store at 798k (1,000 × 4) and 842k (100 × 16)
+//! against 755k for `redis-benchmark`, 17.2k per key; on the single-threaded runtime 457k of
+//! 823k (56%) and 448k of 775k (58%).
+//!
 //! 2026-11-28 (before the commit script's single `SET` per key and the committer's batched
 //! bookkeeping): store 319–371k, redis-benchmark 265–539k (69%, 108%, 132%), operators
 //! `dedup_by_key` 306–405k, claims 110–154k (31–50%).
