@@ -378,3 +378,66 @@ async fn a_call_in_flight_is_polled_only_when_it_wakes_the_operator() {
     // Started, then woken once by its timer.
     assert_eq!(store.polls.load(Ordering::SeqCst), 2);
 }
+
+/// The operator polled once with a waker that does nothing, then awaited: the call's wake-up
+/// reaches the new waker.
+#[tokio::test(start_paused = true)]
+async fn a_call_wakes_the_latest_waker() {
+    let store = PollCounting {
+        inner: MemoryStore::new(),
+        delay: Duration::from_millis(10),
+        polls: Arc::default(),
+    };
+    let mut out = stream::iter([1u64]).dedup_by_key(|k| *k, window().store(store));
+    let mut noop = Context::from_waker(futures::task::noop_waker_ref());
+    assert!(out.poll_next_unpin(&mut noop).is_pending());
+    let start = tokio::time::Instant::now();
+    assert_eq!(next(&mut out).await, Some(1));
+    // At the call's answer, not at `next`'s 60 s limit (which polls once more before it fails).
+    assert_eq!(start.elapsed(), Duration::from_millis(10));
+    assert_eq!(next(&mut out).await, None);
+}
+
+/// A store that answers each call from a thread of its own.
+#[derive(Clone, Debug)]
+struct Threaded(MemoryStore);
+
+impl Store for Threaded {
+    fn insert(&self, batch: InsertBatch) -> StoreFuture<Vec<Inserted>> {
+        let inner = self.0.clone();
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_micros(200));
+            let _ = tx.send(futures::executor::block_on(inner.insert(batch)));
+        });
+        Box::pin(async move {
+            rx.await
+                .unwrap_or_else(|_| Err(StoreError::unavailable("the thread is gone")))
+        })
+    }
+
+    fn remove(&self, keys: Vec<Vec<u8>>) -> StoreFuture<()> {
+        self.0.remove(keys)
+    }
+}
+
+/// Calls answered on other threads, many in flight, on a multi-threaded runtime: no wake-up is
+/// lost and every key is decided once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn calls_answered_on_other_threads_wake_the_operator() {
+    let window = window()
+        .store(Threaded(MemoryStore::new()))
+        .batch_size(50)
+        .max_in_flight(8)
+        .timeout(Duration::from_secs(30));
+    let out: Vec<u64> = tokio::time::timeout(
+        Duration::from_secs(60),
+        stream::iter(0..5_000u64)
+            .map(|i| i % 3_000)
+            .dedup_by_key(|k| *k, window)
+            .collect(),
+    )
+    .await
+    .expect("the operator stalled: a lost wake-up?");
+    assert_eq!(out, (0..3_000).collect::<Vec<_>>());
+}

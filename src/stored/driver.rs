@@ -286,7 +286,9 @@ impl Wakeup {
     fn register(&self, waker: &Waker) {
         let mut task = self.task.lock().unwrap_or_else(PoisonError::into_inner);
         if !task.as_ref().is_some_and(|t| t.will_wake(waker)) {
-            *task = Some(waker.clone());
+            let old = task.replace(waker.clone());
+            drop(task);
+            drop(old); // outside the lock: dropping a waker runs the executor's code
         }
     }
 }
@@ -438,7 +440,8 @@ impl<T, K: Hash + Eq, E> Driver<T, K, E> {
                 progress |= self.fill(gate, cx, &mut pull, &mut key_of);
             }
             if !progress {
-                // The inner stream and every call in flight have registered the waker.
+                // The inner stream has registered the task's waker; the calls in flight wake
+                // `Wakeup`, which `drive` pointed at the task's waker.
                 return Poll::Pending;
             }
         }
