@@ -74,7 +74,7 @@
 //!
 //! Rust 1.85 (edition 2024).
 
-#![deny(unsafe_code)]
+#![forbid(unsafe_code)]
 #![warn(
     missing_docs,
     missing_debug_implementations,

@@ -22,9 +22,8 @@
 //! reads of the table (the next victim's control group and the new key's) are in flight
 //! together instead of one after the other; done at the end of the previous observation, the
 //! lookup was a cache miss of its own (the `u64_10M` bench: 2.74× the `hashbrown` floor before,
-//! 1.98–2.56× after, PERF.md); the victims after it have their keys, records and control
-//! groups prefetched further ahead (`aim_at_victim`). A hint is only ever a guess that is
-//! checked before use; a stale one falls back to the full lookup.
+//! 1.98–2.56× after, PERF.md). A hint is only ever a guess that is checked before use; a stale
+//! one falls back to the full lookup.
 
 use core::hash::{BuildHasher, Hash};
 
@@ -37,32 +36,6 @@ fn prefetch<T>(value: &T) {
     safe_arch::prefetch_t0(value);
     #[cfg(not(target_arch = "x86_64"))]
     let _ = value;
-}
-
-/// Asks the CPU to start loading the cache line at `addr`, which may be any address at all: a
-/// prefetch is a hint that never faults and reads nothing the program can observe.
-#[inline(always)]
-#[allow(unsafe_code)]
-fn prefetch_addr(addr: usize) {
-    #[cfg(target_arch = "x86_64")]
-    // SAFETY: `prefetcht0` touches no memory in the abstract machine and cannot fault, whatever
-    // the address (Intel SDM, PREFETCHh); SSE is part of the x86_64 baseline.
-    unsafe {
-        core::arch::x86_64::_mm_prefetch::<{ core::arch::x86_64::_MM_HINT_T0 }>(
-            core::ptr::without_provenance::<i8>(addr),
-        );
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    let _ = addr;
-}
-
-/// Where hashbrown's control bytes start, from a reference to bucket `bucket`'s value: it keeps
-/// bucket `b` at `ctrl - (b + 1) * size_of::<u32>()` (hashbrown 0.17; a unit test checks that
-/// every full bucket of a table gives the same answer).
-fn ctrl_of(index: &u32, bucket: usize) -> usize {
-    core::ptr::from_ref(index)
-        .addr()
-        .wrapping_add((bucket + 1) * core::mem::size_of::<u32>())
 }
 
 /// "No slot": the end of a list.
@@ -391,10 +364,6 @@ pub(crate) struct Core<K, M> {
     /// The same for the key after it, one eviction ahead.
     next_victim: VictimHint,
     hasher: foldhash::fast::RandomState,
-    /// Where the table's control bytes probably start (0: not known), worked out from a full
-    /// bucket's address: hashbrown keeps bucket `b` at `ctrl - (b + 1) * size_of::<u32>()`. Only
-    /// ever used as a prefetch address, so a wrong guess costs a useless prefetch.
-    ctrl: usize,
     /// Head of the free-slot list, threaded through the recency links' `next`.
     free: u32,
     len: u32,
@@ -415,7 +384,6 @@ impl<K: Hash + Eq, M: Meta> Core<K, M> {
             victim: NO_HINT,
             next_victim: NO_HINT,
             hasher: foldhash::fast::RandomState::default(),
-            ctrl: 0,
             free: NIL,
             len: 0,
             max,
@@ -481,7 +449,6 @@ impl<K: Hash + Eq, M: Meta> Core<K, M> {
         self.keys.clear();
         self.metas.clear();
         self.table.clear();
-        self.ctrl = 0;
         self.by_recency = List::EMPTY;
         self.by_arrival = List::EMPTY;
         self.free = NIL;
@@ -570,13 +537,11 @@ impl<K: Hash + Eq, M: Meta> Core<K, M> {
     /// on the state the previous one left, so that its read of the table overlaps the probe
     /// for the new key.
     ///
-    /// The evictions are software-pipelined four deep: the key and record of the fourth victim
-    /// in line are prefetched; the third one's key, by then in cache, is hashed and its control
-    /// group prefetched; the second one's group, by then in cache, is read and the slot index at
-    /// the matching bucket prefetched; when it becomes the next victim that guess is ready, and
-    /// its eviction checks the index (another key can share the control byte) without waiting
-    /// on memory. Prefetches are hints that never fault. (Without the control-group stage, the
-    /// wait for that group was 18% of `observe`'s samples: PERF.md.)
+    /// The evictions are software-pipelined: the key and record of the third victim in line are
+    /// prefetched; the second one's key, by then in cache, is hashed, its control group read and
+    /// the slot index at the matching bucket prefetched; when it becomes the next victim that
+    /// guess is ready, and its eviction checks the index (another key can share the control
+    /// byte) without waiting on memory. Prefetches are hints that never fault.
     #[inline]
     fn aim_at_victim(&mut self) {
         if self.len != self.max {
@@ -593,27 +558,13 @@ impl<K: Hash + Eq, M: Meta> Core<K, M> {
         let second = self.metas[front as usize].newer();
         if second != NIL && self.next_victim.slot != second {
             self.next_victim = self.hint(second);
-            // The third victim's key and record were prefetched when the pipeline last moved
-            // (usually the observation before): start loading its control group, and the
-            // fourth's key and record.
             let third = self.metas[second as usize].newer();
-            if let Some(key) = self.keys.get(third as usize) {
-                // Only for keys hashed from their own bytes: a key that owns heap data (a
-                // `String`) would be hashed from memory nobody prefetched, a stall of its own
-                // (exact UUID `String` keys ran 11–21% slower with this stage).
-                if self.ctrl != 0 && !core::mem::needs_drop::<K>() {
-                    let mask = self.table.num_buckets().wrapping_sub(1);
-                    let pos = self.hasher.hash_one(key) as usize & mask;
-                    prefetch_addr(self.ctrl.wrapping_add(pos));
-                }
-                let fourth = self.metas[third as usize].newer();
-                if let (Some(key), Some(meta)) = (
-                    self.keys.get(fourth as usize),
-                    self.metas.get(fourth as usize),
-                ) {
-                    prefetch(key);
-                    prefetch(meta);
-                }
+            if let (Some(key), Some(meta)) = (
+                self.keys.get(third as usize),
+                self.metas.get(third as usize),
+            ) {
+                prefetch(key);
+                prefetch(meta);
             }
         }
     }
@@ -621,13 +572,12 @@ impl<K: Hash + Eq, M: Meta> Core<K, M> {
     /// The first bucket of slot `i`'s probe sequence with a matching control byte, its slot
     /// index prefetched.
     #[inline]
-    fn hint(&mut self, i: u32) -> VictimHint {
+    fn hint(&self, i: u32) -> VictimHint {
         let hash = self.hasher.hash_one(&self.keys[i as usize]);
         match self.table.iter_hash_buckets(hash).next() {
             Some(bucket) => {
                 if let Some(index) = self.table.get_bucket(bucket) {
                     prefetch(index);
-                    self.ctrl = ctrl_of(index, bucket);
                 }
                 VictimHint { slot: i, bucket }
             }
@@ -704,7 +654,6 @@ impl<K: Hash + Eq, M: Meta> Core<K, M> {
             });
         }
         self.table = table;
-        self.ctrl = 0;
         self.victim = NO_HINT; // every entry moved
         self.next_victim = NO_HINT;
     }
@@ -760,21 +709,6 @@ impl<K: Hash + Eq, M: Meta> Core<K, M> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    /// The control-group prefetch rests on hashbrown's layout (buckets below the control bytes,
-    /// in reverse): if a release changes it, the prefetches go astray (harmless, but the window
-    /// loses its speed), and this test says so.
-    #[test]
-    fn every_bucket_points_at_the_same_control_bytes() {
-        let mut core: Core<u64, Plain> = Core::new(1_000, 0);
-        for k in 0..1_000u64 {
-            core.observe(k * 7_919, 0);
-        }
-        let mut ctrls = (0..core.table.num_buckets())
-            .filter_map(|b| core.table.get_bucket(b).map(|index| ctrl_of(index, b)));
-        let first = ctrls.next().expect("a full bucket");
-        assert!(ctrls.all(|c| c == first));
-    }
 
     #[test]
     fn records_stay_small() {
