@@ -61,7 +61,8 @@
 //! claim call ~1.8 times per key), 448k of 805k (56%), 433k of 787k (55%), 444k of 779k (57%),
 //! and in a full run 453k of 831k (54%), the store at 798k (1,000 × 4) and 842k (100 × 16)
 //! against 755k for `redis-benchmark`, 17.2k per key; on the single-threaded runtime 457k of
-//! 823k (56%) and 448k of 775k (58%).
+//! 823k (56%) and 448k of 775k (58%). Interleaved runs of the binaries before and after that
+//! change: 55.7%, 52.3%, 55.4% before, 53.2%, 52.6%, 51.5% after (Redis saturates first).
 //!
 //! 2026-11-28 (before the commit script's single `SET` per key and the committer's batched
 //! bookkeeping): store 319–371k, redis-benchmark 265–539k (69%, 108%, 132%), operators
