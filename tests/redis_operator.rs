@@ -79,6 +79,7 @@ async fn a_restart_remembers_every_key() {
     let stats = unique.stats();
     assert_eq!(unique.count().await, 0, "a key was accepted twice");
     assert_eq!((stats.duplicates(), stats.unchecked()), (100_000, 0));
+    redis_server::delete_namespace(&url, &ns).await;
 }
 
 /// One stream with redeliveries, split at random between two consumers with operators and
@@ -112,6 +113,7 @@ async fn two_consumers_accept_each_key_once() {
     assert_eq!(accepted.len(), keys.len(), "accepted twice or lost");
     let distinct: HashSet<&String> = accepted.iter().collect();
     assert_eq!(distinct.len(), keys.len());
+    redis_server::delete_namespace(&url, &ns).await;
 }
 
 /// Redis is killed mid-stream and restarted. Fail open: every item is delivered, the counter

@@ -292,3 +292,39 @@ pub fn cli_binary(server: &Path) -> PathBuf {
         PathBuf::from("redis-cli")
     }
 }
+
+/// Deletes every key of the store namespace `ns` on the Redis at `url` (`SCAN` + `UNLINK`), so
+/// that a test that wrote many keys to a shared server leaves it as it found it (its keys
+/// would otherwise stay until their ttl, slowing whatever runs next).
+#[cfg(feature = "redis")]
+pub async fn delete_namespace(url: &str, ns: &str) {
+    let client = redis::Client::open(url).expect("a Redis URL");
+    let mut conn = client
+        .get_multiplexed_async_connection()
+        .await
+        .expect("a connection to clean up");
+    let pattern = format!("{ns}:*");
+    let mut cursor: u64 = 0;
+    loop {
+        let (next, keys): (u64, Vec<Vec<u8>>) = redis::cmd("SCAN")
+            .arg(cursor)
+            .arg("MATCH")
+            .arg(&pattern)
+            .arg("COUNT")
+            .arg(10_000)
+            .query_async(&mut conn)
+            .await
+            .expect("SCAN");
+        if !keys.is_empty() {
+            redis::cmd("UNLINK")
+                .arg(keys)
+                .exec_async(&mut conn)
+                .await
+                .expect("UNLINK");
+        }
+        if next == 0 {
+            break;
+        }
+        cursor = next;
+    }
+}
