@@ -596,18 +596,18 @@ async fn mark_on_emit_with_memory_store() {
     mark_on_emit_loses_messages(&env, MemoryStore::new()).await;
 }
 
+/// A Redis store in a namespace of its own, with the URL and the namespace (to delete it after).
 #[cfg(feature = "redis")]
-async fn redis_store(test: &str) -> Option<stream_dedup::store::RedisStore> {
+async fn redis_store(test: &str) -> Option<(stream_dedup::store::RedisStore, String, String)> {
     let Ok(url) = std::env::var("STREAM_DEDUP_REDIS_URL") else {
         eprintln!("skipped: {test} (STREAM_DEDUP_REDIS_URL is not set)");
         return None;
     };
     let namespace = support::jetstream::unique_name(test);
-    Some(
-        stream_dedup::store::RedisStore::connect(&url, &namespace)
-            .await
-            .expect("connect to Redis"),
-    )
+    let store = stream_dedup::store::RedisStore::connect(&url, &namespace)
+        .await
+        .expect("connect to Redis");
+    Some((store, url, namespace))
 }
 
 #[cfg(feature = "redis")]
@@ -616,10 +616,11 @@ async fn claims_with_redis_store() {
     let Some(env) = Env::from_env("claims_with_redis_store") else {
         return;
     };
-    let Some(store) = redis_store("claims_with_redis_store").await else {
+    let Some((store, url, namespace)) = redis_store("claims_with_redis_store").await else {
         return;
     };
     claims_apply_every_message_exactly_once(&env, store).await;
+    support::redis_server::delete_namespace(&url, &namespace).await;
 }
 
 #[cfg(feature = "redis")]
@@ -628,10 +629,11 @@ async fn mark_on_emit_with_redis_store() {
     let Some(env) = Env::from_env("mark_on_emit_with_redis_store") else {
         return;
     };
-    let Some(store) = redis_store("mark_on_emit_with_redis_store").await else {
+    let Some((store, url, namespace)) = redis_store("mark_on_emit_with_redis_store").await else {
         return;
     };
     mark_on_emit_loses_messages(&env, store).await;
+    support::redis_server::delete_namespace(&url, &namespace).await;
 }
 
 #[test]

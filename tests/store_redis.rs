@@ -470,6 +470,7 @@ async fn restart_forgets_nothing() {
         new_again += count(&answers, Inserted::New);
     }
     assert_eq!(new_again, 0, "keys accepted twice across a restart");
+    redis_server::delete_namespace(&url, &ns).await;
 }
 
 /// Two stores (two connections, one namespace) inserting overlapping keys at the same time:
@@ -506,6 +507,7 @@ async fn two_consumers_agree() {
     }
     assert_eq!(times_new.len(), 40_000, "a key was never new");
     assert!(times_new.values().all(|&n| n == 1), "a key was new twice");
+    redis_server::delete_namespace(&url, &ns).await;
 }
 
 /// Redis killed and restarted on the same port: calls fail with a clear error within the
