@@ -337,8 +337,7 @@ pub type HeldKey = (Vec<u8>, Token);
 ///   done by the same token) becomes done for `ttl` (a store that sizes the in-flight record
 ///   by [`ClaimBatch::ttl`] may keep it until that ttl + the lease after the claim instead,
 ///   which is at least `ttl` after a commit made within the lease), and answers `true`; a key
-///   another token
-///   holds or committed answers `false` (this claim's lease ran out and someone else took
+///   another token holds or committed answers `false` (this claim's lease ran out and someone else took
 ///   the key): a consumer never overwrites a key it no longer holds.
 /// - [`release`](ClaimStore::release): a key in flight with the given token becomes free;
 ///   any other key is left alone.

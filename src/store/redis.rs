@@ -463,9 +463,8 @@ impl Store for RedisStore {
 /// (`SET key token GET KEEPTTL`): a done key is kept until ttl + lease after its claim, so for
 /// at least the ttl after a commit made within the lease (a commit that comes after the lease
 /// ran out, the key not taken, keeps what is left of that), and Redis changes one value per
-/// commit, where
-/// setting a new expiry also rewrote the key's entry in its table of expiries (measured: the
-/// commit script ~24% cheaper for Redis). A consumer whose lease ran out cannot free a key
+/// commit, where setting a new expiry also rewrote the key's entry in its table of expiries
+/// (measured: the commit script ~24% cheaper for Redis). A consumer whose lease ran out cannot free a key
 /// another consumer holds, nor change it as any other client sees it: a commit that finds
 /// another claim's key puts it back within the same script, with the expiry it had, and is
 /// refused. [`Store::insert`] (mark on emit) counts a key in flight as present, also once its
@@ -1337,6 +1336,25 @@ fn unavailable_error(e: RedisError) -> StoreError {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn takeover_replies_are_checked_before_they_are_believed() {
+        use super::{Claimed, takeover_answers};
+        use redis::Value::{Array, BulkString, Int, Nil};
+        assert_eq!(
+            takeover_answers("claim", Array(vec![Int(1), Int(2), Int(3)])).unwrap(),
+            [Claimed::Mine, Claimed::InFlight, Claimed::Done]
+        );
+        for bad in [
+            Array(vec![Int(0)]),
+            Array(vec![Int(4)]),
+            Array(vec![Int(1), Nil]),
+            Array(vec![BulkString(b"1".to_vec())]),
+            Int(1),
+        ] {
+            assert!(takeover_answers("claim", bad.clone()).is_err(), "{bad:?}");
+        }
+    }
+
     #[test]
     fn commit_replies_are_checked_before_they_are_believed() {
         use super::refused_positions;

@@ -321,9 +321,8 @@ pub(crate) struct Driver<T, K, E> {
     queue: VecDeque<Entry<T, K, E>>,
     front_seq: u64,
     requests: Vec<Request<K>>,
-    /// What the calls in flight wake; [`Waker`] of the same, made once.
+    /// What the calls in flight wake.
     wakeup: Arc<Wakeup>,
-    waker: Waker,
     next_request: u64,
     /// Keys whose first copy awaits the store: where to find its answer.
     pending: HashMap<K, (u64, u32), foldhash::fast::RandomState>,
@@ -384,13 +383,11 @@ impl<T, K, E> Driver<T, K, E> {
 
 impl<T, K: Hash + Eq, E> Driver<T, K, E> {
     pub(crate) fn new(parts: StoreParts<K, E>, mode: Mode) -> Self {
-        let wakeup = Arc::new(Wakeup {
-            woken: AtomicBool::new(false),
-            task: Mutex::new(None),
-        });
         Driver {
-            waker: Waker::from(Arc::clone(&wakeup)),
-            wakeup,
+            wakeup: Arc::new(Wakeup {
+                woken: AtomicBool::new(false),
+                task: Mutex::new(None),
+            }),
             parts,
             mode,
             queue: VecDeque::new(),
@@ -485,7 +482,7 @@ impl<T, K: Hash + Eq, E> Driver<T, K, E> {
         if !self.wakeup.woken.swap(false, Ordering::Acquire) {
             return false;
         }
-        let waker = self.waker.clone();
+        let waker = Waker::from(Arc::clone(&self.wakeup));
         let mut calls = Context::from_waker(&waker);
         let mut progress = false;
         let mut i = 0;
