@@ -443,10 +443,6 @@ impl Store for RedisStore {
             within(deadline, inner.remove(keys)).await
         })
     }
-
-    fn as_claim_store(&self) -> Option<&dyn ClaimStore> {
-        Some(self)
-    }
 }
 
 /// Claims on Redis. A done key holds the 16 bytes of the token that recorded it (as
