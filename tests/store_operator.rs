@@ -258,10 +258,34 @@ async fn a_key_too_long_gets_the_policy_alone() {
     );
 }
 
-#[test]
-#[should_panic(expected = "set a ttl first")]
-fn a_store_needs_a_ttl() {
-    let _ = Window::max_keys(10).store(MemoryStore::new());
+/// A store must know when to forget a key: a window without a ttl gets the documented default,
+/// in memory and in the store.
+#[tokio::test(start_paused = true)]
+async fn a_store_window_without_a_ttl_gets_the_default() {
+    let store = MemoryStore::new();
+    let window = Window::max_keys(10).store(store.clone());
+    assert_eq!(
+        window.window().policy().ttl(),
+        Some(stream_dedup::DEFAULT_STORE_TTL)
+    );
+    let out: Vec<u8> = stream::iter([1u8, 1])
+        .dedup_by_key(|k| *k, window)
+        .collect()
+        .await;
+    assert_eq!(out, [1]);
+    // Remembered in the store until the default ttl runs out, then forgotten.
+    let again = || Window::max_keys(10).store(store.clone());
+    let out: Vec<u8> = stream::iter([1u8])
+        .dedup_by_key(|k| *k, again())
+        .collect()
+        .await;
+    assert!(out.is_empty());
+    tokio::time::advance(stream_dedup::DEFAULT_STORE_TTL + Duration::from_millis(1)).await;
+    let out: Vec<u8> = stream::iter([1u8])
+        .dedup_by_key(|k| *k, again())
+        .collect()
+        .await;
+    assert_eq!(out, [1]);
 }
 
 proptest! {

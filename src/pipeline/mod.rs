@@ -112,6 +112,16 @@ impl Window {
 pub const DEFAULT_STORE_TTL: Duration = Duration::from_secs(24 * 60 * 60);
 
 impl<S> StoreWindow<S> {
+    /// The window in front of the store.
+    pub fn window(&self) -> &Window {
+        &self.window
+    }
+
+    /// The store.
+    pub fn store(&self) -> &S {
+        &self.store
+    }
+
     /// The most items taken into one store call (default 256). The operator never waits to
     /// fill a batch: it takes what the stream has ready.
     ///
