@@ -66,8 +66,7 @@
 //! |---|---|---|
 //! | `uuid` | [`StoreKey`](store::StoreKey) for `uuid::Uuid` | no |
 //! | `redis` | `store::RedisStore`: a store on Redis ≥ 7.0 or Redis Cluster, shared by consumers on many machines (redis-rs, tokio) | no |
-//! | `trace` | [`trace`]: `record_trace` / `TraceWriter`, to record `elapsed_ms,key` lines from a live stream (no extra dependency) | no |
-//! | `sweep` | [`sweep`]: replay a synthetic broker or a recorded trace through a grid of windows on a paused clock; table, CSV, SVG plot (tokio `test-util`, serde_json, plotters; clap and cap for `examples/window_sweep.rs`); implies `trace` | no |
+//! | `trace` | [`trace`]: `record_trace` / `TraceWriter`, to record `elapsed_ms,key` lines from a live stream for the window sweep (`window-sweep`, a tool of this repository's workspace); no extra dependency | no |
 //! | `embedded` | `store::EmbeddedStore`: a store in a local directory that survives restarts (fjall; needs Rust 1.90) | no |
 //!
 //! # Minimum supported Rust version
@@ -105,9 +104,6 @@ mod window;
 
 pub use self::claim::Claim;
 pub use self::claim_by_key::ClaimByKey;
-#[cfg(feature = "sweep")]
-#[cfg_attr(docsrs, doc(cfg(feature = "sweep")))]
-pub mod sweep;
 #[cfg(feature = "trace")]
 #[cfg_attr(docsrs, doc(cfg(feature = "trace")))]
 pub mod trace;
