@@ -2,8 +2,8 @@ use core::hash::Hash;
 
 use futures_core::{Stream, TryStream};
 
-use crate::window::{IntoClaimWindow, IntoWindow};
-use crate::{ClaimByKey, DedupByKey, TryClaimByKey, TryDedupByKey};
+use crate::adapter::{ClaimByKey, DedupByKey, TryClaimByKey, TryDedupByKey};
+use crate::attach::{IntoClaimWindow, IntoWindow};
 
 /// Adds [`dedup_by_key`](DedupStreamExt::dedup_by_key) to every [`Stream`].
 pub trait DedupStreamExt: Stream {
@@ -43,7 +43,7 @@ pub trait DedupStreamExt: Stream {
         K: Hash + Eq,
         W: IntoWindow<K>,
     {
-        DedupByKey::new(self, key_fn, window.into_window())
+        DedupByKey::new(self, key_fn, window.attach())
     }
 
     /// Like [`dedup_by_key`](DedupStreamExt::dedup_by_key), but each item leaves wrapped in a
@@ -57,11 +57,8 @@ pub trait DedupStreamExt: Stream {
     /// (`on_held_back`: do not ack; the broker will deliver it again).
     ///
     /// `window` is a [`Window`](crate::Window), or a [`StoreWindow`](crate::StoreWindow)
-    /// whose store offers claims, so that consumers in many processes share the states.
-    ///
-    /// # Panics
-    ///
-    /// If the store does not offer claims.
+    /// whose store offers claims ([`ClaimStore`](crate::store::ClaimStore), checked at compile
+    /// time), so that consumers in many processes share the states.
     ///
     /// # Examples
     ///
@@ -84,7 +81,6 @@ pub trait DedupStreamExt: Stream {
     /// # Ok(())
     /// # }
     /// ```
-    #[track_caller]
     fn claim_by_key<K, F, W>(self, key_fn: F, window: W) -> ClaimByKey<Self, F, K>
     where
         Self: Sized,
@@ -92,7 +88,7 @@ pub trait DedupStreamExt: Stream {
         K: Hash + Eq + Clone + Send + Sync + 'static,
         W: IntoClaimWindow<K>,
     {
-        ClaimByKey::new(self, key_fn, window.into_claim_window())
+        ClaimByKey::new(self, key_fn, window.attach_claims())
     }
 }
 
@@ -125,17 +121,13 @@ pub trait TryDedupStreamExt: TryStream {
         K: Hash + Eq,
         W: IntoWindow<K, Self::Error>,
     {
-        TryDedupByKey::new(self, key_fn, window.into_window())
+        TryDedupByKey::new(self, key_fn, window.attach())
     }
 
     /// Like [`claim_by_key`](DedupStreamExt::claim_by_key) for a stream of `Result`s: `Ok`
     /// items are claimed, `Err` items pass through untouched and in place. Under
     /// [`FailurePolicy::fail_closed`](crate::FailurePolicy::fail_closed) a store failure is
     /// yielded in place of the items it concerns, converted into the stream's error type.
-    ///
-    /// # Panics
-    ///
-    /// If the store does not offer claims.
     ///
     /// # Examples
     ///
@@ -155,7 +147,6 @@ pub trait TryDedupStreamExt: TryStream {
     /// # Ok(())
     /// # }
     /// ```
-    #[track_caller]
     fn try_claim_by_key<K, F, W>(self, key_fn: F, window: W) -> TryClaimByKey<Self, F, K>
     where
         Self: Sized,
@@ -163,7 +154,7 @@ pub trait TryDedupStreamExt: TryStream {
         K: Hash + Eq + Clone + Send + Sync + 'static,
         W: IntoClaimWindow<K, Self::Error>,
     {
-        TryClaimByKey::new(self, key_fn, window.into_claim_window())
+        TryClaimByKey::new(self, key_fn, window.attach_claims())
     }
 }
 

@@ -66,6 +66,7 @@
 //! |---|---|---|
 //! | `uuid` | [`StoreKey`](store::StoreKey) for `uuid::Uuid` | no |
 //! | `redis` | `store::RedisStore`: a store on Redis ≥ 7.0 or Redis Cluster, shared by consumers on many machines (redis-rs, tokio) | no |
+//! | `testing` | [`testing`]: the store conformance suite ([`store_suite!`], [`claim_suite!`]), to prove a store of your own | no |
 //! | `trace` | [`trace`]: `record_trace` / `TraceWriter`, to record `elapsed_ms,key` lines from a live stream for the window sweep (`window-sweep`, a tool of this repository's workspace); no extra dependency | no |
 //! | `embedded` | `store::EmbeddedStore`: a store in a local directory that survives restarts (fjall; needs Rust 1.90) | no |
 //!
@@ -89,31 +90,30 @@
 #[macro_use]
 mod macros;
 
+// The layers, bottom to top, are in ARCHITECTURE.md; each imports only from those below it.
+mod adapter;
+mod attach;
 mod claim;
-mod claim_by_key;
-mod dedup_by_key;
 mod ext;
 mod fingerprint;
 mod hook;
+mod pipeline;
 pub mod stats;
 pub mod store;
-mod stored;
-mod try_claim_by_key;
-mod try_dedup_by_key;
-mod window;
-
-pub use self::claim::Claim;
-pub use self::claim_by_key::ClaimByKey;
+#[cfg(feature = "testing")]
+#[cfg_attr(docsrs, doc(cfg(feature = "testing")))]
+pub mod testing;
 #[cfg(feature = "trace")]
 #[cfg_attr(docsrs, doc(cfg(feature = "trace")))]
 pub mod trace;
+mod window;
 
-pub use self::dedup_by_key::DedupByKey;
+pub use self::adapter::{ClaimByKey, DedupByKey, TryClaimByKey, TryDedupByKey};
+pub use self::attach::{IntoClaimWindow, IntoWindow};
+pub use self::claim::Claim;
 pub use self::ext::{DedupStreamExt, TryDedupStreamExt};
 pub use self::fingerprint::Fingerprint;
 pub use self::hook::{DropDuplicates, OnDuplicate};
+pub use self::pipeline::{DEFAULT_STORE_TTL, FailurePolicy, StoreWindow};
 pub use self::stats::{Stats, StatsSnapshot};
-pub use self::stored::{FailurePolicy, StoreWindow};
-pub use self::try_claim_by_key::TryClaimByKey;
-pub use self::try_dedup_by_key::TryDedupByKey;
-pub use self::window::{IntoClaimWindow, IntoWindow, SharedWindow, Window, WindowSet};
+pub use self::window::{Policy, SharedWindow, Window, WindowSet};

@@ -6,8 +6,6 @@ use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 
 use metrics::{Counter, Gauge, SharedString};
 
-use crate::window::lru::Observed;
-
 /// Name of the counter of items accepted (first seen, passed downstream).
 pub const ACCEPTED_TOTAL: &str = "stream_dedup_accepted_total";
 /// Name of the counter of items dropped as duplicates.
@@ -195,6 +193,27 @@ pub(crate) struct Recorder {
     released: Counter,
 }
 
+/// What one observation did to the window (the window reports it; the recorder counts it).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub(crate) struct Observed {
+    /// The key was in the window: the item is a repeat.
+    pub(crate) duplicate: bool,
+    /// A new key pushed the least recently seen key out of a full window.
+    pub(crate) evicted: bool,
+    /// Keys whose ttl ran out before this observation (removed by it).
+    pub(crate) expired: u32,
+}
+
+/// How an item left an operator: each is counted by [`Recorder::fate`], in one place.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Fate {
+    Accepted,
+    Duplicate,
+    HeldBack,
+    Unchecked,
+    StoreError,
+}
+
 #[inline]
 fn bump(c: &AtomicU64, n: u64) {
     c.store(c.load(Relaxed) + n, Relaxed);
@@ -227,6 +246,18 @@ impl Recorder {
     pub(crate) fn observed(&self, o: Observed, keys: usize) {
         self.verdict(!o.duplicate);
         self.window_changed(o, keys);
+    }
+
+    /// Counts an item's fate.
+    #[inline]
+    pub(crate) fn fate(&self, fate: Fate) {
+        match fate {
+            Fate::Accepted => self.verdict(true),
+            Fate::Duplicate => self.verdict(false),
+            Fate::HeldBack => self.held_back(),
+            Fate::Unchecked => self.unchecked(),
+            Fate::StoreError => self.store_error(),
+        }
     }
 
     /// An item was accepted (`true`) or dropped as a duplicate (`false`).

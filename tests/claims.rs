@@ -396,28 +396,6 @@ async fn an_unpolled_commit_releases_the_key() {
     assert_eq!(*claims.next().await.unwrap(), "k");
 }
 
-#[test]
-#[should_panic(expected = "does not offer claims")]
-fn a_store_without_claims_is_refused() {
-    #[derive(Debug)]
-    struct InsertOnly(MemoryStore);
-    impl stream_dedup::store::Store for InsertOnly {
-        fn insert(
-            &self,
-            batch: stream_dedup::store::InsertBatch,
-        ) -> stream_dedup::store::StoreFuture<Vec<stream_dedup::store::Inserted>> {
-            self.0.insert(batch)
-        }
-        fn remove(&self, keys: Vec<Vec<u8>>) -> stream_dedup::store::StoreFuture<()> {
-            self.0.remove(keys)
-        }
-    }
-    let window = Window::max_keys(10)
-        .ttl(TTL)
-        .store(InsertOnly(MemoryStore::new()));
-    let _ = futures::stream::iter([1u8]).claim_by_key(|k| *k, window);
-}
-
 /// Dropping a claim operator frees the keys it claimed in the store but never handed out (read
 /// ahead in its batch), so another consumer processes their redeliveries at once.
 #[tokio::test]

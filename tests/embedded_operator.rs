@@ -38,7 +38,7 @@ fn keys() -> Vec<String> {
 
 /// A small window in front, so that the store decides almost every item; a generous timeout
 /// (a durable commit per batch on a busy machine), so that nothing passes unchecked.
-fn window(store: EmbeddedStore) -> StoreWindow {
+fn window(store: EmbeddedStore) -> StoreWindow<EmbeddedStore> {
     Window::max_keys(1_000)
         .ttl(TTL)
         .store(store)

@@ -30,7 +30,7 @@ fn namespace(test: &str) -> String {
 }
 
 /// A small window, so that the store decides almost everything.
-fn window(store: RedisStore) -> stream_dedup::StoreWindow {
+fn window(store: RedisStore) -> stream_dedup::StoreWindow<RedisStore> {
     Window::max_keys(1_000)
         .ttl(TTL)
         .store(store)

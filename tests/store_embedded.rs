@@ -32,10 +32,6 @@ impl Store for TestStore {
     fn remove(&self, keys: Vec<Vec<u8>>) -> StoreFuture<()> {
         self.store.remove(keys)
     }
-
-    fn as_claim_store(&self) -> Option<&dyn ClaimStore> {
-        Some(self)
-    }
 }
 
 impl ClaimStore for TestStore {
@@ -62,8 +58,8 @@ async fn make(namespace: String) -> Option<TestStore> {
 }
 
 // Expiry stamps are exact to the millisecond; a little slack for a slow machine.
-store_suite!(make, expiry = Duration::from_millis(20));
-claim_suite!(make, expiry = Duration::from_millis(20));
+stream_dedup::store_suite!(make, expiry = Duration::from_millis(20));
+stream_dedup::claim_suite!(make, expiry = Duration::from_millis(20));
 
 const TTL: Duration = Duration::from_secs(600);
 

@@ -11,5 +11,5 @@ async fn make(_namespace: String) -> Option<MemoryStore> {
     Some(MemoryStore::new())
 }
 
-store_suite!(make, expiry = Duration::from_millis(1));
-claim_suite!(make, expiry = Duration::from_millis(1));
+stream_dedup::store_suite!(make, expiry = Duration::from_millis(1));
+stream_dedup::claim_suite!(make, expiry = Duration::from_millis(1));

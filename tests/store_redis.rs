@@ -31,8 +31,8 @@ async fn make(namespace: String) -> Option<RedisStore> {
     Some(store)
 }
 
-store_suite!(make, expiry = Duration::from_millis(50));
-claim_suite!(make, expiry = Duration::from_millis(50));
+stream_dedup::store_suite!(make, expiry = Duration::from_millis(50));
+stream_dedup::claim_suite!(make, expiry = Duration::from_millis(50));
 
 const TTL: Duration = Duration::from_secs(120);
 
@@ -65,7 +65,7 @@ async fn large_commits_answer_every_key_in_order() {
         return;
     };
     let store = connect(&url, &namespace("large-commits")).await;
-    let claims = store.as_claim_store().expect("claims");
+    let claims = &store;
     let keys: Vec<Vec<u8>> = (0..2_500).map(key).collect();
     let (mine, theirs) = (Token::new(), Token::new());
     let claim = |keys: Vec<Vec<u8>>, token| {
@@ -197,7 +197,7 @@ async fn refused_commits_leave_the_holders_key_as_it_was() {
     else {
         return;
     };
-    let claims = store.as_claim_store().expect("claims");
+    let claims = &store;
     let claim = |keys: &[&[u8]], lease: Duration, token: Token| {
         ClaimBatch::new(keys.iter().map(|k| k.to_vec()).collect(), lease).with_token(token)
     };
@@ -285,7 +285,7 @@ async fn a_lease_that_ran_out_is_taken_by_the_next_claim() {
     else {
         return;
     };
-    let claims = store.as_claim_store().expect("claims");
+    let claims = &store;
     let ttl = Duration::from_secs(300);
     let batch = |keys: &[&[u8]], lease_ms: u64, token: Token| {
         ClaimBatch::new(
@@ -371,7 +371,7 @@ async fn an_endless_ttl_keeps_the_lease() {
     let Some((store, _ns, _conn)) = store_and_raw("an_endless_ttl_keeps_the_lease").await else {
         return;
     };
-    let claims = store.as_claim_store().expect("claims");
+    let claims = &store;
     let batch =
         || ClaimBatch::new(vec![b"k".to_vec()], Duration::from_secs(60)).with_ttl(Duration::MAX);
     claim_all(claims, batch()).await;
@@ -387,7 +387,7 @@ async fn commits_survive_foreign_values() {
     let Some((store, ns, mut conn)) = store_and_raw("commits_survive_foreign_values").await else {
         return;
     };
-    let claims = store.as_claim_store().expect("claims");
+    let claims = &store;
     let mine = Token::new();
     let keys: Vec<Vec<u8>> = [&b"k1"[..], b"k2", b"k3", b"k4", b"k5"]
         .iter()
@@ -633,7 +633,7 @@ async fn closed_connection_is_replaced_for_claim_scripts() {
     let store = RedisStore::connect(&server.url(), "closed-claims")
         .await
         .unwrap();
-    let claims = store.as_claim_store().expect("claims");
+    let claims = &store;
     let url = server.url();
     let kill = || close_clients(&url);
     let keys: Vec<Vec<u8>> = (0..1_500).map(key).collect();
@@ -820,7 +820,7 @@ async fn cluster_exactly_once() {
     assert_eq!(moved_after, moved);
 
     // Claims on the cluster: one script call per key, routed to the key's node.
-    let claims = store.as_claim_store().expect("claims");
+    let claims = &store;
     let keys: Vec<Vec<u8>> = (50_000..51_000).map(key).collect();
     let (mine, theirs) = (Token::new(), Token::new());
     let lease = Duration::from_secs(60);

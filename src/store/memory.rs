@@ -122,10 +122,6 @@ impl Store for MemoryStore {
         }
         Box::pin(std::future::ready(Ok(())))
     }
-
-    fn as_claim_store(&self) -> Option<&dyn ClaimStore> {
-        Some(self)
-    }
 }
 
 impl ClaimStore for MemoryStore {

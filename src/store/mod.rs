@@ -74,9 +74,6 @@ pub enum StoreError {
     /// key, so the commit was refused (the other consumer's result stands).
     #[error("the claim's lease ran out and another consumer holds the key")]
     LeaseLost,
-    /// The store does not offer claims ([`Store::as_claim_store`] is `None`).
-    #[error("this store does not offer claims")]
-    ClaimsUnsupported,
     /// A key is longer than the store accepts.
     #[error("a key of {len} bytes is longer than the store's limit of {max} bytes")]
     KeyTooLong {
@@ -250,19 +247,14 @@ pub enum Inserted {
 /// - Keys of two stores with different namespaces never meet.
 ///
 /// Claims (keys in flight with a lease, then done) extend this trait: a store that offers them
-/// implements [`ClaimStore`] too and returns itself from
-/// [`as_claim_store`](Store::as_claim_store).
+/// implements [`ClaimStore`] too, and the claim operators take only such stores (checked at
+/// compile time).
 pub trait Store: fmt::Debug + Send + Sync + 'static {
     /// Records the keys that are absent; answers, per key, whether it was new.
     fn insert(&self, batch: InsertBatch) -> StoreFuture<Vec<Inserted>>;
 
     /// Forgets `keys`.
     fn remove(&self, keys: Vec<Vec<u8>>) -> StoreFuture<()>;
-
-    /// This store's claims, if it offers them (default: `None`).
-    fn as_claim_store(&self) -> Option<&dyn ClaimStore> {
-        None
-    }
 }
 
 /// One request to [`ClaimStore::claim`].
@@ -363,9 +355,19 @@ macro_rules! forward_store {
             fn remove(&self, keys: Vec<Vec<u8>>) -> StoreFuture<()> {
                 (**self).remove(keys)
             }
+        }
 
-            fn as_claim_store(&self) -> Option<&dyn ClaimStore> {
-                (**self).as_claim_store()
+        impl<S: ClaimStore + ?Sized> ClaimStore for $ptr<S> {
+            fn claim(&self, batch: ClaimBatch) -> StoreFuture<Vec<Claimed>> {
+                (**self).claim(batch)
+            }
+
+            fn commit(&self, keys: Vec<HeldKey>, ttl: Duration) -> StoreFuture<Vec<bool>> {
+                (**self).commit(keys, ttl)
+            }
+
+            fn release(&self, keys: Vec<HeldKey>) -> StoreFuture<()> {
+                (**self).release(keys)
             }
         }
     )*};

@@ -90,10 +90,6 @@ impl Store for FaultyStore {
         let inner = self.inner.clone();
         self.faulty(lazy(move || inner.remove(keys)))
     }
-
-    fn as_claim_store(&self) -> Option<&dyn ClaimStore> {
-        Some(self)
-    }
 }
 
 impl ClaimStore for FaultyStore {

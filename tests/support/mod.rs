@@ -4,4 +4,3 @@
 pub mod faulty;
 pub mod jetstream;
 pub mod redis_server;
-pub mod store_suite;

@@ -309,10 +309,6 @@ impl Store for EmbeddedStore {
         }
         self.run("remove keys", move |ns| ns.remove(&keys))
     }
-
-    fn as_claim_store(&self) -> Option<&dyn ClaimStore> {
-        Some(self)
-    }
 }
 
 /// Claims, with the same buckets and the same durable commit per call as

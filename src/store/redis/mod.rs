@@ -421,10 +421,6 @@ impl Store for RedisStore {
     fn remove(&self, keys: Vec<Vec<u8>>) -> StoreFuture<()> {
         self.call(move |inner| async move { inner.remove(keys).await })
     }
-
-    fn as_claim_store(&self) -> Option<&dyn ClaimStore> {
-        Some(self)
-    }
 }
 
 /// Claims on Redis. A done key holds the 16 bytes of the token that recorded it (as

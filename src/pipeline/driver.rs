@@ -3,122 +3,27 @@
 //! [`Gate`] is the in-memory side that answers what it can without I/O.
 
 use std::collections::{HashMap, VecDeque};
-use std::future::Future;
 use std::hash::Hash;
-use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, PoisonError};
-use std::task::{Context, Poll, Wake, Waker, ready};
-use std::time::Duration;
+use std::sync::Arc;
+use std::task::{Context, Poll, Waker};
 
-use sync_wrapper::SyncWrapper;
-use tokio::time::{Instant, Sleep, Timeout};
+use tokio::time::Instant;
 
-use super::StoreWindow;
-use crate::store::{ClaimBatch, Claimed, InsertBatch, Inserted, Store, StoreError, Token};
-use crate::window::Handle;
+use super::Settings;
+use super::call::{Backend, Call, Wakeup};
+use super::gate::{Answer, Gate, Held, Pre};
+use crate::stats::Fate;
+use crate::store::{StoreError, Token};
+use crate::window::Ticker;
 
-/// What a [`StoreWindow`] hands an operator, with the key's capabilities captured as function
-/// pointers so that the operator's own bounds stay `K: Hash + Eq`.
+/// What a [`StoreWindow`](super::StoreWindow) hands an operator, with the key's capabilities
+/// captured as function pointers so that the operator's own bounds stay `K: Hash + Eq`.
 pub(crate) struct StoreParts<K, E> {
-    pub(crate) config: StoreWindow,
+    pub(crate) backend: Backend,
+    pub(crate) settings: Settings,
     pub(crate) encode: fn(&K, &mut Vec<u8>),
     pub(crate) clone_key: fn(&K) -> K,
     pub(crate) convert: fn(StoreError) -> E,
-}
-
-/// A store's answer for one key, in either mode.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(crate) enum Answer {
-    /// Recorded (insert) or claimed (claims) for this request.
-    New,
-    /// Already recorded / done: a duplicate.
-    Present,
-    /// Held by another claim's lease.
-    InFlight,
-}
-
-/// What the in-memory side says before the store is asked.
-pub(crate) enum Pre {
-    Duplicate,
-    HeldBack,
-    Ask,
-}
-
-/// The in-memory side of the store path.
-pub(crate) trait Gate<K> {
-    /// The time for this round (`None`: no clock needed).
-    fn now(&self) -> Option<Instant>;
-    /// Answers `key` from memory if it can (`clone_key` copies a key it must keep).
-    fn pre(&mut self, key: &K, now: Option<Instant>, clone_key: fn(&K) -> K) -> Pre;
-    /// The store answered for every key of one request (first copies only), in order.
-    fn answered(&mut self, keys: &[K], answers: &[Answer], token: Token, now: Option<Instant>);
-    /// The store failed for `key` (first copies only), under fail open or closed; `token` is
-    /// the request's (a claim passed on unchecked keeps it).
-    fn failed(&mut self, key: &K, open: bool, token: Token, now: Option<Instant>);
-    /// Counts an item's fate when it leaves the operator.
-    fn count(&mut self, fate: Fate);
-}
-
-/// How an item left the operator, for the counters.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(crate) enum Fate {
-    Accepted,
-    Duplicate,
-    HeldBack,
-    Unchecked,
-    StoreError,
-}
-
-impl<K: Hash + Eq> Gate<K> for Handle<K> {
-    fn now(&self) -> Option<Instant> {
-        Handle::now(self)
-    }
-
-    fn pre(&mut self, key: &K, now: Option<Instant>, clone_key: fn(&K) -> K) -> Pre {
-        // Mark on emit: recorded in memory at once; the store decides the verdict.
-        if self.observe_uncounted(clone_key(key), now) {
-            Pre::Ask
-        } else {
-            Pre::Duplicate
-        }
-    }
-
-    fn answered(&mut self, _: &[K], _: &[Answer], _: Token, _: Option<Instant>) {}
-
-    fn failed(&mut self, key: &K, open: bool, _token: Token, _now: Option<Instant>) {
-        if !open {
-            // Forget the key, so that the broker's redelivery is checked again.
-            self.remove(key);
-        }
-    }
-
-    fn count(&mut self, fate: Fate) {
-        self.record(|r| match fate {
-            Fate::Accepted => r.verdict(true),
-            Fate::Duplicate | Fate::HeldBack => r.verdict(false),
-            Fate::Unchecked => r.unchecked(),
-            Fate::StoreError => r.store_error(),
-        });
-    }
-}
-
-/// Which store operation a driver calls.
-#[derive(Clone, Copy, Debug)]
-pub(crate) enum Mode {
-    /// `Store::insert` with the window's ttl (mark on emit).
-    Insert,
-    /// `ClaimStore::claim` with this lease.
-    Claim { lease: Duration },
-}
-
-/// A claim a claim mode hands out: the key, its claim's token, and the key's store bytes
-/// when they were encoded for the store already (empty otherwise), so that the commit does not
-/// encode the key again.
-pub(crate) struct Held<K> {
-    pub(crate) key: K,
-    pub(crate) token: Token,
-    pub(crate) bytes: Vec<u8>,
 }
 
 /// What the operator does with the next item.
@@ -161,162 +66,17 @@ struct Waiter {
     copy: bool,
 }
 
-type StoreCall = Pin<Box<dyn Future<Output = Result<Vec<Answer>, StoreError>> + Send>>;
-
-/// A store call with its timeout. The wrapper makes the operator `Sync` (the boxed future is
-/// only `Send`): it is only ever reached through `&mut`.
-type Call = SyncWrapper<Pin<Box<Timeout<StoreCall>>>>;
-
-enum Attempt {
-    Calling(Call),
-    Backoff(Pin<Box<Sleep>>),
-}
-
 struct Request<K> {
     id: u64,
     keys: Vec<K>,
     encoded: Vec<Vec<u8>>,
-    token: Token,
     waiters: Vec<Waiter>,
-    retries: u32,
-    attempt: Attempt,
-}
-
-fn call(
-    store: &Arc<dyn Store>,
-    mode: Mode,
-    ttl: Duration,
-    keys: Vec<Vec<u8>>,
-    token: Token,
-) -> StoreCall {
-    match mode {
-        Mode::Insert => {
-            let fut = store.insert(InsertBatch::new(keys, ttl).with_token(token));
-            Box::pin(async move {
-                let answers = fut.await?;
-                Ok(answers
-                    .into_iter()
-                    .map(|a| match a {
-                        Inserted::New => Answer::New,
-                        Inserted::Present => Answer::Present,
-                    })
-                    .collect())
-            })
-        }
-        Mode::Claim { lease } => {
-            let Some(claims) = store.as_claim_store() else {
-                return Box::pin(std::future::ready(Err(StoreError::ClaimsUnsupported)));
-            };
-            let fut = claims.claim(ClaimBatch::new(keys, lease).with_token(token).with_ttl(ttl));
-            Box::pin(async move {
-                let answers = fut.await?;
-                Ok(answers
-                    .into_iter()
-                    .map(|a| match a {
-                        Claimed::Mine => Answer::New,
-                        Claimed::Done => Answer::Present,
-                        Claimed::InFlight => Answer::InFlight,
-                    })
-                    .collect())
-            })
-        }
-    }
-}
-
-/// One attempt at a request: the store call under the configured timeout.
-fn start(config: &StoreWindow, mode: Mode, keys: &[Vec<u8>], token: Token) -> Attempt {
-    let fut = call(&config.store, mode, config.ttl, keys.to_vec(), token);
-    Attempt::Calling(SyncWrapper::new(Box::pin(tokio::time::timeout(
-        config.timeout,
-        fut,
-    ))))
-}
-
-impl<K> Request<K> {
-    /// Drives the call through timeouts and retries to its final answer.
-    fn poll(
-        &mut self,
-        cx: &mut Context<'_>,
-        config: &StoreWindow,
-        mode: Mode,
-    ) -> Poll<Result<Vec<Answer>, StoreError>> {
-        loop {
-            match &mut self.attempt {
-                Attempt::Calling(fut) => {
-                    let error = match ready!(fut.get_mut().as_mut().poll(cx)) {
-                        Ok(Ok(answers)) if answers.len() == self.keys.len() => {
-                            return Poll::Ready(Ok(answers));
-                        }
-                        Ok(Ok(answers)) => StoreError::backend(
-                            "answer for every key",
-                            format!("{} answers for {} keys", answers.len(), self.keys.len()),
-                        ),
-                        Ok(Err(e)) => e,
-                        Err(_elapsed) => StoreError::Timeout(config.timeout),
-                    };
-                    let policy = &config.policy;
-                    if !error.is_transient() || self.retries >= policy.retries() {
-                        return Poll::Ready(Err(error));
-                    }
-                    self.retries += 1;
-                    let sleep = tokio::time::sleep(policy.backoff(self.retries));
-                    self.attempt = Attempt::Backoff(Box::pin(sleep));
-                }
-                Attempt::Backoff(sleep) => {
-                    ready!(sleep.as_mut().poll(cx));
-                    // The same token: keys that the failed attempt recorded count as ours.
-                    self.attempt = start(config, mode, &self.encoded, self.token);
-                }
-            }
-        }
-    }
-}
-
-/// The waker the calls in flight see: it notes that one of them has something to say, then
-/// wakes the operator's task. The operator polls its calls only after such a wake-up (or a new
-/// call), not each time its consumer polls it; a consumer that polls the operator once per
-/// finished commit polled every call about twice per key before.
-struct Wakeup {
-    woken: AtomicBool,
-    task: Mutex<Option<Waker>>,
-}
-
-impl Wakeup {
-    /// Makes `waker` the one to wake (when it is not already).
-    fn register(&self, waker: &Waker) {
-        let mut task = self.task.lock().unwrap_or_else(PoisonError::into_inner);
-        if !task.as_ref().is_some_and(|t| t.will_wake(waker)) {
-            let old = task.replace(waker.clone());
-            drop(task);
-            drop(old); // outside the lock: dropping a waker runs the executor's code
-        }
-    }
-}
-
-impl Wake for Wakeup {
-    fn wake(self: Arc<Self>) {
-        self.wake_by_ref();
-    }
-
-    fn wake_by_ref(self: &Arc<Self>) {
-        // Release: what the call did before waking is seen by the poll that reads the flag.
-        self.woken.store(true, Ordering::Release);
-        // Woken outside the lock: an executor may do anything in `wake`.
-        let task = self
-            .task
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .clone();
-        if let Some(task) = task {
-            task.wake();
-        }
-    }
+    call: Call,
 }
 
 /// The store path's state, owned by one operator.
 pub(crate) struct Driver<T, K, E> {
     parts: StoreParts<K, E>,
-    mode: Mode,
     /// Items in input order, from sequence number `front_seq` on.
     queue: VecDeque<Entry<T, K, E>>,
     front_seq: u64,
@@ -374,7 +134,7 @@ impl<T, K, E> Driver<T, K, E> {
             })
             .collect();
         for r in self.requests.drain(..) {
-            let token = r.token;
+            let token = r.call.token;
             keys.extend(r.keys.into_iter().map(|k| (k, token)));
         }
         keys
@@ -382,14 +142,10 @@ impl<T, K, E> Driver<T, K, E> {
 }
 
 impl<T, K: Hash + Eq, E> Driver<T, K, E> {
-    pub(crate) fn new(parts: StoreParts<K, E>, mode: Mode) -> Self {
+    pub(crate) fn new(parts: StoreParts<K, E>) -> Self {
         Driver {
-            wakeup: Arc::new(Wakeup {
-                woken: AtomicBool::new(false),
-                task: Mutex::new(None),
-            }),
+            wakeup: Wakeup::new(),
             parts,
-            mode,
             queue: VecDeque::new(),
             front_seq: 0,
             requests: Vec::new(),
@@ -411,6 +167,7 @@ impl<T, K: Hash + Eq, E> Driver<T, K, E> {
     pub(crate) fn poll<G, P, KF>(
         &mut self,
         gate: &mut G,
+        ticker: &mut Ticker,
         cx: &mut Context<'_>,
         mut pull: P,
         mut key_of: KF,
@@ -427,16 +184,19 @@ impl<T, K: Hash + Eq, E> Driver<T, K, E> {
             if self.is_done() {
                 return Poll::Ready(None);
             }
-            let mut progress = self.drive(gate, cx);
-            let config = &self.parts.config;
-            let room = config.batch_size * (config.max_in_flight + 1);
+            let mut progress = self.drive(gate, ticker, cx);
+            let settings = &self.parts.settings;
+            let room = settings
+                .batch_size
+                .saturating_mul(settings.max_in_flight.saturating_add(1));
             if !self.inner_done
-                && self.requests.len() < config.max_in_flight
+                && self.requests.len() < settings.max_in_flight
                 && self.queue.len() < room
             {
-                progress |= self.fill(gate, cx, &mut pull, &mut key_of);
+                progress |= self.fill(gate, ticker, cx, &mut pull, &mut key_of);
             }
             if !progress {
+                ticker.waited();
                 // The inner stream has registered the task's waker; the calls in flight wake
                 // `Wakeup`, which `drive` pointed at the task's waker.
                 return Poll::Pending;
@@ -472,14 +232,17 @@ impl<T, K: Hash + Eq, E> Driver<T, K, E> {
 
     /// Polls every call in flight if one of them woke the operator (or is new); applies the
     /// answers of those that finished.
-    fn drive<G: Gate<K>>(&mut self, gate: &mut G, cx: &mut Context<'_>) -> bool {
+    fn drive<G: Gate<K>>(
+        &mut self,
+        gate: &mut G,
+        ticker: &mut Ticker,
+        cx: &mut Context<'_>,
+    ) -> bool {
         if self.requests.is_empty() {
             return false;
         }
         self.wakeup.register(cx.waker());
-        // Acquire: pairs with the wake-up's release. A wake-up after this swap sets the flag
-        // again and wakes the task (registered above), so none is lost.
-        if !self.wakeup.woken.swap(false, Ordering::Acquire) {
+        if !self.wakeup.take() {
             return false;
         }
         let waker = Waker::from(Arc::clone(&self.wakeup));
@@ -487,11 +250,14 @@ impl<T, K: Hash + Eq, E> Driver<T, K, E> {
         let mut progress = false;
         let mut i = 0;
         while i < self.requests.len() {
-            match self.requests[i].poll(&mut calls, &self.parts.config, self.mode) {
+            let r = &mut self.requests[i];
+            let (backend, settings) = (&self.parts.backend, &self.parts.settings);
+            match r.call.poll(&mut calls, backend, settings, &r.encoded) {
                 Poll::Pending => i += 1,
                 Poll::Ready(result) => {
                     let request = self.requests.swap_remove(i);
-                    self.resolve(gate, request, result);
+                    let now = ticker.now(|| gate.clock());
+                    self.resolve(gate, request, result, now);
                     progress = true;
                 }
             }
@@ -504,25 +270,25 @@ impl<T, K: Hash + Eq, E> Driver<T, K, E> {
         gate: &mut G,
         request: Request<K>,
         result: Result<Vec<Answer>, StoreError>,
+        now: Option<Instant>,
     ) {
         for key in &request.keys {
             self.pending.remove(key);
         }
-        let open = self.parts.config.policy.is_fail_open();
-        let claims = matches!(self.mode, Mode::Claim { .. });
-        let now = gate.now();
+        let open = self.parts.settings.policy.is_fail_open();
+        let claims = self.parts.backend.claims();
+        let token = request.call.token;
         match &result {
-            Ok(answers) => gate.answered(&request.keys, answers, request.token, now),
+            Ok(answers) => gate.answered(&request.keys, answers, token, now),
             Err(_) => {
                 gate.count(Fate::StoreError);
                 for key in &request.keys {
-                    gate.failed(key, open, request.token, now);
+                    gate.failed(key, open, token, now);
                 }
             }
         }
         // A claim takes its key and its store bytes from the request (each key has one first
         // copy, so one claim).
-        let token = request.token;
         let mut keys: Vec<Option<(K, Vec<u8>)>> = if claims {
             request
                 .keys
@@ -572,6 +338,7 @@ impl<T, K: Hash + Eq, E> Driver<T, K, E> {
     fn fill<G, P, KF>(
         &mut self,
         gate: &mut G,
+        ticker: &mut Ticker,
         cx: &mut Context<'_>,
         pull: &mut P,
         key_of: &mut KF,
@@ -581,13 +348,13 @@ impl<T, K: Hash + Eq, E> Driver<T, K, E> {
         P: FnMut(&mut Context<'_>) -> Poll<Option<T>>,
         KF: FnMut(&T) -> Option<K>,
     {
-        let now = gate.now();
+        let now = ticker.now(|| gate.clock());
         let id = self.next_request;
         let mut keys = Vec::new();
         let mut encoded = Vec::new();
         let mut waiters = Vec::new();
         let mut progress = false;
-        for _ in 0..self.parts.config.batch_size {
+        for _ in 0..self.parts.settings.batch_size {
             let item = match pull(cx) {
                 Poll::Pending => break,
                 Poll::Ready(None) => {
@@ -620,7 +387,7 @@ impl<T, K: Hash + Eq, E> Driver<T, K, E> {
                             Pre::Ask => {
                                 self.scratch.clear();
                                 (self.parts.encode)(&key, &mut self.scratch);
-                                let max = self.parts.config.max_key_len;
+                                let max = self.parts.settings.max_key_len;
                                 if self.scratch.len() > max {
                                     let e = StoreError::KeyTooLong {
                                         len: self.scratch.len(),
@@ -630,7 +397,7 @@ impl<T, K: Hash + Eq, E> Driver<T, K, E> {
                                 } else {
                                     if keys.is_empty() {
                                         // Sized once for the batch (items are ready now).
-                                        let room = self.parts.config.batch_size.min(256);
+                                        let room = self.parts.settings.batch_size.min(256);
                                         keys.reserve(room);
                                         encoded.reserve(room);
                                         waiters.reserve(room);
@@ -655,17 +422,14 @@ impl<T, K: Hash + Eq, E> Driver<T, K, E> {
             self.queue.push_back(Entry { item, verdict });
         }
         if !keys.is_empty() {
-            let token = Token::new();
             // A new call is polled (started) by the next `drive`.
-            self.wakeup.woken.store(true, Ordering::Relaxed);
+            self.wakeup.mark();
             self.requests.push(Request {
                 id,
-                attempt: start(&self.parts.config, self.mode, &encoded, token),
+                call: Call::start(&self.parts.backend, &self.parts.settings, &encoded),
                 keys,
                 encoded,
-                token,
                 waiters,
-                retries: 0,
             });
             self.next_request += 1;
         }
@@ -680,11 +444,11 @@ impl<T, K: Hash + Eq, E> Driver<T, K, E> {
         e: StoreError,
         now: Option<Instant>,
     ) -> Verdict<K, E> {
-        let open = self.parts.config.policy.is_fail_open();
+        let open = self.parts.settings.policy.is_fail_open();
         let token = Token::new();
         gate.failed(&key, open, token, now);
         if open {
-            let claims = matches!(self.mode, Mode::Claim { .. });
+            let claims = self.parts.backend.claims();
             Verdict::Unchecked(claims.then_some(Held {
                 key,
                 token,

@@ -1,13 +1,17 @@
-//! A window with a store behind it: [`StoreWindow`] and its [`FailurePolicy`].
+//! The store pipeline: a window with a store behind it ([`StoreWindow`], its
+//! [`FailurePolicy`]), and the driver that batches ready items into store calls, keeps a
+//! bounded number in flight, retries, and yields verdicts in input order.
 
+pub(crate) mod call;
 pub(crate) mod driver;
+pub(crate) mod gate;
 
 use std::fmt;
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::Window;
 use crate::store::Store;
+use crate::window::Window;
 
 /// A [`Window`] with a [`Store`] behind it, made by [`Window::store`]. The stream operators
 /// take it where they take a `Window`.
@@ -41,10 +45,21 @@ use crate::store::Store;
 /// assert_eq!((a, b), (vec![1, 2, 3], vec![4]));
 /// # }
 /// ```
-#[derive(Clone)]
-pub struct StoreWindow {
+///
+/// The store's type `S` is kept, so that what it offers is known at compile time:
+/// [`claim_by_key`](crate::DedupStreamExt::claim_by_key) takes a `StoreWindow<S>` only when
+/// `S` implements [`ClaimStore`](crate::store::ClaimStore).
+#[must_use = "a StoreWindow does nothing until it is given to an operator"]
+pub struct StoreWindow<S> {
     pub(crate) window: Window,
-    pub(crate) store: Arc<dyn Store>,
+    pub(crate) store: Arc<S>,
+    pub(crate) settings: Settings,
+}
+
+/// A [`StoreWindow`]'s settings for the driver, apart from the store.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Settings {
+    /// How long the store keeps a key.
     pub(crate) ttl: Duration,
     pub(crate) batch_size: usize,
     pub(crate) max_in_flight: usize,
@@ -53,37 +68,50 @@ pub struct StoreWindow {
     pub(crate) policy: FailurePolicy,
 }
 
+impl<S> Clone for StoreWindow<S> {
+    fn clone(&self) -> Self {
+        StoreWindow {
+            window: self.window.clone(),
+            store: Arc::clone(&self.store),
+            settings: self.settings,
+        }
+    }
+}
+
 impl Window {
-    /// Puts `store` behind this window. Keys are kept in the store for the window's ttl.
+    /// Puts `store` behind this window. Keys are kept in the store for the window's
+    /// [`ttl`](Window::ttl); a window without a ttl gets [`DEFAULT_STORE_TTL`] (24 hours), in
+    /// memory and in the store, since a store must know when to forget a key.
     ///
     /// Defaults: [`batch_size`](StoreWindow::batch_size) 256,
     /// [`max_in_flight`](StoreWindow::max_in_flight) 4, [`timeout`](StoreWindow::timeout)
     /// 250 ms, [`max_key_len`](StoreWindow::max_key_len) 64 KiB, and
     /// [`FailurePolicy::fail_open`].
-    ///
-    /// # Panics
-    ///
-    /// If the window has no [`ttl`](Window::ttl): a store would keep every key forever. Call
-    /// `ttl` before `store`.
-    #[track_caller]
-    pub fn store(self, store: impl Store) -> StoreWindow {
-        let Some(ttl) = self.time_to_live() else {
-            panic!("Window::store: set a ttl first; a store needs to know when to forget a key")
+    pub fn store<S: Store>(self, store: S) -> StoreWindow<S> {
+        let window = match self.policy().ttl() {
+            Some(_) => self,
+            None => self.ttl(DEFAULT_STORE_TTL),
         };
+        let ttl = window.policy().ttl().unwrap_or(DEFAULT_STORE_TTL);
         StoreWindow {
-            window: self,
+            window,
             store: Arc::new(store),
-            ttl,
-            batch_size: 256,
-            max_in_flight: 4,
-            timeout: Duration::from_millis(250),
-            max_key_len: 64 * 1024,
-            policy: FailurePolicy::fail_open(),
+            settings: Settings {
+                ttl,
+                batch_size: 256,
+                max_in_flight: 4,
+                timeout: Duration::from_millis(250),
+                max_key_len: 64 * 1024,
+                policy: FailurePolicy::fail_open(),
+            },
         }
     }
 }
 
-impl StoreWindow {
+/// The ttl a [`StoreWindow`] gives its keys when its [`Window`] has none: 24 hours.
+pub const DEFAULT_STORE_TTL: Duration = Duration::from_secs(24 * 60 * 60);
+
+impl<S> StoreWindow<S> {
     /// The most items taken into one store call (default 256). The operator never waits to
     /// fill a batch: it takes what the stream has ready.
     ///
@@ -96,7 +124,7 @@ impl StoreWindow {
             n > 0,
             "StoreWindow::batch_size: a batch holds at least one item"
         );
-        self.batch_size = n;
+        self.settings.batch_size = n;
         self
     }
 
@@ -112,7 +140,7 @@ impl StoreWindow {
             n > 0,
             "StoreWindow::max_in_flight: at least one call must be allowed"
         );
-        self.max_in_flight = n;
+        self.settings.max_in_flight = n;
         self
     }
 
@@ -122,7 +150,7 @@ impl StoreWindow {
     ///
     /// [`Token`]: crate::store::Token
     pub fn timeout(mut self, timeout: Duration) -> Self {
-        self.timeout = timeout;
+        self.settings.timeout = timeout;
         self
     }
 
@@ -132,27 +160,28 @@ impl StoreWindow {
     /// the rest of their batch is unaffected. Use a [`Fingerprint`](crate::Fingerprint) for
     /// long keys.
     pub fn max_key_len(mut self, bytes: usize) -> Self {
-        self.max_key_len = bytes;
+        self.settings.max_key_len = bytes;
         self
     }
 
     /// What to do when the store fails (default: [`FailurePolicy::fail_open`]).
     pub fn on_failure(mut self, policy: FailurePolicy) -> Self {
-        self.policy = policy;
+        self.settings.policy = policy;
         self
     }
 }
 
-impl fmt::Debug for StoreWindow {
+impl<S: fmt::Debug> fmt::Debug for StoreWindow<S> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let s = &self.settings;
         f.debug_struct("StoreWindow")
             .field("window", &self.window)
             .field("store", &self.store)
-            .field("batch_size", &self.batch_size)
-            .field("max_in_flight", &self.max_in_flight)
-            .field("timeout", &self.timeout)
-            .field("max_key_len", &self.max_key_len)
-            .field("policy", &self.policy)
+            .field("batch_size", &s.batch_size)
+            .field("max_in_flight", &s.max_in_flight)
+            .field("timeout", &s.timeout)
+            .field("max_key_len", &s.max_key_len)
+            .field("policy", &s.policy)
             .finish()
     }
 }
@@ -183,6 +212,7 @@ impl fmt::Debug for StoreWindow {
 /// assert!(!policy.is_fail_open());
 /// ```
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[must_use]
 pub struct FailurePolicy {
     open: bool,
     retries: u32,

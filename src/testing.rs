@@ -1,20 +1,43 @@
-//! One test suite for every [`Store`]: `store_suite!(make)` expands to a test per behaviour.
+//! The store conformance suite: one test per behaviour of the [`Store`] and [`ClaimStore`]
+//! contracts, written once and run for every backend — this crate's and yours.
 //!
-//! `make` is an `async fn(namespace: &str) -> Option<S>`; `None` means the backend is not
-//! reachable here (no server URL set): the tests say they skipped and pass. `$expiry` is how
-//! long past a ttl the backend may take to forget a key.
-#![allow(dead_code, unreachable_pub)]
+//! [`store_suite!`](crate::store_suite) and [`claim_suite!`](crate::claim_suite) expand to one
+//! `#[tokio::test]` per behaviour (your test crate needs `tokio` with its `macros` and
+//! `rt-multi-thread` features). `make` is an `async fn(namespace: String) -> Option<S>` that
+//! builds a store under a namespace unique to the test; `None` means the backend is not
+//! reachable here (no server configured), and the test says it skipped. `expiry` is how long
+//! past a ttl the backend may take to forget a key.
+//!
+//! ```ignore
+//! // tests/store_mine.rs
+//! use std::time::Duration;
+//!
+//! async fn make(namespace: String) -> Option<MyStore> {
+//!     Some(MyStore::connect(&namespace).await.unwrap())
+//! }
+//!
+//! stream_dedup::store_suite!(make, expiry = Duration::from_millis(50));
+//! stream_dedup::claim_suite!(make, expiry = Duration::from_millis(50));
+//! ```
+//!
+//! The functions are public too, to run one behaviour on its own. They panic (assert) when
+//! the store breaks the contract: they are for tests only.
 
 use std::time::Duration;
 
-use stream_dedup::store::{InsertBatch, Inserted, Store, StoreError, Token};
+use crate::store::{
+    ClaimBatch, ClaimStore, Claimed, InsertBatch, Inserted, Store, StoreError, Token,
+};
 
+/// The ttl the suite records keys with.
 pub const TTL: Duration = Duration::from_secs(30);
 
+/// `ks` as store keys (their UTF-8 bytes).
 pub fn keys(ks: &[&str]) -> Vec<Vec<u8>> {
     ks.iter().map(|k| k.as_bytes().to_vec()).collect()
 }
 
+/// Inserts `ks` with [`TTL`] and a fresh token.
 pub async fn insert<S: Store>(store: &S, ks: &[&str]) -> Vec<Inserted> {
     store
         .insert(InsertBatch::new(keys(ks), TTL))
@@ -22,6 +45,7 @@ pub async fn insert<S: Store>(store: &S, ks: &[&str]) -> Vec<Inserted> {
         .expect("insert")
 }
 
+/// A new key is `New`, then `Present`, in the order of the batch.
 pub async fn new_then_present<S: Store>(store: S) {
     use Inserted::{New, Present};
     assert_eq!(insert(&store, &["a", "b"]).await, [New, New]);
@@ -31,6 +55,8 @@ pub async fn new_then_present<S: Store>(store: S) {
     );
 }
 
+/// A retry with the same token answers `New` for the keys it recorded (an applied call that
+/// timed out is never a false duplicate).
 pub async fn retry_with_same_token_is_new<S: Store>(store: S) {
     let token = Token::new();
     let batch = InsertBatch::new(keys(&["k1", "k2"]), TTL).with_token(token);
@@ -44,6 +70,7 @@ pub async fn retry_with_same_token_is_new<S: Store>(store: S) {
     assert_eq!(insert(&store, &["k1"]).await, [Inserted::Present]);
 }
 
+/// `remove` forgets keys; an absent key is no error.
 pub async fn remove_forgets<S: Store>(store: S) {
     insert(&store, &["x", "y"]).await;
     store.remove(keys(&["x", "absent"])).await.unwrap();
@@ -53,6 +80,7 @@ pub async fn remove_forgets<S: Store>(store: S) {
     );
 }
 
+/// A key is forgotten once its ttl (+ `expiry`) has passed.
 pub async fn ttl_expires<S: Store>(store: S, expiry: Duration) {
     let ttl = Duration::from_millis(300);
     let batch = InsertBatch::new(keys(&["short"]), ttl);
@@ -74,6 +102,7 @@ pub async fn ttl_expires<S: Store>(store: S, expiry: Duration) {
     );
 }
 
+/// Two namespaces never share a key.
 pub async fn namespaces_are_isolated<S: Store>(a: S, b: S) {
     assert_eq!(insert(&a, &["shared-key"]).await, [Inserted::New]);
     assert_eq!(insert(&b, &["shared-key"]).await, [Inserted::New]);
@@ -81,6 +110,7 @@ pub async fn namespaces_are_isolated<S: Store>(a: S, b: S) {
 }
 
 /// Many concurrent requests for the same keys: each key is new for exactly one of them.
+/// Eight concurrent inserts of the same keys: exactly one `New` per key.
 pub async fn concurrent_inserts_agree<S: Store + Clone>(store: S) {
     let tasks: Vec<_> = (0..8)
         .map(|_| {
@@ -127,6 +157,7 @@ pub async fn odd_keys<S: Store>(store: S) {
     }
 }
 
+/// A batch of 10,000 keys, then one half old, half new.
 pub async fn large_batch<S: Store>(store: S) {
     let ks: Vec<Vec<u8>> = (0..10_000u32).map(|i| i.to_be_bytes().to_vec()).collect();
     let a = store
@@ -142,12 +173,13 @@ pub async fn large_batch<S: Store>(store: S) {
 }
 
 /// Expands to a `#[tokio::test]` per case, each with a fresh store from `$make` under a unique
-/// namespace; a store that is not configured (`None`) makes the test say it skipped.
+/// namespace; a store that is not configured (`None`) makes the test say it skipped. The
+/// building block of [`store_suite!`] and [`claim_suite!`].
 #[macro_export]
-macro_rules! suite_cases {
+macro_rules! store_suite_cases {
     ($make:path, $($name:ident => |$s:ident| $body:expr;)*) => {
         fn ns(test: &str) -> String {
-            format!("suite-{test}-{}-{}", std::process::id(), stream_dedup::store::Token::new())
+            format!("suite-{test}-{}-{}", std::process::id(), $crate::store::Token::new())
         }
 
         $(
@@ -163,16 +195,17 @@ macro_rules! suite_cases {
     };
 }
 
-/// Expands to one `#[tokio::test]` per behaviour. `$make` is an async fn
-/// `(namespace: String) -> Option<S>`; the namespace is unique per test and run.
+/// Expands to one `#[tokio::test]` per behaviour of the [`Store`](crate::store::Store)
+/// contract. `$make` is an async fn `(namespace: String) -> Option<S>`; the namespace is unique
+/// per test and run. See [`testing`](crate::testing).
 #[macro_export]
 macro_rules! store_suite {
     ($make:path, expiry = $expiry:expr) => {
         mod store_suite_tests {
             use super::*;
-            use $crate::support::store_suite as suite;
+            use $crate::testing as suite;
 
-            $crate::suite_cases! {
+            $crate::store_suite_cases! {
                 $make,
                 new_then_present => |s| suite::new_then_present(s);
                 retry_with_same_token_is_new => |s| suite::retry_with_same_token_is_new(s);
@@ -201,8 +234,8 @@ macro_rules! store_suite {
 
 // ---- Claims: for stores that implement `ClaimStore`. ----
 
-use stream_dedup::store::{ClaimBatch, ClaimStore, Claimed};
-
+/// Claims `ks` for `lease` (with the ttl [`TTL`] the operators send); the batch's token and the
+/// answers.
 pub async fn claim<S: ClaimStore>(
     store: &S,
     ks: &[&str],
@@ -214,6 +247,7 @@ pub async fn claim<S: ClaimStore>(
     (token, store.claim(batch).await.expect("claim"))
 }
 
+/// `ks` held by `token`, for `commit` and `release`.
 pub fn held(ks: &[&str], token: Token) -> Vec<(Vec<u8>, Token)> {
     keys(ks).into_iter().map(|k| (k, token)).collect()
 }
@@ -235,12 +269,14 @@ pub async fn claim_states<S: ClaimStore>(store: S) {
     );
 }
 
+/// A claim retried with the same token is `Mine` again.
 pub async fn claim_retry_with_same_token_is_mine<S: ClaimStore>(store: S) {
     let batch = ClaimBatch::new(keys(&["r"]), TTL);
     assert_eq!(store.claim(batch.clone()).await.unwrap(), [Claimed::Mine]);
     assert_eq!(store.claim(batch).await.unwrap(), [Claimed::Mine]);
 }
 
+/// A release frees only keys its token holds.
 pub async fn release_frees_only_its_own_keys<S: ClaimStore>(store: S) {
     let (t1, _) = claim(&store, &["x"], TTL).await;
     // Somebody else's release does nothing.
@@ -294,15 +330,16 @@ pub async fn concurrent_claims_agree<S: ClaimStore + Clone>(store: S) {
     assert!(mine.iter().all(|&n| n == 1), "{mine:?}");
 }
 
-/// Expands to one `#[tokio::test]` per claims behaviour; same arguments as `store_suite!`.
+/// Expands to one `#[tokio::test]` per behaviour of the
+/// [`ClaimStore`](crate::store::ClaimStore) contract; same arguments as [`store_suite!`].
 #[macro_export]
 macro_rules! claim_suite {
     ($make:path, expiry = $expiry:expr) => {
         mod claim_suite_tests {
             use super::*;
-            use $crate::support::store_suite as suite;
+            use $crate::testing as suite;
 
-            $crate::suite_cases! {
+            $crate::store_suite_cases! {
                 $make,
                 claim_states => |s| suite::claim_states(s);
                 claim_retry_with_same_token_is_mine => |s| suite::claim_retry_with_same_token_is_mine(s);

@@ -1,0 +1,311 @@
+//! The committer: a background task that sends commits and releases to the store in batches,
+//! and hands the store's answers to the claims and to the operator's memory.
+
+use std::hash::Hash;
+use std::sync::{Arc, OnceLock, Weak};
+use std::time::Duration;
+
+use tokio::sync::{mpsc, oneshot};
+use tokio::time::Instant;
+
+use super::Settle;
+use super::core::ClaimCore;
+use crate::store::{ClaimStore, HeldKey, StoreError, Token};
+
+enum Op<K> {
+    /// A claim's key, its store bytes (empty: not encoded yet), its token, where the answer
+    /// goes.
+    Commit(K, Vec<u8>, Token, oneshot::Sender<Result<(), StoreError>>),
+    Release(Vec<u8>, Token),
+}
+
+/// Sends commits and releases to the store from a background task, in batches: the commits
+/// (and releases) queued while one round trip runs go together in the next. The task counts
+/// the answers and queues them for the operator's state (one short lock per batch), so a
+/// commit costs its caller a channel send and a wake-up.
+pub(crate) struct Committer<K> {
+    store: Arc<dyn ClaimStore>,
+    ttl: Duration,
+    timeout: Duration,
+    pub(super) encode: fn(&K, &mut Vec<u8>),
+    tx: OnceLock<mpsc::UnboundedSender<Op<K>>>,
+}
+
+/// The most operations sent in one round trip.
+const MAX_BATCH: usize = 1024;
+
+impl<K> Committer<K> {
+    pub(crate) fn new(
+        store: Arc<dyn ClaimStore>,
+        ttl: Duration,
+        timeout: Duration,
+        encode: fn(&K, &mut Vec<u8>),
+    ) -> Self {
+        Committer {
+            store,
+            ttl,
+            timeout,
+            encode,
+            tx: OnceLock::new(),
+        }
+    }
+
+    pub(super) fn release(&self, key: Vec<u8>, token: Token) {
+        if let Some(tx) = self.tx.get() {
+            let _ = tx.send(Op::Release(key, token));
+        } else if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            // No commit yet started the task: release on a task of its own.
+            let store = Arc::clone(&self.store);
+            runtime.spawn(release(store, self.timeout, vec![(key, token)]));
+        }
+    }
+}
+
+impl<K: Hash + Eq + Send + 'static> Committer<K> {
+    /// The channel to the task, started on first use; `None` outside a tokio runtime.
+    fn sender(&self, core: &Arc<ClaimCore<K>>) -> Option<&mpsc::UnboundedSender<Op<K>>> {
+        if let Some(tx) = self.tx.get() {
+            return Some(tx);
+        }
+        let runtime = tokio::runtime::Handle::try_current().ok()?;
+        Some(self.tx.get_or_init(|| {
+            let (tx, rx) = mpsc::unbounded_channel();
+            let task = Task {
+                store: Arc::clone(&self.store),
+                ttl: self.ttl,
+                timeout: self.timeout,
+                encode: self.encode,
+                // Weak: the core owns the sender, and the task ends when the sender is gone.
+                core: Arc::downgrade(core),
+            };
+            runtime.spawn(task.run(rx));
+            tx
+        }))
+    }
+
+    pub(super) fn commit(
+        &self,
+        core: &Arc<ClaimCore<K>>,
+        key: K,
+        bytes: Vec<u8>,
+        token: Token,
+    ) -> Settle {
+        let Some(tx) = self.sender(core) else {
+            core.release(&key, bytes, token);
+            return Settle::Now(Err(StoreError::backend(
+                "commit",
+                "no tokio runtime to commit on",
+            )));
+        };
+        let (reply, answer) = oneshot::channel();
+        match tx.send(Op::Commit(key, bytes, token, reply)) {
+            Ok(()) => Settle::Later(answer),
+            Err(mpsc::error::SendError(op)) => {
+                if let Op::Commit(key, bytes, token, _) = op {
+                    core.release(&key, bytes, token);
+                }
+                Settle::Now(Err(StoreError::backend(
+                    "commit",
+                    "the commit task is gone",
+                )))
+            }
+        }
+    }
+}
+
+/// Batches of commits and releases settled at once: while one waits on the store, the next
+/// is already on its way.
+const MAX_BATCHES_IN_FLIGHT: usize = 4;
+
+/// The committer's background task.
+struct Task<K> {
+    store: Arc<dyn ClaimStore>,
+    ttl: Duration,
+    timeout: Duration,
+    pub(super) encode: fn(&K, &mut Vec<u8>),
+    core: Weak<ClaimCore<K>>,
+}
+
+impl<K: Hash + Eq + Send + 'static> Task<K> {
+    async fn run(self, rx: mpsc::UnboundedReceiver<Op<K>>) {
+        let task = Arc::new(self);
+        let mut rx = Inbox {
+            rx,
+            core: Weak::clone(&task.core),
+        };
+        let mut batches = tokio::task::JoinSet::new();
+        let mut ops = Vec::new();
+        loop {
+            while batches.try_join_next().is_some() {}
+            if batches.len() >= MAX_BATCHES_IN_FLIGHT {
+                batches.join_next().await;
+                continue;
+            }
+            if rx.rx.recv_many(&mut ops, MAX_BATCH).await == 0 {
+                break;
+            }
+            let mut commits = Vec::with_capacity(ops.len());
+            let mut releases: Vec<HeldKey> = Vec::new();
+            for op in ops.drain(..) {
+                match op {
+                    Op::Commit(key, bytes, token, reply) => {
+                        commits.push((key, bytes, token, reply));
+                    }
+                    Op::Release(key, token) => releases.push((key, token)),
+                }
+            }
+            if !commits.is_empty() {
+                // Guarded from here: a batch cut off before its first poll frees its keys too.
+                let commits = Unsettled {
+                    commits,
+                    core: Weak::clone(&task.core),
+                };
+                batches.spawn(Arc::clone(&task).commit(commits));
+            }
+            if !releases.is_empty() {
+                batches.spawn(release(Arc::clone(&task.store), task.timeout, releases));
+            }
+        }
+        while batches.join_next().await.is_some() {}
+    }
+
+    /// Commits one batch in the store, hands the answers to memory, and answers each claim.
+    async fn commit(self: Arc<Self>, mut commits: Unsettled<K>) {
+        let held: Vec<HeldKey> = commits
+            .commits
+            .iter_mut()
+            .map(|(key, bytes, token, _)| {
+                (or_encoded(std::mem::take(bytes), self.encode, key), *token)
+            })
+            .collect();
+        let n = held.len();
+        let answers =
+            match tokio::time::timeout(self.timeout, self.store.commit(held, self.ttl)).await {
+                Ok(Ok(answers)) if answers.len() == n => Ok(answers),
+                Ok(Ok(answers)) => Err(StoreError::backend(
+                    "commit",
+                    format!("{} answers for {n} keys", answers.len()),
+                )),
+                Ok(Err(e)) => Err(e),
+                Err(_) => Err(StoreError::Timeout(self.timeout)),
+            };
+        let failed = self.settle(std::mem::take(&mut commits.commits), &answers);
+        if !failed.is_empty() {
+            release(Arc::clone(&self.store), self.timeout, failed).await;
+        }
+    }
+}
+
+impl<K: Hash + Eq> Task<K> {
+    /// Hands the store's answers to the operator's state (recorded there by its next lock) and
+    /// answers each claim; returns the keys to free in the store.
+    fn settle(
+        &self,
+        commits: Vec<Commit<K>>,
+        answers: &Result<Vec<bool>, StoreError>,
+    ) -> Vec<HeldKey> {
+        let now = Instant::now();
+        let mut failed: Vec<HeldKey> = Vec::new();
+        let mut settled = Vec::with_capacity(commits.len());
+        let mut replies = Vec::with_capacity(commits.len());
+        for (i, (key, _, token, reply)) in commits.into_iter().enumerate() {
+            let result = match answers {
+                Ok(answers) if answers[i] => Ok(()),
+                // Not done: free the key (here and, if still ours, in the store).
+                answer => {
+                    failed.push((key_bytes(self.encode, &key), token));
+                    match answer {
+                        Err(e) => Err(e.clone()),
+                        Ok(_) => Err(StoreError::LeaseLost),
+                    }
+                }
+            };
+            settled.push((key, token, result.is_ok(), now));
+            replies.push((reply, result));
+        }
+        // Queued and counted before any claim hears its answer.
+        if let Some(core) = self.core.upgrade() {
+            for &(_, _, done, _) in &settled {
+                if done {
+                    core.recorder.committed();
+                } else {
+                    core.recorder.released();
+                }
+            }
+            core.settle(settled);
+        }
+        for (reply, result) in replies {
+            let _ = reply.send(result);
+        }
+        failed
+    }
+}
+
+/// Commits not answered yet. Dropped with some left (the runtime shut down while the store
+/// call ran), it frees their keys in memory, so that redeliveries are processed; the store's
+/// copies are freed by their lease. Their callers get "the commit task is gone".
+struct Unsettled<K: Hash + Eq> {
+    commits: Vec<Commit<K>>,
+    core: Weak<ClaimCore<K>>,
+}
+
+impl<K: Hash + Eq> Drop for Unsettled<K> {
+    fn drop(&mut self) {
+        if self.commits.is_empty() {
+            return;
+        }
+        if let Some(core) = self.core.upgrade() {
+            let mut state = core.lock();
+            for (key, _, token, _) in self.commits.drain(..) {
+                state.release_locally(&key, token);
+            }
+        }
+    }
+}
+
+/// The committer's channel. Dropped with commits still queued (the runtime shut down), it frees
+/// their keys in memory, as [`Unsettled`] does for a batch.
+struct Inbox<K: Hash + Eq> {
+    rx: mpsc::UnboundedReceiver<Op<K>>,
+    core: Weak<ClaimCore<K>>,
+}
+
+impl<K: Hash + Eq> Drop for Inbox<K> {
+    fn drop(&mut self) {
+        let Some(core) = self.core.upgrade() else {
+            return;
+        };
+        let mut state = core.lock();
+        while let Ok(op) = self.rx.try_recv() {
+            if let Op::Commit(key, _, token, _) = op {
+                state.release_locally(&key, token);
+            }
+        }
+    }
+}
+
+/// `key`'s store bytes ([`StoreKey::key_bytes`](crate::store::StoreKey::key_bytes) through the
+/// operator's encoder, since the claim types do not carry the `StoreKey` bound).
+fn key_bytes<K>(encode: fn(&K, &mut Vec<u8>), key: &K) -> Vec<u8> {
+    let mut bytes = Vec::new();
+    encode(key, &mut bytes);
+    bytes
+}
+
+/// A commit waiting in the committer: the key, its store bytes (taken when the batch is sent),
+/// its claim's token, where the answer goes.
+type Commit<K> = (K, Vec<u8>, Token, oneshot::Sender<Result<(), StoreError>>);
+
+/// `bytes` if the claim kept them, else `key` encoded now.
+pub(super) fn or_encoded<K>(bytes: Vec<u8>, encode: fn(&K, &mut Vec<u8>), key: &K) -> Vec<u8> {
+    if bytes.is_empty() {
+        key_bytes(encode, key)
+    } else {
+        bytes
+    }
+}
+
+/// Releases one batch. A failed release is harmless: the key's lease frees it.
+async fn release(store: Arc<dyn ClaimStore>, timeout: Duration, releases: Vec<HeldKey>) {
+    let _ = tokio::time::timeout(timeout, store.release(releases)).await;
+}

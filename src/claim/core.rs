@@ -1,0 +1,340 @@
+//! What a claim operator and its claims share: the keys in flight and the done keys
+//! ([`ClaimCore`]), each claim's key side ([`KeyTicket`]), and the claim operators' gate.
+
+use std::collections::HashMap;
+use std::collections::hash_map::Entry;
+use std::hash::Hash;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::time::Duration;
+
+use tokio::time::Instant;
+
+use super::committer::{Committer, or_encoded};
+use super::{Settle, Ticket};
+use crate::pipeline::gate::{Answer, Decided, Gate, Held, Pre};
+use crate::stats::{Fate, Recorder, Stats};
+use crate::store::{StoreError, Token};
+use crate::window::WindowSet;
+
+/// A claim's key side: the key, and what settles it.
+pub(crate) struct KeyTicket<K> {
+    key: K,
+    /// The key's store bytes if the claim request encoded them (empty otherwise).
+    bytes: Vec<u8>,
+    token: Token,
+    core: Arc<ClaimCore<K>>,
+}
+
+impl<K> KeyTicket<K> {
+    pub(crate) fn new(key: K, bytes: Vec<u8>, token: Token, core: Arc<ClaimCore<K>>) -> Self {
+        KeyTicket {
+            key,
+            bytes,
+            token,
+            core,
+        }
+    }
+}
+
+impl<K: Hash + Eq + Send + Sync + 'static> Ticket for KeyTicket<K> {
+    fn commit(self: Box<Self>) -> Settle {
+        let this = *self;
+        match &this.core.store {
+            // The committer task commits in the store, then here, then answers.
+            Some(committer) => committer.commit(&this.core, this.key, this.bytes, this.token),
+            None => Settle::Now(this.core.lock().commit_locally(
+                this.key,
+                this.token,
+                Instant::now(),
+            )),
+        }
+    }
+
+    fn release(self: Box<Self>) {
+        let this = *self;
+        this.core.release(&this.key, this.bytes, this.token);
+    }
+
+    fn token(&self) -> Token {
+        self.token
+    }
+}
+
+/// Keys in flight, with their claim's token and the end of its lease.
+type InFlight<K> = HashMap<K, (Token, Instant), foldhash::fast::RandomState>;
+
+pub(super) struct ClaimState<K> {
+    /// Done keys.
+    window: WindowSet<K>,
+    in_flight: InFlight<K>,
+}
+
+impl<K: Hash + Eq> ClaimState<K> {
+    /// Marks `key` done, unless another claim holds it now (our lease ran out).
+    pub(super) fn commit_locally(
+        &mut self,
+        key: K,
+        token: Token,
+        now: Instant,
+    ) -> Result<(), StoreError> {
+        // One lookup: the key comes back out of the entry.
+        let key = match self.in_flight.entry(key) {
+            Entry::Occupied(held) => match *held.get() {
+                // Our lease ran out and another claim holds the key now: refused, and
+                // counted released as a failed store commit is.
+                (t, end) if t != token && end > now => {
+                    self.window.recorder().released();
+                    return Err(StoreError::LeaseLost);
+                }
+                _ => held.remove_entry().0,
+            },
+            Entry::Vacant(free) => free.into_key(),
+        };
+        let t = self.window.at(now);
+        self.window.observe_uncounted(key, t);
+        self.window.recorder().committed();
+        Ok(())
+    }
+
+    /// Records what the store answered for commits: done keys into the window, refused ones
+    /// freed.
+    fn apply(&mut self, settled: Vec<Settled<K>>) {
+        for (key, token, done, now) in settled {
+            // (Counted by the committer task, when it answered.)
+            if !done {
+                self.free_locally(&key, token);
+                continue;
+            }
+            let key = match self.in_flight.entry(key) {
+                Entry::Occupied(held) => match *held.get() {
+                    // Another claim of this operator took the key here after our lease ran
+                    // out (the store's lease ended first): it stays in flight, and its own
+                    // commit or release settles it.
+                    (other, end) if other != token && end > now => continue,
+                    _ => held.remove_entry().0,
+                },
+                Entry::Vacant(free) => free.into_key(),
+            };
+            // At the time of the store's answer, not of this lock.
+            let t = self.window.at(now);
+            self.window.observe_uncounted(key, t);
+        }
+    }
+
+    /// Frees `key` if this claim still holds it in memory.
+    fn free_locally(&mut self, key: &K, token: Token) {
+        if self.in_flight.get(key).is_some_and(|&(t, _)| t == token) {
+            self.in_flight.remove(key);
+        }
+    }
+
+    /// A claim the caller had is given up uncommitted: its key is freed here if it still holds
+    /// it, and it counts as released either way (its lease may have run out and another claim
+    /// may hold the key now).
+    pub(super) fn release_locally(&mut self, key: &K, token: Token) {
+        self.free_locally(key, token);
+        self.window.recorder().released();
+    }
+}
+
+/// A commit the store answered: the key, its claim's token, whether it is done, when.
+pub(crate) type Settled<K> = (K, Token, bool, Instant);
+
+/// What a claim operator and its claims share.
+pub(crate) struct ClaimCore<K> {
+    state: Mutex<ClaimState<K>>,
+    /// Commits the store answered, recorded in memory by the next taker of `state` (the
+    /// operator, as it reads its next item): the committer task, on another thread, neither
+    /// waits for `state` nor touches its tables, and the keys are freed on the thread that
+    /// made them.
+    settled: Mutex<Vec<Settled<K>>>,
+    /// Whether `settled` holds anything (read without its lock on every `lock`).
+    has_settled: AtomicBool,
+    /// The window's counters, for the committer task to count commits as it answers them.
+    pub(super) recorder: Recorder,
+    lease: Duration,
+    /// The store path, if there is a store.
+    store: Option<Committer<K>>,
+}
+
+impl<K> ClaimCore<K> {
+    /// The counters, read without a lock (commits the store answered but the operator has
+    /// not recorded yet are counted already).
+    pub(crate) fn stats(&self) -> Stats {
+        self.recorder.stats().clone()
+    }
+}
+
+impl<K: Hash + Eq> ClaimCore<K> {
+    pub(crate) fn new(window: WindowSet<K>, lease: Duration, store: Option<Committer<K>>) -> Self {
+        ClaimCore {
+            recorder: window.recorder().clone(),
+            state: Mutex::new(ClaimState {
+                window,
+                in_flight: HashMap::default(),
+            }),
+            settled: Mutex::new(Vec::new()),
+            has_settled: AtomicBool::new(false),
+            lease,
+            store,
+        }
+    }
+
+    /// The state, with the commits settled so far recorded.
+    pub(super) fn lock(&self) -> MutexGuard<'_, ClaimState<K>> {
+        let mut state = self.state.lock().unwrap_or_else(PoisonError::into_inner);
+        // Acquire: pairs with the committer's release, which it makes before it answers the
+        // commit, so that whatever runs after a commit returned finds the key done.
+        if self.has_settled.load(Ordering::Acquire) {
+            let settled = {
+                let mut queue = self.settled.lock().unwrap_or_else(PoisonError::into_inner);
+                self.has_settled.store(false, Ordering::Relaxed);
+                std::mem::take(&mut *queue)
+            };
+            state.apply(settled);
+        }
+        state
+    }
+
+    /// Queues commits the store answered, for [`lock`](Self::lock) to record.
+    pub(super) fn settle(&self, settled: Vec<Settled<K>>) {
+        if settled.is_empty() {
+            return;
+        }
+        let mut queue = self.settled.lock().unwrap_or_else(PoisonError::into_inner);
+        if queue.is_empty() {
+            *queue = settled;
+        } else {
+            queue.extend(settled);
+        }
+        self.has_settled.store(true, Ordering::Release);
+    }
+
+    /// Claims `key` in memory (no store, or a store that failed open) from `now` on.
+    pub(crate) fn claim_locally(&self, key: K, token: Token, now: Instant) {
+        let lease_end = now + self.lease;
+        self.lock().in_flight.insert(key, (token, lease_end));
+    }
+
+    /// Frees a key this operator may hold but never handed out (it is being dropped): not a
+    /// claim anyone saw, so not counted as released.
+    pub(crate) fn release_unhanded(&self, key: &K, token: Token) {
+        self.lock().free_locally(key, token);
+        self.release_in_store(key, Vec::new(), token);
+    }
+
+    /// Frees a claim's key; `bytes` are its store bytes if known (empty: encoded here).
+    pub(super) fn release(&self, key: &K, bytes: Vec<u8>, token: Token) {
+        self.lock().release_locally(key, token);
+        self.release_in_store(key, bytes, token);
+    }
+
+    fn release_in_store(&self, key: &K, bytes: Vec<u8>, token: Token) {
+        if let Some(committer) = &self.store {
+            committer.release(or_encoded(bytes, committer.encode, key), token);
+        }
+    }
+
+    /// The in-memory verdict for `key`: held back while in flight, a duplicate when done.
+    pub(crate) fn pre(&self, key: &K, now: Instant, clone_key: fn(&K) -> K) -> Pre {
+        let mut state = self.lock();
+        match state.in_flight.get(key) {
+            Some(&(_, end)) if end > now => return Pre::HeldBack,
+            Some(_) => {
+                state.in_flight.remove(key);
+            }
+            None => {}
+        }
+        if state.window.contains(key) {
+            // A hit counts as seen (LRU order).
+            let t = state.window.at(now);
+            state.window.observe_uncounted(clone_key(key), t);
+            Pre::Duplicate
+        } else {
+            Pre::Ask
+        }
+    }
+
+    /// Counts an item's fate. No lock: these counters are written only here, by the operator
+    /// (the committer task and dropped claims count commits and releases, with atomic adds).
+    pub(crate) fn count(&self, fate: Fate) {
+        self.recorder.fate(fate);
+    }
+}
+
+/// The claim operators' gate: memory knows in-flight and done keys.
+pub(crate) struct ClaimGate<K> {
+    pub(crate) core: Arc<ClaimCore<K>>,
+    pub(crate) clone_key: fn(&K) -> K,
+}
+
+impl<K: Hash + Eq> Gate<K> for ClaimGate<K> {
+    fn clock(&self) -> Option<Instant> {
+        Some(Instant::now())
+    }
+
+    fn decide(&mut self, key: K, now: Option<Instant>) -> Decided<K> {
+        let now = now.unwrap_or_else(Instant::now);
+        let decided = match self.core.pre(&key, now, self.clone_key) {
+            Pre::Duplicate => Decided::Duplicate,
+            Pre::HeldBack => Decided::HeldBack,
+            Pre::Ask => {
+                let token = Token::new();
+                self.core.claim_locally((self.clone_key)(&key), token, now);
+                Decided::Accept(Some(Held {
+                    key,
+                    token,
+                    bytes: Vec::new(),
+                }))
+            }
+        };
+        self.core.count(match &decided {
+            Decided::Accept(_) => Fate::Accepted,
+            Decided::Duplicate => Fate::Duplicate,
+            Decided::HeldBack => Fate::HeldBack,
+        });
+        decided
+    }
+
+    fn pre(&mut self, key: &K, now: Option<Instant>, clone_key: fn(&K) -> K) -> Pre {
+        self.core
+            .pre(key, now.unwrap_or_else(Instant::now), clone_key)
+    }
+
+    /// One lock for the whole request, not one per key.
+    fn answered(&mut self, keys: &[K], answers: &[Answer], token: Token, now: Option<Instant>) {
+        let now = now.unwrap_or_else(Instant::now);
+        let lease_end = now + self.core.lease;
+        let mut state = self.core.lock();
+        let mut t = None;
+        for (key, &answer) in keys.iter().zip(answers) {
+            match answer {
+                // Also in flight here: a copy read while it is gets held back without asking
+                // the store again (the store would answer the same).
+                Answer::New => {
+                    state
+                        .in_flight
+                        .insert((self.clone_key)(key), (token, lease_end));
+                }
+                Answer::Present => {
+                    let at = *t.get_or_insert_with(|| state.window.at(now));
+                    state.window.observe_uncounted((self.clone_key)(key), at);
+                }
+                Answer::InFlight => {}
+            }
+        }
+    }
+
+    fn failed(&mut self, key: &K, open: bool, token: Token, now: Option<Instant>) {
+        if open {
+            // Passed on unchecked: still a claim, in memory at least.
+            let now = now.unwrap_or_else(Instant::now);
+            self.core.claim_locally((self.clone_key)(key), token, now);
+        }
+    }
+
+    fn count(&mut self, fate: Fate) {
+        self.core.count(fate);
+    }
+}
