@@ -67,8 +67,7 @@
 //! | `uuid` | [`StoreKey`](store::StoreKey) for `uuid::Uuid` | no |
 //! | `redis` | `store::RedisStore`: a store on Redis ≥ 7.0 or Redis Cluster, shared by consumers on many machines (redis-rs, tokio) | no |
 //! | `testing` | [`testing`]: the store conformance suite ([`store_suite!`], [`claim_suite!`]), to prove a store of your own | no |
-//! | `trace` | [`trace`]: `record_trace` / `TraceWriter`, to record `elapsed_ms,key` lines from a live stream (no extra dependency) | no |
-//! | `sweep` | [`sweep`]: replay a synthetic broker or a recorded trace through a grid of windows on a paused clock; table, CSV, SVG plot (tokio `test-util`, serde_json, plotters; clap and cap for `examples/window_sweep.rs`); implies `trace` | no |
+//! | `trace` | [`trace`]: `record_trace` / `TraceWriter`, to record `elapsed_ms,key` lines from a live stream for the window sweep (`window-sweep`, a tool of this repository's workspace); no extra dependency | no |
 //! | `embedded` | `store::EmbeddedStore`: a store in a local directory that survives restarts (fjall; needs Rust 1.90) | no |
 //!
 //! # Minimum supported Rust version
@@ -91,7 +90,7 @@
 #[macro_use]
 mod macros;
 
-// Layers, bottom to top; each imports only from the layers below it.
+// The layers, bottom to top, are in ARCHITECTURE.md; each imports only from those below it.
 mod adapter;
 mod attach;
 mod claim;
@@ -101,9 +100,6 @@ mod hook;
 mod pipeline;
 pub mod stats;
 pub mod store;
-#[cfg(feature = "sweep")]
-#[cfg_attr(docsrs, doc(cfg(feature = "sweep")))]
-pub mod sweep;
 #[cfg(feature = "testing")]
 #[cfg_attr(docsrs, doc(cfg(feature = "testing")))]
 pub mod testing;

@@ -2,8 +2,9 @@
 //!
 //! Put [`record_trace`](TraceStreamExt::record_trace) on the stream your consumer already
 //! reads, before `dedup_by_key`. Items pass through unchanged and in order; each item's key is
-//! written with the milliseconds since recording started. Replay the file with the
-//! `window_sweep` example (feature `sweep`) to see which window your traffic needs.
+//! written with the milliseconds since recording started. Replay the file with the window
+//! sweep (`cargo run --release -p window-sweep -- --trace trace.csv`, a tool of this
+//! repository's workspace) to see which window your traffic needs.
 //!
 //! Keys can be written hashed ([`TraceWriter::hashed`]): each key's
 //! [`Fingerprint`] in hex instead of the key, so the file holds no business

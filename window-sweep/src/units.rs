@@ -9,7 +9,7 @@ use std::time::Duration;
 /// # Examples
 ///
 /// ```
-/// use stream_dedup::sweep::parse_count;
+/// use window_sweep::parse_count;
 ///
 /// assert_eq!(parse_count("30k"), Ok(30_000));
 /// assert_eq!(parse_count("1.5M"), Ok(1_500_000));
@@ -44,7 +44,7 @@ pub fn parse_count(s: &str) -> Result<usize, String> {
 ///
 /// ```
 /// use std::time::Duration;
-/// use stream_dedup::sweep::parse_duration;
+/// use window_sweep::parse_duration;
 ///
 /// assert_eq!(parse_duration("30s"), Ok(Duration::from_secs(30)));
 /// assert_eq!(parse_duration("1.5m"), Ok(Duration::from_secs(90)));
@@ -83,7 +83,7 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
 ///
 /// ```
 /// use std::time::Duration;
-/// use stream_dedup::sweep::parse_ttl;
+/// use window_sweep::parse_ttl;
 ///
 /// assert_eq!(parse_ttl("none"), Ok(None));
 /// assert_eq!(parse_ttl("5m"), Ok(Some(Duration::from_secs(300))));
@@ -112,7 +112,7 @@ pub fn parse_ttl(s: &str) -> Result<Option<Duration>, String> {
 /// # Examples
 ///
 /// ```
-/// use stream_dedup::sweep::log_grid;
+/// use window_sweep::log_grid;
 ///
 /// assert_eq!(log_grid(1_000, 100_000, 2), [1_000, 3_000, 10_000, 30_000, 100_000]);
 /// assert_eq!(log_grid(1_000, 10_000, 3), [1_000, 2_000, 5_000, 10_000]);
@@ -151,7 +151,7 @@ fn round_sig(x: f64, digits: i32) -> usize {
 /// # Examples
 ///
 /// ```
-/// use stream_dedup::sweep::parse_grid;
+/// use window_sweep::parse_grid;
 ///
 /// assert_eq!(parse_grid("1k..100k", 1), Ok(vec![1_000, 10_000, 100_000]));
 /// assert_eq!(parse_grid("5k,50k", 1), Ok(vec![5_000, 50_000]));
@@ -183,7 +183,7 @@ pub fn parse_grid(s: &str, per_decade: u32) -> Result<Vec<usize>, String> {
 /// # Examples
 ///
 /// ```
-/// use stream_dedup::sweep::format_count;
+/// use window_sweep::format_count;
 ///
 /// assert_eq!(format_count(30_000), "30k");
 /// assert_eq!(format_count(1_500_000), "1.5M");
@@ -207,7 +207,7 @@ pub fn format_count(n: u64) -> String {
 /// # Examples
 ///
 /// ```
-/// use stream_dedup::sweep::format_bytes;
+/// use window_sweep::format_bytes;
 ///
 /// assert_eq!(format_bytes(512), "512 B");
 /// assert_eq!(format_bytes(3 * 1024 * 1024 / 2), "1.5 MiB");
@@ -245,7 +245,7 @@ pub fn format_bytes(n: u64) -> String {
 ///
 /// ```
 /// use std::time::Duration;
-/// use stream_dedup::sweep::format_duration;
+/// use window_sweep::format_duration;
 ///
 /// assert_eq!(format_duration(Duration::from_secs(300)), "5m");
 /// assert_eq!(format_duration(Duration::from_millis(1500)), "1500ms");

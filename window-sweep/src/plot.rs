@@ -53,7 +53,7 @@ impl SweepReport {
     /// # Examples
     ///
     /// ```
-    /// use stream_dedup::sweep::{Sweep, SyntheticBroker, Workload};
+    /// use window_sweep::{Sweep, SyntheticBroker, Workload};
     ///
     /// let workload = Workload::synthetic(&SyntheticBroker::new().messages(5000));
     /// let report = Sweep::new().max_keys([100, 1000, 10_000]).ttls([None]).run(&workload);

@@ -5,10 +5,10 @@
 //!
 //! ```text
 //! # a synthetic at-least-once broker (see --help for its knobs)
-//! cargo run --release --features sweep --example window_sweep
-//! cargo run --release --features sweep --example window_sweep -- --rate 5000 --ack-wait 30s --jitter 5s
+//! cargo run --release -p window-sweep
+//! cargo run --release -p window-sweep -- --rate 5000 --ack-wait 30s --jitter 5s
 //! # a trace recorded from your consumer with `record_trace` (CSV `timestamp,key` or JSON lines)
-//! cargo run --release --features sweep --example window_sweep -- --trace trace.csv --key-kind string
+//! cargo run --release -p window-sweep -- --trace trace.csv --key-kind string
 //! ```
 
 use std::alloc::System;
@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 
 use cap::Cap;
 use clap::Parser;
-use stream_dedup::sweep::{
+use window_sweep::{
     KeyKind, Sweep, SyntheticBroker, TraceFormat, Workload, format_bytes, format_count, format_ttl,
     parse_count, parse_duration, parse_grid, parse_ttl,
 };
@@ -150,7 +150,7 @@ fn main() -> ExitCode {
     match run(&args) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("window_sweep: {e}");
+            eprintln!("window-sweep: {e}");
             ExitCode::FAILURE
         }
     }
@@ -261,7 +261,7 @@ fn run(args: &Args) -> Result<(), Box<dyn std::error::Error>> {
             _ => String::new(),
         };
         let md = format!(
-            "# Window sweep\n\nMade with:\n\n```sh\ncargo run --release --features sweep --example window_sweep -- {}\n```\n\n\
+            "# Window sweep\n\nMade with:\n\n```sh\ncargo run --release -p window-sweep -- {}\n```\n\n\
              Workload: {}.\n\n{}\n\n{plot}{}\n{LEGEND}\n\n{}\n",
             command.join(" "),
             workload.name(),
@@ -314,7 +314,7 @@ fn seconds(d: Duration) -> String {
     }
 }
 
-fn verdict(report: &stream_dedup::sweep::SweepReport, target: f64, redeliveries: u64) -> String {
+fn verdict(report: &window_sweep::SweepReport, target: f64, redeliveries: u64) -> String {
     let lost: u64 = report.cells.iter().map(|c| c.wrongly_dropped).sum();
     let mut out = if lost == 0 {
         "Unique messages wrongly dropped: 0 in every window.".to_owned()

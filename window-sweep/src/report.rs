@@ -123,7 +123,7 @@ impl SweepReport {
     }
 
     /// An upper bound on the probability that two of the workload's keys share a
-    /// [`Fingerprint`](crate::Fingerprint) (`n² / 2¹²⁹` for `n` keys), when the windows held
+    /// [`Fingerprint`](stream_dedup::Fingerprint) (`n² / 2¹²⁹` for `n` keys), when the windows held
     /// fingerprints. A collision would drop a unique message.
     pub fn fingerprint_collision_bound(&self) -> Option<f64> {
         (self.key_kind == KeyKind::Fingerprint).then(|| {
@@ -268,7 +268,7 @@ impl SweepReport {
     /// # Examples
     ///
     /// ```
-    /// use stream_dedup::sweep::{Sweep, SweepReport, SyntheticBroker, Workload};
+    /// use window_sweep::{Sweep, SweepReport, SyntheticBroker, Workload};
     ///
     /// let workload = Workload::synthetic(&SyntheticBroker::new().messages(5000));
     /// let report = Sweep::new().max_keys([1000]).ttls([None]).throughput(false).run(&workload);

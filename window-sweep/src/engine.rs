@@ -16,13 +16,13 @@ use tokio::time::{Instant, Sleep};
 use super::report::SweepReport;
 use super::workload::{Delivery, KeyKind, Workload};
 use super::{CellResult, log_grid};
-use crate::{DedupStreamExt, Fingerprint, Window};
+use stream_dedup::{DedupStreamExt, Fingerprint, Window};
 
 /// A grid of windows (`max_keys` × `ttl`) to replay a [`Workload`] through, and how to
 /// measure them.
 ///
 /// For each window, [`run`](Sweep::run) replays every delivery through
-/// [`dedup_by_key`](crate::DedupStreamExt::dedup_by_key) on a current-thread tokio runtime
+/// [`dedup_by_key`](stream_dedup::DedupStreamExt::dedup_by_key) on a current-thread tokio runtime
 /// whose clock is paused (`start_paused`): each delivery waits
 /// `sleep_until(start + at_ms)`, and the paused clock jumps straight to it, so an hour of
 /// traffic replays in seconds with the window seeing exactly the recorded times. It counts,
@@ -37,7 +37,7 @@ use crate::{DedupStreamExt, Fingerprint, Window};
 ///   [`heap_bytes`](Sweep::heap_bytes) probe is given: the allocator's live bytes after the
 ///   replay minus before the operator was built (nothing else allocates in between);
 /// - **throughput** of the window: the same deliveries, at the same times, through a fresh
-///   [`WindowSet::insert_at`](crate::WindowSet::insert_at), timed on the wall clock. The
+///   [`WindowSet::insert_at`](stream_dedup::WindowSet::insert_at), timed on the wall clock. The
 ///   operator's own replay cannot give it: on a paused clock its time goes into tokio's timer
 ///   (each new millisecond parks the runtime and moves the clock), many times the cost of the
 ///   window. The two passes must agree on every counter (checked in debug builds).
@@ -48,7 +48,7 @@ use crate::{DedupStreamExt, Fingerprint, Window};
 ///
 /// ```
 /// use std::time::Duration;
-/// use stream_dedup::sweep::{Sweep, SyntheticBroker, Workload};
+/// use window_sweep::{Sweep, SyntheticBroker, Workload};
 ///
 /// let broker = SyntheticBroker::new()
 ///     .rate(1000.0)
@@ -191,8 +191,8 @@ impl Sweep {
 
     /// Measures the heap bytes each window holds with `probe`, which returns the bytes the
     /// process has allocated now: a counting global allocator's, such as
-    /// `|| ALLOC.allocated()` with the `cap` crate's `Cap<System>` (see
-    /// `examples/window_sweep.rs`). Default: not measured.
+    /// `|| ALLOC.allocated()` with the `cap` crate's `Cap<System>` (see the `window-sweep`
+    /// binary, `src/main.rs`). Default: not measured.
     ///
     /// The count is exact only if nothing else allocates while a window is replayed: run the
     /// sweep on its own, not beside other threads that allocate.
@@ -453,7 +453,7 @@ impl Stream for Replay<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::sweep::SyntheticBroker;
+    use crate::SyntheticBroker;
 
     fn workload() -> Workload {
         Workload::synthetic(

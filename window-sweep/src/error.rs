@@ -8,7 +8,7 @@ use std::io;
 /// # Examples
 ///
 /// ```
-/// use stream_dedup::sweep::{SweepError, TraceFormat, Workload};
+/// use window_sweep::{SweepError, TraceFormat, Workload};
 ///
 /// let trace = "elapsed_ms,key\n0,order-1\nsoon,order-2\n";
 /// let err = Workload::from_trace(trace.as_bytes(), TraceFormat::Auto).unwrap_err();

@@ -28,7 +28,7 @@ pub struct Delivery {
 /// # Examples
 ///
 /// ```
-/// use stream_dedup::sweep::KeyKind;
+/// use window_sweep::KeyKind;
 ///
 /// assert_eq!("fingerprint".parse::<KeyKind>(), Ok(KeyKind::Fingerprint));
 /// assert_eq!(KeyKind::String.to_string(), "string");
@@ -39,7 +39,7 @@ pub enum KeyKind {
     /// A `u64` (the message's number): the smallest key, 8 bytes.
     #[default]
     U64,
-    /// The [`Fingerprint`](crate::Fingerprint) of the key's text: 16 bytes, for long keys.
+    /// The [`Fingerprint`](stream_dedup::Fingerprint) of the key's text: 16 bytes, for long keys.
     Fingerprint,
     /// The key's text as an owned `String`: what a `key_fn` that formats or clones a key holds.
     /// Synthetic keys are 36-character UUID strings.
@@ -77,14 +77,14 @@ impl FromStr for KeyKind {
 ///
 /// The broker is *open loop*: what it redelivers does not depend on what the window decided.
 /// Every delivery's ACK may be lost (the consumer acks duplicates in
-/// [`on_duplicate`](crate::DedupByKey::on_duplicate) too); a processing timeout applies to the
-/// first delivery, the one that is processed.
+/// [`on_duplicate`](stream_dedup::DedupByKey::on_duplicate) too); a processing timeout applies
+/// to the first delivery, the one that is processed.
 ///
 /// # Examples
 ///
 /// ```
 /// use std::time::Duration;
-/// use stream_dedup::sweep::{SyntheticBroker, Workload};
+/// use window_sweep::{SyntheticBroker, Workload};
 ///
 /// let broker = SyntheticBroker::new()
 ///     .rate(500.0)
@@ -324,7 +324,7 @@ pub struct WorkloadSummary {
     /// longer than this (kept from first acceptance) expires no key too early.
     pub max_redelivery_age: Option<Duration>,
     /// The longest time between two consecutive deliveries of one message: with
-    /// [`refresh_on_hit`](crate::Window::refresh_on_hit), a ttl longer than this suffices.
+    /// [`refresh_on_hit`](stream_dedup::Window::refresh_on_hit), a ttl longer than this suffices.
     pub max_redelivery_gap: Option<Duration>,
 }
 
@@ -378,7 +378,7 @@ impl Workload {
     /// # Examples
     ///
     /// ```
-    /// use stream_dedup::sweep::{Delivery, Workload};
+    /// use window_sweep::{Delivery, Workload};
     ///
     /// let d = |at_ms, message| Delivery { at_ms, message };
     /// let w = Workload::from_deliveries("three messages", vec![d(0, 0), d(1, 1), d(2, 2), d(9, 0)]);
@@ -453,7 +453,7 @@ impl Workload {
     /// # Examples
     ///
     /// ```
-    /// use stream_dedup::sweep::{SyntheticBroker, Workload};
+    /// use window_sweep::{SyntheticBroker, Workload};
     ///
     /// let w = Workload::synthetic(&SyntheticBroker::new().messages(10));
     /// assert_eq!(w.key_text(3).len(), 36);

@@ -1,5 +1,5 @@
-//! Choosing a window: replay a workload through a grid of windows and see, for each, what it
-//! lets through and what it costs.
+//! Choosing a window for [stream-dedup](stream_dedup): replay a workload through a grid of
+//! windows and see, for each, what it lets through and what it costs.
 //!
 //! A window too small lets redeliveries through; one too large holds memory for nothing. The
 //! answer depends on your traffic: how many keys arrive while the broker waits to redeliver
@@ -7,8 +7,10 @@
 //!
 //! 1. A [`Workload`]: a [`SyntheticBroker`] (at-least-once, with lost ACKs, processing
 //!    timeouts, `ack_wait` ± jitter, a redelivery delay and `max_deliver`), or a trace you
-//!    recorded from your consumer with [`record_trace`](crate::trace::TraceStreamExt::record_trace)
-//!    and read with [`Workload::from_trace_file`] (CSV `timestamp,key` or JSON lines).
+//!    recorded from your consumer with
+//!    [`record_trace`](stream_dedup::trace::TraceStreamExt::record_trace) (stream-dedup's
+//!    `trace` feature) and read with [`Workload::from_trace_file`] (CSV `timestamp,key` or
+//!    JSON lines).
 //! 2. A grid of `max_keys` ([`log_grid`]) × ttls, replayed through the real operator on a paused
 //!    tokio clock: hours of traffic in seconds, each delivery at its recorded time.
 //! 3. A [`SweepReport`]: per window, duplicates let through, unique messages wrongly dropped
@@ -17,18 +19,22 @@
 //!    [SVG plot](SweepReport::svg), and the [smallest window](SweepReport::recommend) under a
 //!    leak target.
 //!
-//! `examples/window_sweep.rs` is all of it on the command line:
+//! The `window-sweep` binary (`src/main.rs`) is all of it on the command line, run from the
+//! workspace:
 //!
 //! ```text
-//! cargo run --release --features sweep --example window_sweep -- --help
-//! cargo run --release --features sweep --example window_sweep -- --trace my-consumer.csv
+//! cargo run --release -p window-sweep -- --help
+//! cargo run --release -p window-sweep -- --trace my-consumer.csv
 //! ```
+//!
+//! This crate is a tool of the workspace, not published: its dependencies (plotters, clap,
+//! serde_json, and tokio's `test-util` for the paused clock) stay out of the library's build.
 //!
 //! # Examples
 //!
 //! ```
 //! use std::time::Duration;
-//! use stream_dedup::sweep::{log_grid, Sweep, SyntheticBroker, Workload};
+//! use window_sweep::{log_grid, Sweep, SyntheticBroker, Workload};
 //!
 //! // 50 s of traffic at 2000 messages/s; 2% of ACKs lost, redelivered after 5 s ± 1 s.
 //! let broker = SyntheticBroker::new()
@@ -51,6 +57,18 @@
 //! assert_eq!(pick.max_keys, 100_000);
 //! assert!(report.cells.iter().all(|c| c.wrongly_dropped == 0));
 //! ```
+
+#![forbid(unsafe_code)]
+#![warn(
+    missing_docs,
+    missing_debug_implementations,
+    unreachable_pub,
+    rust_2018_idioms,
+    clippy::cast_lossless,
+    clippy::semicolon_if_nothing_returned,
+    clippy::redundant_closure_for_method_calls
+)]
+#![doc(test(attr(deny(warnings))))]
 
 mod engine;
 mod error;

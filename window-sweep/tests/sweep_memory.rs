@@ -1,12 +1,11 @@
 //! The sweep's heap measurement, with a counting allocator (alone in its test binary: the
 //! count is process-wide, so no other test may allocate beside it).
-#![cfg(feature = "sweep")]
 
 use std::alloc::System;
 use std::time::Duration;
 
 use cap::Cap;
-use stream_dedup::sweep::{KeyKind, Sweep, SyntheticBroker, Workload};
+use window_sweep::{KeyKind, Sweep, SyntheticBroker, Workload};
 
 #[global_allocator]
 static ALLOC: Cap<System> = Cap::new(System, usize::MAX);

@@ -1,15 +1,14 @@
 //! The window sweep, end to end: it finds the window a workload needs, never drops a unique
 //! message, and its outputs (CSV, traces) read back.
-#![cfg(feature = "sweep")]
 
 use std::time::Duration;
 
 use futures::{StreamExt, stream};
-use stream_dedup::sweep::{
-    Delivery, KeyKind, Sweep, SweepError, SweepReport, SyntheticBroker, TraceFormat, Workload,
-};
 use stream_dedup::trace::{TraceStreamExt, TraceWriter};
 use stream_dedup::{DedupStreamExt, Fingerprint, Window};
+use window_sweep::{
+    Delivery, KeyKind, Sweep, SweepError, SweepReport, SyntheticBroker, TraceFormat, Workload,
+};
 
 /// 1000 messages/s, evenly spaced; a lost ACK is redelivered exactly 5 s later, once. Between a
 /// message and its redelivery come the 5000 messages of those 5 s and at most the redeliveries

@@ -11,7 +11,7 @@ use super::workload::{Delivery, Workload};
 /// The format of a trace file.
 ///
 /// - **CSV**: one `timestamp,key` line per delivery, as
-///   [`TraceWriter`](crate::trace::TraceWriter) writes it. The timestamp is in milliseconds
+///   [`TraceWriter`](stream_dedup::trace::TraceWriter) writes it. The timestamp is in milliseconds
 ///   (since any origin: since the recording started, or since the Unix epoch); the key is the
 ///   rest of the line after the first comma, taken as it is unless it is quoted (`"a ""b"""`).
 ///   A first line `timestamp,key` or `elapsed_ms,key`, blank lines and lines starting with `#`
@@ -24,7 +24,7 @@ use super::workload::{Delivery, Workload};
 /// # Examples
 ///
 /// ```
-/// use stream_dedup::sweep::{TraceFormat, Workload};
+/// use window_sweep::{TraceFormat, Workload};
 ///
 /// let csv = "elapsed_ms,key\n0,a\n5,b\n30000,a\n";
 /// let jsonl = r#"{"timestamp": 0, "key": "a"}
