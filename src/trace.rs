@@ -48,7 +48,7 @@ use futures_core::{FusedStream, Stream};
 use pin_project::pin_project;
 use tokio::time::Instant;
 
-use crate::Fingerprint;
+use crate::fingerprint::Fingerprint;
 
 /// Writes a trace: a header line `elapsed_ms,key`, then one `elapsed_ms,key` line per
 /// [`record`](TraceWriter::record), buffered.

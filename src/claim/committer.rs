@@ -9,8 +9,21 @@ use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 
 use super::Settle;
-use super::core::ClaimCore;
 use crate::store::{ClaimStore, HeldKey, StoreError, Token};
+
+/// A commit the store answered: the key, its claim's token, whether it is done, when.
+pub(super) type Settled<K> = (K, Token, bool, Instant);
+
+/// Where the committer reports: the claims' memory (`ClaimCore`), seen through this trait so
+/// that the committer depends on nothing above it.
+pub(super) trait Ledger<K>: Send + Sync + 'static {
+    /// Frees a claim's key that could not be committed (in memory, and in the store).
+    fn release(&self, key: &K, bytes: Vec<u8>, token: Token);
+    /// Counts the store's answers and queues them for the operator's memory.
+    fn settled(&self, settled: Vec<Settled<K>>);
+    /// Commits that will never be answered (the runtime shut down): frees their keys in memory.
+    fn abandoned(&self, keys: &mut dyn Iterator<Item = (K, Token)>);
+}
 
 enum Op<K> {
     /// A claim's key, its store bytes (empty: not encoded yet), its token, where the answer
@@ -63,7 +76,7 @@ impl<K> Committer<K> {
 
 impl<K: Hash + Eq + Send + 'static> Committer<K> {
     /// The channel to the task, started on first use; `None` outside a tokio runtime.
-    fn sender(&self, core: &Arc<ClaimCore<K>>) -> Option<&mpsc::UnboundedSender<Op<K>>> {
+    fn sender<L: Ledger<K>>(&self, ledger: &Arc<L>) -> Option<&mpsc::UnboundedSender<Op<K>>> {
         if let Some(tx) = self.tx.get() {
             return Some(tx);
         }
@@ -76,22 +89,22 @@ impl<K: Hash + Eq + Send + 'static> Committer<K> {
                 timeout: self.timeout,
                 encode: self.encode,
                 // Weak: the core owns the sender, and the task ends when the sender is gone.
-                core: Arc::downgrade(core),
+                ledger: Arc::downgrade(ledger) as Weak<dyn Ledger<K>>,
             };
             runtime.spawn(task.run(rx));
             tx
         }))
     }
 
-    pub(super) fn commit(
+    pub(super) fn commit<L: Ledger<K>>(
         &self,
-        core: &Arc<ClaimCore<K>>,
+        ledger: &Arc<L>,
         key: K,
         bytes: Vec<u8>,
         token: Token,
     ) -> Settle {
-        let Some(tx) = self.sender(core) else {
-            core.release(&key, bytes, token);
+        let Some(tx) = self.sender(ledger) else {
+            ledger.release(&key, bytes, token);
             return Settle::Now(Err(StoreError::backend(
                 "commit",
                 "no tokio runtime to commit on",
@@ -102,7 +115,7 @@ impl<K: Hash + Eq + Send + 'static> Committer<K> {
             Ok(()) => Settle::Later(answer),
             Err(mpsc::error::SendError(op)) => {
                 if let Op::Commit(key, bytes, token, _) = op {
-                    core.release(&key, bytes, token);
+                    ledger.release(&key, bytes, token);
                 }
                 Settle::Now(Err(StoreError::backend(
                     "commit",
@@ -123,7 +136,7 @@ struct Task<K> {
     ttl: Duration,
     timeout: Duration,
     pub(super) encode: fn(&K, &mut Vec<u8>),
-    core: Weak<ClaimCore<K>>,
+    ledger: Weak<dyn Ledger<K>>,
 }
 
 impl<K: Hash + Eq + Send + 'static> Task<K> {
@@ -131,7 +144,7 @@ impl<K: Hash + Eq + Send + 'static> Task<K> {
         let task = Arc::new(self);
         let mut rx = Inbox {
             rx,
-            core: Weak::clone(&task.core),
+            ledger: Weak::clone(&task.ledger),
         };
         let mut batches = tokio::task::JoinSet::new();
         let mut ops = Vec::new();
@@ -158,7 +171,7 @@ impl<K: Hash + Eq + Send + 'static> Task<K> {
                 // Guarded from here: a batch cut off before its first poll frees its keys too.
                 let commits = Unsettled {
                     commits,
-                    core: Weak::clone(&task.core),
+                    ledger: Weak::clone(&task.ledger),
                 };
                 batches.spawn(Arc::clone(&task).commit(commits));
             }
@@ -196,7 +209,7 @@ impl<K: Hash + Eq + Send + 'static> Task<K> {
     }
 }
 
-impl<K: Hash + Eq> Task<K> {
+impl<K: Hash + Eq + 'static> Task<K> {
     /// Hands the store's answers to the operator's state (recorded there by its next lock) and
     /// answers each claim; returns the keys to free in the store.
     fn settle(
@@ -224,15 +237,8 @@ impl<K: Hash + Eq> Task<K> {
             replies.push((reply, result));
         }
         // Queued and counted before any claim hears its answer.
-        if let Some(core) = self.core.upgrade() {
-            for &(_, _, done, _) in &settled {
-                if done {
-                    core.recorder.committed();
-                } else {
-                    core.recorder.released();
-                }
-            }
-            core.settle(settled);
+        if let Some(ledger) = self.ledger.upgrade() {
+            ledger.settled(settled);
         }
         for (reply, result) in replies {
             let _ = reply.send(result);
@@ -244,43 +250,48 @@ impl<K: Hash + Eq> Task<K> {
 /// Commits not answered yet. Dropped with some left (the runtime shut down while the store
 /// call ran), it frees their keys in memory, so that redeliveries are processed; the store's
 /// copies are freed by their lease. Their callers get "the commit task is gone".
-struct Unsettled<K: Hash + Eq> {
+struct Unsettled<K: 'static> {
     commits: Vec<Commit<K>>,
-    core: Weak<ClaimCore<K>>,
+    ledger: Weak<dyn Ledger<K>>,
 }
 
-impl<K: Hash + Eq> Drop for Unsettled<K> {
+impl<K: 'static> Drop for Unsettled<K> {
     fn drop(&mut self) {
         if self.commits.is_empty() {
             return;
         }
-        if let Some(core) = self.core.upgrade() {
-            let mut state = core.lock();
-            for (key, _, token, _) in self.commits.drain(..) {
-                state.release_locally(&key, token);
-            }
+        if let Some(ledger) = self.ledger.upgrade() {
+            ledger.abandoned(
+                &mut self
+                    .commits
+                    .drain(..)
+                    .map(|(key, _, token, _)| (key, token)),
+            );
         }
     }
 }
 
 /// The committer's channel. Dropped with commits still queued (the runtime shut down), it frees
 /// their keys in memory, as [`Unsettled`] does for a batch.
-struct Inbox<K: Hash + Eq> {
+struct Inbox<K: 'static> {
     rx: mpsc::UnboundedReceiver<Op<K>>,
-    core: Weak<ClaimCore<K>>,
+    ledger: Weak<dyn Ledger<K>>,
 }
 
-impl<K: Hash + Eq> Drop for Inbox<K> {
+impl<K: 'static> Drop for Inbox<K> {
     fn drop(&mut self) {
-        let Some(core) = self.core.upgrade() else {
+        let Some(ledger) = self.ledger.upgrade() else {
             return;
         };
-        let mut state = core.lock();
-        while let Ok(op) = self.rx.try_recv() {
-            if let Op::Commit(key, _, token, _) = op {
-                state.release_locally(&key, token);
+        let rx = &mut self.rx;
+        ledger.abandoned(&mut std::iter::from_fn(|| {
+            loop {
+                match rx.try_recv().ok()? {
+                    Op::Commit(key, _, token, _) => return Some((key, token)),
+                    Op::Release(..) => {}
+                }
             }
-        }
+        }));
     }
 }
 

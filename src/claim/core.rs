@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
-use super::committer::{Committer, or_encoded};
+use super::committer::{Committer, Ledger, Settled, or_encoded};
 use super::{Settle, Ticket};
 use crate::pipeline::gate::{Answer, Decided, Gate, Held, Pre};
 use crate::stats::{Fate, Recorder, Stats};
@@ -138,9 +138,6 @@ impl<K: Hash + Eq> ClaimState<K> {
     }
 }
 
-/// A commit the store answered: the key, its claim's token, whether it is done, when.
-pub(crate) type Settled<K> = (K, Token, bool, Instant);
-
 /// What a claim operator and its claims share.
 pub(crate) struct ClaimCore<K> {
     state: Mutex<ClaimState<K>>,
@@ -260,6 +257,30 @@ impl<K: Hash + Eq> ClaimCore<K> {
     /// (the committer task and dropped claims count commits and releases, with atomic adds).
     pub(crate) fn count(&self, fate: Fate) {
         self.recorder.fate(fate);
+    }
+}
+
+impl<K: Hash + Eq + Send + 'static> Ledger<K> for ClaimCore<K> {
+    fn release(&self, key: &K, bytes: Vec<u8>, token: Token) {
+        ClaimCore::release(self, key, bytes, token);
+    }
+
+    fn settled(&self, settled: Vec<Settled<K>>) {
+        for &(_, _, done, _) in &settled {
+            if done {
+                self.recorder.committed();
+            } else {
+                self.recorder.released();
+            }
+        }
+        self.settle(settled);
+    }
+
+    fn abandoned(&self, keys: &mut dyn Iterator<Item = (K, Token)>) {
+        let mut state = self.lock();
+        for (key, token) in keys {
+            state.release_locally(&key, token);
+        }
     }
 }
 

@@ -4,7 +4,7 @@ use std::borrow::Cow;
 use std::rc::Rc;
 use std::sync::Arc;
 
-use crate::Fingerprint;
+use crate::fingerprint::Fingerprint;
 
 /// A key that a [`Store`](super::Store) can keep: written as bytes.
 ///
