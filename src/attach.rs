@@ -86,7 +86,7 @@ impl<K, E, W: seal::Attach<K, E>> IntoWindow<K, E> for W {}
 ///
 /// ```compile_fail
 /// use std::time::Duration;
-/// use stream_dedup::store::{InsertBatch, Inserted, MemoryStore, Store, StoreFuture};
+/// use stream_dedup::store::{HeldKey, InsertBatch, Inserted, MemoryStore, Store, StoreFuture};
 /// use stream_dedup::{DedupStreamExt, Window};
 ///
 /// #[derive(Debug)]
@@ -98,6 +98,9 @@ impl<K, E, W: seal::Attach<K, E>> IntoWindow<K, E> for W {}
 ///     }
 ///     fn remove(&self, keys: Vec<Vec<u8>>) -> StoreFuture<()> {
 ///         self.0.remove(keys)
+///     }
+///     fn take_back(&self, keys: Vec<HeldKey>) -> StoreFuture<()> {
+///         self.0.take_back(keys)
 ///     }
 /// }
 ///

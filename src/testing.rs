@@ -80,6 +80,37 @@ pub async fn remove_forgets<S: Store>(store: S) {
     );
 }
 
+/// `take_back` forgets the keys its token recorded, and only those.
+pub async fn take_back_forgets_only_its_own_keys<S: Store>(store: S) {
+    let mine = InsertBatch::new(keys(&["t1", "t2"]), TTL);
+    let token = mine.token;
+    assert_eq!(store.insert(mine).await.unwrap(), [Inserted::New; 2]);
+    assert_eq!(insert(&store, &["t3"]).await, [Inserted::New]);
+    // Another token takes back nothing; ours takes back its own keys, not "t3" nor absent ones.
+    store
+        .take_back(
+            keys(&["t1"])
+                .into_iter()
+                .map(|k| (k, Token::new()))
+                .collect(),
+        )
+        .await
+        .unwrap();
+    store
+        .take_back(
+            keys(&["t1", "t2", "t3", "absent"])
+                .into_iter()
+                .map(|k| (k, token))
+                .collect(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        insert(&store, &["t1", "t2", "t3"]).await,
+        [Inserted::New, Inserted::New, Inserted::Present]
+    );
+}
+
 /// A key is forgotten once its ttl (+ `expiry`) has passed.
 pub async fn ttl_expires<S: Store>(store: S, expiry: Duration) {
     let ttl = Duration::from_millis(300);
@@ -210,6 +241,7 @@ macro_rules! store_suite {
                 new_then_present => |s| suite::new_then_present(s);
                 retry_with_same_token_is_new => |s| suite::retry_with_same_token_is_new(s);
                 remove_forgets => |s| suite::remove_forgets(s);
+                take_back_forgets_only_its_own_keys => |s| suite::take_back_forgets_only_its_own_keys(s);
                 ttl_expires => |s| suite::ttl_expires(s, $expiry);
                 concurrent_inserts_agree => |s| suite::concurrent_inserts_agree(s);
                 odd_keys => |s| suite::odd_keys(s);
@@ -286,6 +318,20 @@ pub async fn release_frees_only_its_own_keys<S: ClaimStore>(store: S) {
     assert_eq!(claim(&store, &["x"], TTL).await.1, [Claimed::Mine]);
 }
 
+/// `take_back` frees a key in flight or done under its token, and leaves other claims' keys.
+pub async fn take_back_frees_claimed_and_committed_keys<S: ClaimStore>(store: S) {
+    let (t1, _) = claim(&store, &["b1", "b2"], TTL).await;
+    let (t2, _) = claim(&store, &["b3"], TTL).await;
+    assert_eq!(store.commit(held(&["b2"], t1), TTL).await.unwrap(), [true]);
+    store
+        .take_back(held(&["b1", "b2", "b3"], t1))
+        .await
+        .unwrap();
+    let (_, again) = claim(&store, &["b1", "b2", "b3"], TTL).await;
+    assert_eq!(again, [Claimed::Mine, Claimed::Mine, Claimed::InFlight]);
+    store.release(held(&["b3"], t2)).await.unwrap();
+}
+
 /// A claim whose owner died frees its key after the lease; the late owner's commit is refused
 /// and cannot overwrite the new owner's claim, nor its release free it.
 pub async fn lease_expiry_and_late_owner<S: ClaimStore>(store: S, expiry: Duration) {
@@ -344,6 +390,7 @@ macro_rules! claim_suite {
                 claim_states => |s| suite::claim_states(s);
                 claim_retry_with_same_token_is_mine => |s| suite::claim_retry_with_same_token_is_mine(s);
                 release_frees_only_its_own_keys => |s| suite::release_frees_only_its_own_keys(s);
+                take_back_frees_claimed_and_committed_keys => |s| suite::take_back_frees_claimed_and_committed_keys(s);
                 lease_expiry_and_late_owner => |s| suite::lease_expiry_and_late_owner(s, $expiry);
                 concurrent_claims_agree => |s| suite::concurrent_claims_agree(s);
             }

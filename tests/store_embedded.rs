@@ -32,6 +32,14 @@ impl Store for TestStore {
     fn remove(&self, keys: Vec<Vec<u8>>) -> StoreFuture<()> {
         self.store.remove(keys)
     }
+
+    fn take_back(&self, keys: Vec<HeldKey>) -> StoreFuture<()> {
+        self.store.take_back(keys)
+    }
+
+    fn max_key_len(&self) -> usize {
+        self.store.max_key_len()
+    }
 }
 
 impl ClaimStore for TestStore {

@@ -11,7 +11,9 @@ use std::time::Duration;
 
 use futures::{StreamExt, stream};
 use proptest::prelude::*;
-use stream_dedup::store::{InsertBatch, Inserted, MemoryStore, Store, StoreError, StoreFuture};
+use stream_dedup::store::{
+    HeldKey, InsertBatch, Inserted, MemoryStore, Store, StoreError, StoreFuture,
+};
 use stream_dedup::{DedupStreamExt, FailurePolicy, TryDedupStreamExt, Window};
 use support::faulty::{FaultyStore, Mode};
 use tokio::sync::mpsc;
@@ -378,6 +380,10 @@ impl Store for PollCounting {
     fn remove(&self, keys: Vec<Vec<u8>>) -> StoreFuture<()> {
         self.inner.remove(keys)
     }
+
+    fn take_back(&self, keys: Vec<HeldKey>) -> StoreFuture<()> {
+        self.inner.take_back(keys)
+    }
 }
 
 /// Polling the operator while its store call is out does not poll the call again: the call is
@@ -442,6 +448,10 @@ impl Store for Threaded {
 
     fn remove(&self, keys: Vec<Vec<u8>>) -> StoreFuture<()> {
         self.0.remove(keys)
+    }
+
+    fn take_back(&self, keys: Vec<HeldKey>) -> StoreFuture<()> {
+        self.0.take_back(keys)
     }
 }
 

@@ -90,13 +90,20 @@ impl Inner {
     }
 }
 
+/// `now + d`, or a time too far ahead to matter when that overflows (a ttl of `u64::MAX`
+/// seconds).
+fn later(now: Instant, d: Duration) -> Instant {
+    now.checked_add(d)
+        .unwrap_or_else(|| now + Duration::from_secs(100 * 365 * 24 * 3600))
+}
+
 impl Store for MemoryStore {
     fn insert(&self, batch: InsertBatch) -> StoreFuture<Vec<Inserted>> {
         let now = Instant::now();
         let mut inner = self.lock();
         inner.sweep(now);
         let entry = Entry {
-            expires: now + batch.ttl,
+            expires: later(now, batch.ttl),
             token: batch.token,
             done: true,
         };
@@ -122,6 +129,17 @@ impl Store for MemoryStore {
         }
         Box::pin(std::future::ready(Ok(())))
     }
+
+    fn take_back(&self, keys: Vec<HeldKey>) -> StoreFuture<()> {
+        let now = Instant::now();
+        let mut inner = self.lock();
+        for (key, token) in keys {
+            if inner.live(&key, now).is_some_and(|e| e.token == token) {
+                inner.keys.remove(&key);
+            }
+        }
+        Box::pin(std::future::ready(Ok(())))
+    }
 }
 
 impl ClaimStore for MemoryStore {
@@ -138,7 +156,7 @@ impl ClaimStore for MemoryStore {
                 Some(_) => Claimed::InFlight,
                 None => {
                     let entry = Entry {
-                        expires: now + batch.lease,
+                        expires: later(now, batch.lease),
                         token: batch.token,
                         done: false,
                     };
@@ -157,7 +175,7 @@ impl ClaimStore for MemoryStore {
             .into_iter()
             .map(|(key, token)| {
                 let done = Entry {
-                    expires: now + ttl,
+                    expires: later(now, ttl),
                     token,
                     done: true,
                 };

@@ -58,8 +58,9 @@ pub type StoreFuture<T> = Pin<Box<dyn Future<Output = Result<T, StoreError>> + S
 #[non_exhaustive]
 pub enum StoreError {
     /// The store did not answer within the configured timeout. The call may still have been
-    /// applied: a retry with the same [`Token`] is safe.
-    #[error("the store did not answer within {0:?}")]
+    /// applied: a retry with the same [`Token`] is safe, and the operators take back the keys of
+    /// a call that failed for good (a write still on its way to the store can land after that).
+    #[error("the store did not answer within {0:?} (the call may still have been applied)")]
     Timeout(Duration),
     /// The store could not be reached (connection refused or lost, server down).
     #[error("the store is unavailable")]
@@ -241,7 +242,9 @@ pub enum Inserted {
 ///   scanning all its keys to find it.
 /// - A store that answers `Ok` has made the keys durable as far as it promises durability
 ///   (a file store: committed to disk) before it answers.
-/// - [`remove`](Store::remove) forgets keys (a key that is absent is not an error).
+/// - [`remove`](Store::remove) forgets keys (a key that is absent is not an error);
+///   [`take_back`](Store::take_back) forgets only keys that still hold the given token.
+/// - A key longer than [`max_key_len`](Store::max_key_len) is never sent by the operators.
 /// - Errors are [`StoreError`]s, never panics; a failed call leaves every key either recorded
 ///   or not, and the operator applies the user's failure policy.
 /// - Keys of two stores with different namespaces never meet.
@@ -255,6 +258,25 @@ pub trait Store: fmt::Debug + Send + Sync + 'static {
 
     /// Forgets `keys`.
     fn remove(&self, keys: Vec<Vec<u8>>) -> StoreFuture<()>;
+
+    /// Takes back keys that their tokens still hold: each key recorded with the given token (by
+    /// an insert, a claim or a commit made with it) is forgotten; a key that another token
+    /// holds, or that is absent, is left alone.
+    ///
+    /// The operators take back the keys of items they read ahead but never emitted (the
+    /// operator was dropped: `take`, `select!`, a cancelled task, shutdown), and the keys of a
+    /// call that failed for good under fail closed (it may have been applied after its timeout),
+    /// so that the broker's redelivery is processed. An operator being dropped polls this future
+    /// once at once, then runs it to its end on the tokio runtime if there is one: a store
+    /// should start its work when first polled.
+    fn take_back(&self, keys: Vec<HeldKey>) -> StoreFuture<()>;
+
+    /// The longest key, in bytes, that this store accepts (default: no limit). The operators
+    /// never send a longer key: its item alone gets the failure policy with
+    /// [`StoreError::KeyTooLong`], and the rest of its batch is unaffected.
+    fn max_key_len(&self) -> usize {
+        usize::MAX
+    }
 }
 
 /// One request to [`ClaimStore::claim`].
@@ -354,6 +376,14 @@ macro_rules! forward_store {
 
             fn remove(&self, keys: Vec<Vec<u8>>) -> StoreFuture<()> {
                 (**self).remove(keys)
+            }
+
+            fn take_back(&self, keys: Vec<HeldKey>) -> StoreFuture<()> {
+                (**self).take_back(keys)
+            }
+
+            fn max_key_len(&self) -> usize {
+                (**self).max_key_len()
             }
         }
 

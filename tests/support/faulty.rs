@@ -90,6 +90,11 @@ impl Store for FaultyStore {
         let inner = self.inner.clone();
         self.faulty(lazy(move || inner.remove(keys)))
     }
+
+    fn take_back(&self, keys: Vec<HeldKey>) -> StoreFuture<()> {
+        let inner = self.inner.clone();
+        self.faulty(lazy(move || inner.take_back(keys)))
+    }
 }
 
 impl ClaimStore for FaultyStore {

@@ -512,26 +512,39 @@ impl Namespace {
     }
 
     pub(super) fn release(&self, held: &[HeldKey]) -> Result<(), StoreError> {
+        self.forget_held("release claims", held, true)
+    }
+
+    /// Forgets each key its token still holds, done or in flight.
+    pub(super) fn take_back(&self, held: &[HeldKey]) -> Result<(), StoreError> {
+        self.forget_held("take back keys", held, false)
+    }
+
+    /// Removes each key that holds its token (only while in flight, with `in_flight_only`).
+    fn forget_held(
+        &self,
+        op: &'static str,
+        held: &[HeldKey],
+        in_flight_only: bool,
+    ) -> Result<(), StoreError> {
         let first = self.lease_exp.load(Ordering::Relaxed);
-        self.write(
-            "release claims",
-            SyncWhen::IfWritten,
-            |buckets, write, now| {
-                for (key, token) in held {
-                    let key = stored_key(key);
-                    let Some((id, r)) = self.find(buckets, &key, now, first)? else {
-                        continue;
-                    };
-                    match buckets.get(&id) {
-                        Some(bucket) if r.in_flight && r.token == token.as_u128() => {
-                            write.remove(bucket, key);
-                        }
-                        _ => {}
+        self.write(op, SyncWhen::IfWritten, |buckets, write, now| {
+            for (key, token) in held {
+                let key = stored_key(key);
+                let Some((id, r)) = self.find(buckets, &key, now, first)? else {
+                    continue;
+                };
+                match buckets.get(&id) {
+                    Some(bucket)
+                        if (r.in_flight || !in_flight_only) && r.token == token.as_u128() =>
+                    {
+                        write.remove(bucket, key);
                     }
+                    _ => {}
                 }
-                Ok(())
-            },
-        )
+            }
+            Ok(())
+        })
     }
 }
 

@@ -309,6 +309,22 @@ impl Store for EmbeddedStore {
         }
         self.run("remove keys", move |ns| ns.remove(&keys))
     }
+
+    fn take_back(&self, keys: Vec<HeldKey>) -> StoreFuture<()> {
+        // A key too long to be stored was never recorded here: nothing to take back.
+        let keys: Vec<_> = keys
+            .into_iter()
+            .filter(|(k, _)| k.len() <= Self::MAX_KEY_LEN)
+            .collect();
+        if keys.is_empty() {
+            return Box::pin(std::future::ready(Ok(())));
+        }
+        self.run("take back keys", move |ns| ns.take_back(&keys))
+    }
+
+    fn max_key_len(&self) -> usize {
+        Self::MAX_KEY_LEN
+    }
 }
 
 /// Claims, with the same buckets and the same durable commit per call as

@@ -421,6 +421,16 @@ impl Store for RedisStore {
     fn remove(&self, keys: Vec<Vec<u8>>) -> StoreFuture<()> {
         self.call(move |inner| async move { inner.remove(keys).await })
     }
+
+    /// Deletes each key whose value still holds the token (a done key holds the token, a key
+    /// in flight `c` + the token), in a small Lua script per 1,000 keys.
+    fn take_back(&self, keys: Vec<HeldKey>) -> StoreFuture<()> {
+        self.call(move |inner| async move { inner.take_back(keys).await })
+    }
+
+    fn max_key_len(&self) -> usize {
+        self.inner.max_key_len()
+    }
 }
 
 /// Claims on Redis. A done key holds the 16 bytes of the token that recorded it (as

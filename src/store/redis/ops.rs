@@ -10,9 +10,9 @@ use redis::{Cmd, Pipeline, RedisWrite, ToRedisArgs, Value};
 use super::cluster::Cluster;
 use super::error::{map_error, unexpected};
 use super::scripts::{
-    COMMIT_SCRIPT, IN_FLIGHT_MAX, KEYS_PER_SCRIPT, RELEASE_SCRIPT, TAKEOVER_SCRIPT,
-    in_flight_prefix, in_flight_value, is_in_flight, refused_positions, takeover_answers,
-    token_runs,
+    COMMIT_SCRIPT, IN_FLIGHT_MAX, KEYS_PER_SCRIPT, RELEASE_SCRIPT, TAKE_BACK_SCRIPT,
+    TAKEOVER_SCRIPT, in_flight_prefix, in_flight_value, is_in_flight, refused_positions,
+    takeover_answers, token_runs,
 };
 use crate::store::{ClaimBatch, Claimed, HeldKey, InsertBatch, Inserted, StoreError, Token};
 
@@ -232,6 +232,36 @@ impl Inner {
             None => Ok(()),
             Some((_, other)) => Err(unexpected(OP, other)),
         }
+    }
+
+    pub(super) async fn take_back(&self, held: Vec<HeldKey>) -> Result<(), StoreError> {
+        const OP: &str = "take back keys";
+        if held.is_empty() {
+            return Ok(());
+        }
+        let (keys, tokens): (Vec<Vec<u8>>, Vec<Token>) = held.into_iter().unzip();
+        self.check_keys(&keys)?;
+        let replies = self
+            .run_scripts(OP, &keys, |range| {
+                let mut cmd = self.script(TAKE_BACK_SCRIPT, &keys[range.clone()]);
+                for (n, token) in token_runs(&tokens[range]) {
+                    cmd.arg(n).arg(&token.to_bytes()[..]);
+                }
+                cmd
+            })
+            .await?;
+        match replies
+            .into_iter()
+            .find(|(_, r)| !matches!(r, Value::Int(_)))
+        {
+            None => Ok(()),
+            Some((_, other)) => Err(unexpected(OP, other)),
+        }
+    }
+
+    /// The longest key this store takes (Redis's limit, less the namespace prefix).
+    pub(super) fn max_key_len(&self) -> usize {
+        MAX_KEY_LEN.saturating_sub(self.prefix.len())
     }
 
     pub(super) async fn remove(&self, keys: Vec<Vec<u8>>) -> Result<(), StoreError> {

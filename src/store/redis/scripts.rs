@@ -103,6 +103,29 @@ end
 return freed
 ";
 
+/// Takes back keys that a token still holds: a done or inserted key holds the token itself, a
+/// key in flight `c` + the token + its ttl. Any other value, or a key that is not a string, is
+/// left alone.
+///
+/// KEYS = the keys; ARGV = runs of (count, token) that cover the keys in order. Returns how
+/// many keys it deleted.
+pub(super) const TAKE_BACK_SCRIPT: &str = r"
+local taken = 0
+local i, a = 1, 1
+while a < #ARGV do
+  local last, token = i + tonumber(ARGV[a]) - 1, ARGV[a + 1]
+  local flight = 'c' .. token
+  for j = i, last do
+    local held = redis.pcall('GET', KEYS[j])
+    if type(held) == 'string' and (held == token or string.sub(held, 1, 17) == flight) then
+      taken = taken + redis.call('DEL', KEYS[j])
+    end
+  end
+  i, a = last + 1, a + 2
+end
+return taken
+";
+
 /// Keys per call of the batch scripts: Redis runs a script alone, so a call is kept short
 /// (~1 ms) for the other clients of the server.
 pub(super) const KEYS_PER_SCRIPT: usize = 1000;
