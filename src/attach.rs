@@ -199,8 +199,10 @@ where
             Some(committer),
         ));
         let owner = Arc::clone(&core);
-        let release: ReleaseFn<K> = Box::new(move |key, token| {
-            owner.release_unhanded(key, token);
+        let release: ReleaseFn<K> = Box::new(move |held| {
+            for h in held {
+                owner.release_unhanded(&h.key, h.bytes, h.token);
+            }
         });
         ClaimAttached {
             gate: ClaimGate {

@@ -66,7 +66,7 @@
 //! |---|---|---|
 //! | `uuid` | [`StoreKey`](store::StoreKey) for `uuid::Uuid` | no |
 //! | `redis` | `store::RedisStore`: a store on Redis ≥ 7.0 or Redis Cluster, shared by consumers on many machines (redis-rs, tokio) | no |
-//! | `testing` | [`testing`]: the store conformance suite ([`store_suite!`], [`claim_suite!`]), to prove a store of your own | no |
+//! | `testing` | [`testing`]: the store conformance suite ([`store_suite!`](crate::store_suite), [`claim_suite!`](crate::claim_suite)), to prove a store of your own | no |
 //! | `trace` | [`trace`]: `record_trace` / `TraceWriter`, to record `elapsed_ms,key` lines from a live stream for the window sweep (`window-sweep`, a tool of this repository's workspace); no extra dependency | no |
 //! | `embedded` | `store::EmbeddedStore`: a store in a local directory that survives restarts (fjall; needs Rust 1.90) | no |
 //!
@@ -114,6 +114,6 @@ pub use self::claim::Claim;
 pub use self::ext::{DedupStreamExt, TryDedupStreamExt};
 pub use self::fingerprint::Fingerprint;
 pub use self::hook::{DropDuplicates, OnDuplicate};
-pub use self::pipeline::{DEFAULT_STORE_TTL, FailurePolicy, StoreWindow};
+pub use self::pipeline::{DEFAULT_STORE_TTL, FailurePolicy, MAX_BACKOFF, StoreWindow};
 pub use self::stats::{Stats, StatsSnapshot};
-pub use self::window::{Policy, SharedWindow, Window, WindowSet};
+pub use self::window::{MAX_SPAN, Policy, SharedWindow, Window, WindowSet};

@@ -1,7 +1,7 @@
 //! The store conformance suite: one test per behaviour of the [`Store`] and [`ClaimStore`]
 //! contracts, written once and run for every backend — this crate's and yours.
 //!
-//! [`store_suite!`](crate::store_suite) and [`claim_suite!`](crate::claim_suite) expand to one
+//! [`store_suite!`](crate::store_suite)(crate::store_suite) and [`claim_suite!`](crate::claim_suite)(crate::claim_suite) expand to one
 //! `#[tokio::test]` per behaviour (your test crate needs `tokio` with its `macros` and
 //! `rt-multi-thread` features). `make` is an `async fn(namespace: String) -> Option<S>` that
 //! builds a store under a namespace unique to the test; `None` means the backend is not
@@ -205,7 +205,7 @@ pub async fn large_batch<S: Store>(store: S) {
 
 /// Expands to a `#[tokio::test]` per case, each with a fresh store from `$make` under a unique
 /// namespace; a store that is not configured (`None`) makes the test say it skipped. The
-/// building block of [`store_suite!`] and [`claim_suite!`].
+/// building block of [`store_suite!`](crate::store_suite) and [`claim_suite!`](crate::claim_suite).
 #[macro_export]
 macro_rules! store_suite_cases {
     ($make:path, $($name:ident => |$s:ident| $body:expr;)*) => {
@@ -377,7 +377,7 @@ pub async fn concurrent_claims_agree<S: ClaimStore + Clone>(store: S) {
 }
 
 /// Expands to one `#[tokio::test]` per behaviour of the
-/// [`ClaimStore`](crate::store::ClaimStore) contract; same arguments as [`store_suite!`].
+/// [`ClaimStore`](crate::store::ClaimStore) contract; same arguments as [`store_suite!`](crate::store_suite).
 #[macro_export]
 macro_rules! claim_suite {
     ($make:path, expiry = $expiry:expr) => {

@@ -146,6 +146,10 @@ pub(crate) struct Core<St: Stream, KF, G, X, K, E> {
     hooks: X,
     /// The stream ended (inner stream done, or closed by the adapter).
     done: bool,
+    /// Inside the store path's poll. Still set when a poll starts, the last one unwound (a
+    /// panic in the key function or the inner stream): the store path's state is not to be
+    /// trusted, so the stream ends instead of waiting on it.
+    busy: bool,
 }
 
 impl<St: Stream, KF, G, X, K: Hash + Eq, E> Core<St, KF, G, X, K, E> {
@@ -164,6 +168,7 @@ impl<St: Stream, KF, G, X, K: Hash + Eq, E> Core<St, KF, G, X, K, E> {
             store: store.map(|parts| Box::new(Driver::new(parts))),
             hooks,
             done: false,
+            busy: false,
         }
     }
 
@@ -188,6 +193,7 @@ impl<St: Stream, KF, G, X, K, E> Core<St, KF, G, X, K, E> {
             store: self.store,
             hooks: f(self.hooks),
             done: self.done,
+            busy: self.busy,
         }
     }
 
@@ -257,13 +263,20 @@ where
         loop {
             match this.store.as_deref_mut() {
                 Some(driver) => {
-                    let out = ready!(driver.poll(
+                    if *this.busy {
+                        *this.done = true;
+                        return Poll::Ready(None);
+                    }
+                    *this.busy = true;
+                    let out = driver.poll(
                         this.gate,
                         this.ticker,
                         cx,
                         |cx| this.stream.as_mut().poll_next(cx),
                         |item| this.key_of.key_of(item),
-                    ));
+                    );
+                    *this.busy = false;
+                    let out = ready!(out);
                     match out {
                         None => {
                             *this.done = true;

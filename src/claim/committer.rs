@@ -64,6 +64,10 @@ impl<K> Committer<K> {
     }
 
     pub(super) fn release(&self, key: Vec<u8>, token: Token) {
+        if key.len() > self.store.max_key_len() {
+            // Never sent to the store (its claim passed unchecked): nothing to free there.
+            return;
+        }
         if let Some(tx) = self.tx.get() {
             let _ = tx.send(Op::Release(key, token));
         } else if let Ok(runtime) = tokio::runtime::Handle::try_current() {
@@ -184,15 +188,23 @@ impl<K: Hash + Eq + Send + 'static> Task<K> {
 
     /// Commits one batch in the store, hands the answers to memory, and answers each claim.
     async fn commit(self: Arc<Self>, mut commits: Unsettled<K>) {
-        let held: Vec<HeldKey> = commits
-            .commits
-            .iter_mut()
-            .map(|(key, bytes, token, _)| {
-                (or_encoded(std::mem::take(bytes), self.encode, key), *token)
-            })
-            .collect();
+        let max = self.store.max_key_len();
+        let mut held: Vec<HeldKey> = Vec::with_capacity(commits.commits.len());
+        // Which commits go to the store: a key longer than the store takes was never sent to
+        // it (its claim passed unchecked, in memory only), so it is done in memory alone and
+        // cannot fail the batch for the others.
+        let mut sent = Vec::with_capacity(commits.commits.len());
+        for (key, bytes, token, _) in &mut commits.commits {
+            let bytes = or_encoded(std::mem::take(bytes), self.encode, key);
+            sent.push(bytes.len() <= max);
+            if bytes.len() <= max {
+                held.push((bytes, *token));
+            }
+        }
         let n = held.len();
-        let answers =
+        let answers = if n == 0 {
+            Ok(Vec::new())
+        } else {
             match tokio::time::timeout(self.timeout, self.store.commit(held, self.ttl)).await {
                 Ok(Ok(answers)) if answers.len() == n => Ok(answers),
                 Ok(Ok(answers)) => Err(StoreError::backend(
@@ -201,8 +213,26 @@ impl<K: Hash + Eq + Send + 'static> Task<K> {
                 )),
                 Ok(Err(e)) => Err(e),
                 Err(_) => Err(StoreError::Timeout(self.timeout)),
-            };
-        let failed = self.settle(std::mem::take(&mut commits.commits), &answers);
+            }
+        };
+        // One result per commit, in order; those done in memory alone cannot fail.
+        let results: Vec<Result<(), StoreError>> = match &answers {
+            Ok(answers) => {
+                let mut answers = answers.iter();
+                sent.iter()
+                    .map(|&sent| match sent {
+                        false => Ok(()),
+                        true if answers.next() == Some(&true) => Ok(()),
+                        true => Err(StoreError::LeaseLost),
+                    })
+                    .collect()
+            }
+            Err(e) => sent
+                .iter()
+                .map(|&sent| if sent { Err(e.clone()) } else { Ok(()) })
+                .collect(),
+        };
+        let failed = self.settle(std::mem::take(&mut commits.commits), results);
         if !failed.is_empty() {
             release(Arc::clone(&self.store), self.timeout, failed).await;
         }
@@ -215,24 +245,17 @@ impl<K: Hash + Eq + 'static> Task<K> {
     fn settle(
         &self,
         commits: Vec<Commit<K>>,
-        answers: &Result<Vec<bool>, StoreError>,
+        results: Vec<Result<(), StoreError>>,
     ) -> Vec<HeldKey> {
         let now = Instant::now();
         let mut failed: Vec<HeldKey> = Vec::new();
         let mut settled = Vec::with_capacity(commits.len());
         let mut replies = Vec::with_capacity(commits.len());
-        for (i, (key, _, token, reply)) in commits.into_iter().enumerate() {
-            let result = match answers {
-                Ok(answers) if answers[i] => Ok(()),
+        for ((key, _, token, reply), result) in commits.into_iter().zip(results) {
+            if result.is_err() {
                 // Not done: free the key (here and, if still ours, in the store).
-                answer => {
-                    failed.push((key_bytes(self.encode, &key), token));
-                    match answer {
-                        Err(e) => Err(e.clone()),
-                        Ok(_) => Err(StoreError::LeaseLost),
-                    }
-                }
-            };
+                failed.push((key_bytes(self.encode, &key), token));
+            }
             settled.push((key, token, result.is_ok(), now));
             replies.push((reply, result));
         }

@@ -216,9 +216,9 @@ impl<K: Hash + Eq> ClaimCore<K> {
 
     /// Frees a key this operator may hold but never handed out (it is being dropped): not a
     /// claim anyone saw, so not counted as released.
-    pub(crate) fn release_unhanded(&self, key: &K, token: Token) {
+    pub(crate) fn release_unhanded(&self, key: &K, bytes: Vec<u8>, token: Token) {
         self.lock().free_locally(key, token);
-        self.release_in_store(key, Vec::new(), token);
+        self.release_in_store(key, bytes, token);
     }
 
     /// Frees a claim's key; `bytes` are its store bytes if known (empty: encoded here).

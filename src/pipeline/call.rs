@@ -14,7 +14,8 @@ use tokio::time::{Sleep, Timeout};
 use super::Settings;
 use super::gate::Answer;
 use crate::store::{
-    ClaimBatch, ClaimStore, Claimed, InsertBatch, Inserted, Store, StoreError, Token,
+    ClaimBatch, ClaimStore, Claimed, HeldKey, InsertBatch, Inserted, Store, StoreError,
+    StoreFuture, Token,
 };
 
 /// Which store operation a driver calls, on which store.
@@ -33,6 +34,27 @@ impl Backend {
     /// Whether this backend hands out claims.
     pub(crate) fn claims(&self) -> bool {
         matches!(self, Backend::Claim { .. })
+    }
+
+    fn store(&self) -> &dyn Store {
+        match self {
+            Backend::Insert(store) => &**store,
+            Backend::Claim { store, .. } => &**store,
+        }
+    }
+
+    /// The longest key the store takes.
+    pub(crate) fn max_key_len(&self) -> usize {
+        self.store().max_key_len()
+    }
+
+    /// Takes back `keys` (each still held by its token) in the background: see
+    /// [`run_detached`].
+    pub(crate) fn take_back(&self, keys: Vec<HeldKey>, timeout: Duration) {
+        if keys.is_empty() {
+            return;
+        }
+        run_detached(self.store().take_back(keys), timeout);
     }
 
     fn call(&self, ttl: Duration, keys: Vec<Vec<u8>>, token: Token) -> StoreCall {
@@ -68,6 +90,24 @@ impl Backend {
                 })
             }
         }
+    }
+}
+
+/// Runs a store call nobody waits for (a take-back as an operator is dropped, or after a call
+/// failed for good): polled once at once, inside the tokio runtime if there is one (so a store
+/// that starts its work when first polled has started it before the operator is gone), then
+/// spawned to its end, under `timeout`. Its errors are ignored: a key left marked expires with
+/// its ttl. Outside a tokio runtime nothing can run it; the keys expire.
+pub(crate) fn run_detached(call: StoreFuture<()>, timeout: Duration) {
+    let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+        return;
+    };
+    let mut call = Box::pin(tokio::time::timeout(timeout, call));
+    let mut cx = Context::from_waker(Waker::noop());
+    if call.as_mut().poll(&mut cx).is_pending() {
+        runtime.spawn(async move {
+            let _ = call.await;
+        });
     }
 }
 

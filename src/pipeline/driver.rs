@@ -89,22 +89,48 @@ pub(crate) struct Driver<T, K, E> {
     inner_done: bool,
     /// Reusable buffer for encoding one key.
     scratch: Vec<u8>,
-    /// Claims: frees a key this operator holds without having handed it out.
+    /// Claims: frees the keys this operator holds without having handed them out (in the
+    /// claims' memory and in the store). Without it (mark on emit) the driver takes them back
+    /// from the store itself.
     release: Option<ReleaseFn<K>>,
 }
 
-/// Frees one key held with one token.
-pub(crate) type ReleaseFn<K> = Box<dyn Fn(&K, Token) + Send + Sync>;
+/// Frees keys held with their tokens.
+pub(crate) type ReleaseFn<K> = Box<dyn FnOnce(Vec<Held<K>>) + Send + Sync>;
 
-/// Dropping a claim operator releases the keys it claimed but never handed out, so that the
-/// broker's redeliveries are processed without waiting for the lease.
+/// Dropping an operator gives back what it recorded for items it never handed out (read ahead,
+/// or in a call still in flight): claims are released, marks taken back by their token. So the
+/// broker's redeliveries of those items are processed, without waiting for a lease or a ttl.
 impl<T, K, E> Drop for Driver<T, K, E> {
     fn drop(&mut self) {
-        if let Some(release) = self.release.take() {
-            for (key, token) in self.take_unhanded() {
-                release(&key, token);
+        let unhanded = self.take_unhanded();
+        if unhanded.is_empty() {
+            return;
+        }
+        match self.release.take() {
+            Some(release) => release(unhanded),
+            None => {
+                let encode = self.parts.encode;
+                let keys = unhanded
+                    .into_iter()
+                    .map(|h| (or_encoded(h.bytes, encode, &h.key), h.token))
+                    .collect();
+                self.parts
+                    .backend
+                    .take_back(keys, self.parts.settings.timeout);
             }
         }
+    }
+}
+
+/// `bytes` if they were kept, else `key` encoded now.
+fn or_encoded<K>(bytes: Vec<u8>, encode: fn(&K, &mut Vec<u8>), key: &K) -> Vec<u8> {
+    if bytes.is_empty() {
+        let mut bytes = Vec::new();
+        encode(key, &mut bytes);
+        bytes
+    } else {
+        bytes
     }
 }
 
@@ -119,30 +145,35 @@ impl<T, K, E> Driver<T, K, E> {
         self.inner_done && self.queue.is_empty()
     }
 
-    /// The keys this operator may hold in the store without having handed them out: claims
+    /// The keys this operator may hold in the store without having handed them out: keys
     /// decided but not yet yielded, and every key of a call still in flight (it may have been
-    /// applied: a release with its token is safe either way).
-    fn take_unhanded(&mut self) -> Vec<(K, Token)> {
-        let mut keys: Vec<(K, Token)> = self
+    /// applied: giving it back with its token is safe either way).
+    fn take_unhanded(&mut self) -> Vec<Held<K>> {
+        let mut keys: Vec<Held<K>> = self
             .queue
             .drain(..)
             .filter_map(|e| match e.verdict {
-                Some(Verdict::Accept(claim) | Verdict::Unchecked(claim)) => {
-                    claim.map(|held| (held.key, held.token))
-                }
+                Some(Verdict::Accept(held) | Verdict::Unchecked(held)) => held,
                 _ => None,
             })
             .collect();
         for r in self.requests.drain(..) {
             let token = r.call.token;
-            keys.extend(r.keys.into_iter().map(|k| (k, token)));
+            keys.extend(r.keys.into_iter().zip(r.encoded).map(|(key, bytes)| Held {
+                key,
+                token,
+                bytes,
+            }));
         }
         keys
     }
 }
 
 impl<T, K: Hash + Eq, E> Driver<T, K, E> {
-    pub(crate) fn new(parts: StoreParts<K, E>) -> Self {
+    pub(crate) fn new(mut parts: StoreParts<K, E>) -> Self {
+        // The store's own limit wins over a longer one of the window's.
+        let store_max = parts.backend.max_key_len();
+        parts.settings.max_key_len = parts.settings.max_key_len.min(store_max);
         Driver {
             wakeup: Wakeup::new(),
             parts,
@@ -157,7 +188,7 @@ impl<T, K: Hash + Eq, E> Driver<T, K, E> {
         }
     }
 
-    /// Sets what frees an unhanded claim when the operator is dropped.
+    /// Sets what frees unhanded claims when the operator is dropped.
     pub(crate) fn release_on_drop(&mut self, release: ReleaseFn<K>) {
         self.release = Some(release);
     }
@@ -289,16 +320,15 @@ impl<T, K: Hash + Eq, E> Driver<T, K, E> {
         }
         // A claim takes its key and its store bytes from the request (each key has one first
         // copy, so one claim).
-        let mut keys: Vec<Option<(K, Vec<u8>)>> = if claims {
-            request
-                .keys
-                .into_iter()
-                .zip(request.encoded)
-                .map(Some)
-                .collect()
-        } else {
-            Vec::new()
-        };
+        // An accepted item takes its key and store bytes from the request (each key has one
+        // first copy): a claim commits or releases with them, and a mark is taken back with them
+        // if the operator is dropped before it emits the item.
+        let mut keys: Vec<Option<(K, Vec<u8>)>> = request
+            .keys
+            .into_iter()
+            .zip(request.encoded)
+            .map(Some)
+            .collect();
         for w in request.waiters {
             let answer = result.as_ref().map(|answers| answers[w.key as usize]);
             let mut claim = || {
@@ -315,7 +345,7 @@ impl<T, K: Hash + Eq, E> Driver<T, K, E> {
                 Ok(Answer::New) if claims => {
                     claim().map_or(Verdict::HeldBack, |c| Verdict::Accept(Some(c)))
                 }
-                Ok(Answer::New) => Verdict::Accept(None),
+                Ok(Answer::New) => Verdict::Accept(claim()),
                 Ok(Answer::Present) => Verdict::Duplicate,
                 Ok(Answer::InFlight) => Verdict::HeldBack,
                 Err(_) if open && w.copy && claims => Verdict::HeldBack,
@@ -323,13 +353,26 @@ impl<T, K: Hash + Eq, E> Driver<T, K, E> {
                 Err(_) if open && claims => {
                     claim().map_or(Verdict::HeldBack, |c| Verdict::Unchecked(Some(c)))
                 }
-                Err(_) if open => Verdict::Unchecked(None),
+                Err(_) if open => Verdict::Unchecked(claim()),
                 Err(e) => Verdict::Failed((self.parts.convert)(e.clone())),
             };
             let at = (w.seq - self.front_seq) as usize;
             if let Some(entry) = self.queue.get_mut(at) {
                 entry.verdict = Some(verdict);
             }
+        }
+        if result.is_err() && !open {
+            // Fail closed: none of these items is passed on, but the call may have been
+            // applied after its timeout. Take its keys back, so that the broker's redelivery is
+            // processed (a write still on its way to the store can land after this).
+            let back: Vec<_> = keys
+                .into_iter()
+                .flatten()
+                .map(|(_, bytes)| (bytes, token))
+                .collect();
+            self.parts
+                .backend
+                .take_back(back, self.parts.settings.timeout);
         }
     }
 

@@ -23,9 +23,19 @@ use crate::window::Window;
 /// calls running, and yields in input order. Two copies of a key in one batch, or in two
 /// batches in flight, count once: the later copy waits for the earlier one's verdict.
 ///
-/// A key is recorded in the store when its item is accepted (mark on emit). When the store
-/// fails or does not answer within the [`timeout`](StoreWindow::timeout), the
-/// [`FailurePolicy`] decides.
+/// Mark on emit: a key counts as recorded for the stream once its item is emitted. The store is
+/// asked (and records the key) when the item is read, so that the answer is ready when it
+/// leaves; an operator dropped before it emits items it read ahead (`take`, `select!`, a
+/// cancelled task, shutdown) takes their keys back from the store with its batches' tokens,
+/// and so does a call that fails for good under fail closed. When the store fails or does not
+/// answer within the [`timeout`](StoreWindow::timeout), the [`FailurePolicy`] decides.
+///
+/// A crash (`kill -9`) takes nothing back: up to `batch_size × (max_in_flight + 1)` items read
+/// ahead (1,280 with the defaults) can stay recorded until their ttl, and the broker's
+/// redeliveries of them are dropped. Lower [`batch_size`](StoreWindow::batch_size) and
+/// [`max_in_flight`](StoreWindow::max_in_flight) to bound that, or use claims
+/// ([`claim_by_key`](crate::DedupStreamExt::claim_by_key)), whose keys a crash leaves in flight
+/// only until their lease ends.
 ///
 /// # Examples
 ///
@@ -108,6 +118,9 @@ impl Window {
     }
 }
 
+/// The longest first wait between retries ([`FailurePolicy::retry`]): one hour.
+pub const MAX_BACKOFF: Duration = Duration::from_secs(60 * 60);
+
 /// The ttl a [`StoreWindow`] gives its keys when its [`Window`] has none: 24 hours.
 pub const DEFAULT_STORE_TTL: Duration = Duration::from_secs(24 * 60 * 60);
 
@@ -159,12 +172,23 @@ impl<S> StoreWindow<S> {
     /// the store recognises its own keys.
     ///
     /// [`Token`]: crate::store::Token
+    ///
+    /// # Panics
+    ///
+    /// If `timeout` is zero (every call would fail).
+    #[track_caller]
     pub fn timeout(mut self, timeout: Duration) -> Self {
+        assert!(
+            !timeout.is_zero(),
+            "StoreWindow::timeout: the timeout must be longer than zero"
+        );
         self.settings.timeout = timeout;
         self
     }
 
-    /// Keys longer than this many bytes (encoded) are not sent to the store (default 64 KiB):
+    /// Keys longer than this many bytes (encoded), or than the store's own limit
+    /// ([`Store::max_key_len`](crate::store::Store::max_key_len)), are not sent to the store
+    /// (default 64 KiB):
     /// their items get the failure policy with
     /// [`StoreError::KeyTooLong`](crate::store::StoreError::KeyTooLong), with no retry, and
     /// the rest of their batch is unaffected. Use a [`Fingerprint`](crate::Fingerprint) for
@@ -248,10 +272,11 @@ impl FailurePolicy {
     }
 
     /// Retries a transient failure up to `attempts` times, waiting `backoff`, then twice that,
-    /// and so on (capped at 32 × `backoff`), before falling back to open or closed.
+    /// and so on (capped at 32 × `backoff`), before falling back to open or closed. A backoff
+    /// over [`MAX_BACKOFF`] (one hour) is clamped to it.
     pub fn retry(mut self, attempts: u32, backoff: Duration) -> Self {
         self.retries = attempts;
-        self.backoff = backoff;
+        self.backoff = backoff.min(MAX_BACKOFF);
         self
     }
 
@@ -262,7 +287,8 @@ impl FailurePolicy {
 
     /// How long to wait before retry number `attempt` (1-based).
     pub(crate) fn backoff(&self, attempt: u32) -> Duration {
-        self.backoff * (1u32 << attempt.saturating_sub(1).min(5))
+        self.backoff
+            .saturating_mul(1u32 << attempt.saturating_sub(1).min(5))
     }
 
     pub(crate) fn retries(&self) -> u32 {

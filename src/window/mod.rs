@@ -45,6 +45,10 @@ pub struct Window {
     policy: Policy,
 }
 
+/// The longest ttl or lease a window keeps: longer ones are clamped to it (100 years), so that
+/// no time computed from them can overflow.
+pub const MAX_SPAN: Duration = Duration::from_secs(100 * 365 * 24 * 60 * 60);
+
 /// A [`Window`]'s settings, read back: each getter has the name of the setter that sets it
 /// (as moka's `Policy`). From [`Window::policy`], [`WindowSet::policy`] and
 /// [`SharedWindow::policy`].
@@ -130,7 +134,8 @@ impl Window {
     /// pauses time and advances it between items sees each step. Its
     /// resolution is one millisecond for ttls up
     /// to about 12 days, and `ttl / 2^30` beyond that. Keys that ran out are dropped (and
-    /// counted as expired) the next time the window is used.
+    /// counted as expired) the next time the window is used. A ttl over [`MAX_SPAN`] (100
+    /// years) is clamped to it.
     ///
     /// # Panics
     ///
@@ -141,7 +146,7 @@ impl Window {
             ttl >= Duration::from_millis(1),
             "Window::ttl: the ttl must be at least 1 ms, got {ttl:?}"
         );
-        self.policy.ttl = Some(ttl);
+        self.policy.ttl = Some(ttl.min(MAX_SPAN));
         self
     }
 
@@ -165,7 +170,8 @@ impl Window {
     /// `ack_wait × max_deliver` (each redelivery that arrives while the key is held is held
     /// back, and the broker counts it), for SQS near the visibility timeout, for Kafka near
     /// `max.poll.interval.ms`. Too short, and a slow handler's redelivery is processed
-    /// alongside it; too long, and a crashed consumer's messages wait that long.
+    /// alongside it; too long, and a crashed consumer's messages wait that long. A lease over
+    /// [`MAX_SPAN`] (100 years) is clamped to it.
     ///
     /// # Panics
     ///
@@ -176,7 +182,7 @@ impl Window {
             !lease.is_zero(),
             "Window::lease: the lease must be longer than zero"
         );
-        self.policy.lease = lease;
+        self.policy.lease = lease.min(MAX_SPAN);
         self
     }
 

@@ -215,6 +215,49 @@ enum SyncWhen {
     IfWritten,
 }
 
+/// One call of the store, as its blocking work sees it: cancelled once its future is dropped
+/// (the last clone of the future's side goes). A write checks it under the namespace's lock, so
+/// a call dropped before it wrote writes nothing, and one that wrote came first: what the
+/// caller does after dropping it (a take-back) is never overtaken by it.
+#[derive(Clone)]
+pub(super) struct Call(Arc<AtomicBool>);
+
+impl Call {
+    pub(super) fn new() -> Call {
+        Call(Arc::new(AtomicBool::new(false)))
+    }
+
+    /// Runs `f` as this call's work (on this thread).
+    pub(super) fn run<T>(&self, f: impl FnOnce() -> T) -> T {
+        CURRENT_CALL.with(|c| *c.borrow_mut() = Some(Arc::clone(&self.0)));
+        let out = f();
+        CURRENT_CALL.with(|c| *c.borrow_mut() = None);
+        out
+    }
+}
+
+/// The future's side: dropping it cancels the work if it has not written yet.
+impl Drop for Call {
+    fn drop(&mut self) {
+        // Only the future's clone is dropped here while the work may still run; the work's own
+        // clone is dropped when it ends, after which cancelling changes nothing.
+        self.0.store(true, Ordering::Release);
+    }
+}
+
+thread_local! {
+    static CURRENT_CALL: std::cell::RefCell<Option<Arc<AtomicBool>>> = const { std::cell::RefCell::new(None) };
+}
+
+/// Whether the call running on this thread was cancelled.
+fn call_cancelled() -> bool {
+    CURRENT_CALL.with(|c| {
+        c.borrow()
+            .as_ref()
+            .is_some_and(|f| f.load(Ordering::Acquire))
+    })
+}
+
 pub(super) struct Namespace {
     pub(super) db: Arc<Db>,
     pub(super) name: String,
@@ -358,6 +401,12 @@ impl Namespace {
         let now = now_ms();
         let answers = {
             let mut buckets = lock(&self.buckets);
+            if call_cancelled() {
+                return Err(StoreError::backend(
+                    operation,
+                    "cancelled: its caller gave up",
+                ));
+            }
             self.drop_expired(&mut buckets, now)?;
             let mut write = db.batch().durability(None);
             let answers = f(&mut buckets, &mut write, now)?;

@@ -13,7 +13,7 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
-use self::db::{Db, Namespace};
+use self::db::{Call, Db, Namespace};
 use self::error::{OpenError, panic_message};
 use self::format::MAX_NAMESPACE_LEN;
 use crate::store::{
@@ -264,8 +264,16 @@ impl EmbeddedStore {
         f: impl FnOnce(&Namespace) -> Result<T, StoreError> + Send + 'static,
     ) -> StoreFuture<T> {
         let ns = Arc::clone(&self.ns);
+        // A call dropped before its write took the namespace's lock (its caller timed out, or
+        // the operator was dropped) is cancelled: it writes nothing. A take-back that follows
+        // it then cannot be overtaken by it (`db::Call`).
+        let call = Call::new();
         Box::pin(async move {
-            let work = move || f(&ns);
+            let work = {
+                let call = call.clone();
+                move || call.run(|| f(&ns))
+            };
+            let _cancel_on_drop = call;
             match tokio::runtime::Handle::try_current() {
                 Ok(rt) => rt
                     .spawn_blocking(work)
