@@ -6,6 +6,7 @@
 //! [`IntoClaimWindow`] for a `Window` and for a `StoreWindow<S>` whose `S` is a
 //! [`ClaimStore`]. Both traits are sealed.
 
+use std::any::Any;
 use std::fmt;
 use std::hash::Hash;
 use std::sync::Arc;
@@ -186,9 +187,11 @@ where
             settings,
         } = self;
         let lease = window.policy().lease();
+        let any: Arc<dyn Any + Send + Sync> = Arc::clone(&store) as _;
         let store: Arc<dyn ClaimStore> = store;
         let committer = Committer::new(
             Arc::clone(&store),
+            any,
             settings.ttl,
             settings.timeout,
             <K as StoreKey>::write_key,

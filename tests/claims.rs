@@ -157,7 +157,10 @@ async fn an_expired_lease_frees_the_key_and_the_late_claim_cannot_take_it_back()
         tx.send(1).unwrap();
         let again = claims.next().await.unwrap(); // the lease ran out: processed again
         if commit_late {
-            assert!(matches!(slow.commit().await, Err(StoreError::LeaseLost)));
+            assert!(matches!(
+                slow.commit().await.map_err(|e| e.into_parts().1),
+                Err(StoreError::LeaseLost)
+            ));
         } else {
             drop(slow);
             // The second claim still holds the key: a copy is held back, not processed.
@@ -346,6 +349,9 @@ async fn a_commit_the_store_fails_frees_the_key() {
         let claim = claims.next().await.unwrap();
         store.set(fault);
         let err = claim.commit().await.unwrap_err();
+        // The error gives the item back, to nack it.
+        assert_eq!(*err.item(), 7);
+        let err = err.into_parts().1;
         assert!(
             matches!(err, StoreError::Unavailable(_) | StoreError::Timeout(_)),
             "{fault:?}: {err:?}"
@@ -454,7 +460,7 @@ fn a_commit_outside_a_runtime_fails_and_releases() {
     let claim = rt.block_on(claims.next()).unwrap();
     drop(rt);
     let e = futures::executor::block_on(claim.commit()).unwrap_err();
-    let why = std::error::Error::source(&e).map(ToString::to_string);
+    let why = std::error::Error::source(e.error()).map(ToString::to_string);
     assert_eq!(why.as_deref(), Some("no tokio runtime to commit on"), "{e}");
     assert_eq!(claims.stats().released(), 1);
 }

@@ -1,6 +1,7 @@
 //! The committer: a background task that sends commits and releases to the store in batches,
 //! and hands the store's answers to the claims and to the operator's memory.
 
+use std::any::Any;
 use std::hash::Hash;
 use std::sync::{Arc, OnceLock, Weak};
 use std::time::Duration;
@@ -38,6 +39,9 @@ enum Op<K> {
 /// commit costs its caller a channel send and a wake-up.
 pub(crate) struct Committer<K> {
     store: Arc<dyn ClaimStore>,
+    /// The same store, for a transaction to find its own database's store in
+    /// (`Claim::commit_with`).
+    any: Arc<dyn Any + Send + Sync>,
     ttl: Duration,
     timeout: Duration,
     pub(super) encode: fn(&K, &mut Vec<u8>),
@@ -50,17 +54,31 @@ const MAX_BATCH: usize = 1024;
 impl<K> Committer<K> {
     pub(crate) fn new(
         store: Arc<dyn ClaimStore>,
+        any: Arc<dyn Any + Send + Sync>,
         ttl: Duration,
         timeout: Duration,
         encode: fn(&K, &mut Vec<u8>),
     ) -> Self {
         Committer {
             store,
+            any,
             ttl,
             timeout,
             encode,
             tx: OnceLock::new(),
         }
+    }
+
+    pub(super) fn any_store(&self) -> Arc<dyn Any + Send + Sync> {
+        Arc::clone(&self.any)
+    }
+
+    pub(super) fn max_key_len(&self) -> usize {
+        self.store.max_key_len()
+    }
+
+    pub(super) fn ttl(&self) -> Duration {
+        self.ttl
     }
 
     pub(super) fn release(&self, key: Vec<u8>, token: Token) {

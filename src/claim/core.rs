@@ -11,7 +11,7 @@ use std::time::Duration;
 use tokio::time::Instant;
 
 use super::committer::{Committer, Ledger, Settled, or_encoded};
-use super::{Settle, Ticket};
+use super::{Settle, Ticket, TxTarget};
 use crate::pipeline::gate::{Answer, Decided, Gate, Held, Pre};
 use crate::stats::{Fate, Recorder, Stats};
 use crate::store::{StoreError, Token};
@@ -58,6 +58,27 @@ impl<K: Hash + Eq + Send + Sync + 'static> Ticket for KeyTicket<K> {
 
     fn token(&self) -> Token {
         self.token
+    }
+
+    fn tx_target(&self) -> Option<TxTarget> {
+        let committer = self.core.store.as_ref()?;
+        let key = or_encoded(self.bytes.clone(), committer.encode, &self.key);
+        Some(TxTarget {
+            store: committer.any_store(),
+            in_memory: key.len() > committer.max_key_len(),
+            key,
+            token: self.token,
+            ttl: committer.ttl(),
+        })
+    }
+
+    fn done_in_tx(self: Box<Self>) {
+        let this = *self;
+        this.core.recorder.committed();
+        let now = Instant::now();
+        this.core
+            .lock()
+            .apply(vec![(this.key, this.token, true, now)]);
     }
 }
 

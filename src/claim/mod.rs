@@ -17,12 +17,15 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
+use std::any::Any;
+use std::time::Duration;
+
 use tokio::sync::oneshot;
 
 pub(crate) use self::committer::Committer;
 pub(crate) use self::core::{ClaimCore, ClaimGate, KeyTicket};
 use crate::pipeline::gate::Held;
-use crate::store::{StoreError, Token};
+use crate::store::{ClaimTransaction, StoreError, Token};
 
 /// An item whose key is claimed: in flight until [`commit`](Claim::commit) marks it done, or
 /// [`release`](Claim::release) (or a drop) frees it.
@@ -56,6 +59,82 @@ pub(crate) trait Ticket: Send + Sync {
     fn commit(self: Box<Self>) -> Settle;
     fn release(self: Box<Self>);
     fn token(&self) -> Token;
+    /// What a commit inside the caller's transaction needs (`None` with no store behind the
+    /// window).
+    fn tx_target(&self) -> Option<TxTarget>;
+    /// The key was marked done by the caller's transaction, which committed: done in memory.
+    fn done_in_tx(self: Box<Self>);
+}
+
+/// A claim's key as a transaction marks it done.
+pub(crate) struct TxTarget {
+    pub(crate) store: Arc<dyn Any + Send + Sync>,
+    pub(crate) key: Vec<u8>,
+    pub(crate) token: Token,
+    pub(crate) ttl: Duration,
+    /// The key is longer than the store takes: its claim was never sent there.
+    pub(crate) in_memory: bool,
+}
+
+/// A failed commit, with the item it concerns, so that the consumer can nack it (or retry).
+///
+/// Its [`error`](CommitError::error) says why; the claim's key was released either way, so
+/// the broker's redelivery is processed. Converts into a [`StoreError`] with `?`.
+pub struct CommitError<T> {
+    item: T,
+    error: StoreError,
+}
+
+impl<T> CommitError<T> {
+    pub(crate) fn new(item: T, error: StoreError) -> Self {
+        CommitError { item, error }
+    }
+
+    /// Why the commit failed.
+    pub fn error(&self) -> &StoreError {
+        &self.error
+    }
+
+    /// The item the claim held.
+    pub fn item(&self) -> &T {
+        &self.item
+    }
+
+    /// The item the claim held.
+    pub fn into_item(self) -> T {
+        self.item
+    }
+
+    /// The item and the error.
+    pub fn into_parts(self) -> (T, StoreError) {
+        (self.item, self.error)
+    }
+}
+
+impl<T> fmt::Debug for CommitError<T> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("CommitError")
+            .field("error", &self.error)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<T> fmt::Display for CommitError<T> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "the claim could not be committed: {}", self.error)
+    }
+}
+
+impl<T> std::error::Error for CommitError<T> {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        Some(&self.error)
+    }
+}
+
+impl<T> From<CommitError<T>> for StoreError {
+    fn from(e: CommitError<T>) -> Self {
+        e.error
+    }
 }
 
 /// How a commit ends: at once (no store, or no runtime to reach it), or when the committer
@@ -86,18 +165,58 @@ impl<T> Claim<T> {
     /// (kept for the window's ttl, and in the store if there is one; the store's commits are
     /// batched with other claims').
     ///
+    /// This is a step of its own, after the effect: a consumer that dies between its effect
+    /// and this commit has applied the effect, and the broker's redelivery applies it again.
+    /// Where the effect is a database write, [`commit_with`](Claim::commit_with) closes that
+    /// gap.
+    ///
     /// # Errors
     ///
-    /// [`StoreError::LeaseLost`] if the lease ran out and another claim took the key (its
-    /// result stands); the store's error if it failed. Either way the key is released, so the
-    /// broker's redelivery is processed again: do not ack the item.
+    /// A [`CommitError`] that gives the item back, with [`StoreError::LeaseLost`] if the lease
+    /// ran out and another claim took the key (its result stands), or the store's error if it
+    /// failed. Either way the key is released, so the broker's redelivery is processed again:
+    /// do not ack the item (nack it, if the broker wants that).
     ///
     /// Nothing is sent until the returned future is first polled: dropped unpolled, it releases
     /// the key as dropping the claim does.
-    pub fn commit(self) -> impl Future<Output = Result<T, StoreError>> {
+    pub fn commit(self) -> impl Future<Output = Result<T, CommitError<T>>> {
         // A future of its own instead of an `async fn`: ~48 bytes for a `String` item instead
         // of ~200, which a consumer with thousands of commits in flight moves and stores.
         Committing::Start(self)
+    }
+
+    /// Marks the key done **inside `tx`**, the caller's own database transaction in which the
+    /// business effect was written, then commits `tx`, and only then marks the key done in
+    /// memory and gives the item back, ready to ack. The effect and the mark commit or roll
+    /// back together: exactly-once effects.
+    ///
+    /// The claim must still hold its key (in flight with this claim's token, or free: a claim
+    /// that passed unchecked while the store was down has no row). If its lease ran out and
+    /// another claim took the key, `tx` is rolled back — the effect too — and the error is
+    /// [`StoreError::LeaseLost`]. Any failure rolls `tx` back and releases the key, so the
+    /// broker's redelivery is processed. If the `COMMIT` itself fails, or this future is
+    /// dropped while it runs, its outcome is unknown: the release then compares the token and
+    /// frees only a row still in flight, so a transaction that did commit keeps its key done.
+    ///
+    /// `tx` is a `sqlx::Transaction<'_, Postgres>` with a `PostgresStore` behind the window
+    /// (feature `postgres`), or a `sqlx::Transaction<'_, MySql>` with a `MySqlStore` (feature
+    /// `mysql`); see [`ClaimTransaction`].
+    ///
+    /// # Errors
+    ///
+    /// A [`CommitError`] that gives the item back: [`StoreError::LeaseLost`],
+    /// [`StoreError::NotTransactional`] (`tx` is not a transaction of the claim's store), or the
+    /// database's error.
+    pub fn commit_with<'c, Tx>(
+        self,
+        tx: Tx,
+    ) -> impl Future<Output = Result<T, CommitError<T>>> + Send + 'c
+    where
+        Tx: ClaimTransaction + 'c,
+        T: Send + 'c,
+    {
+        let Claim { item, guard } = self;
+        commit_in_tx(item, guard, tx)
     }
 
     /// Frees the key now (as dropping the claim does), so that the broker's next delivery is
@@ -116,6 +235,52 @@ impl<T> Claim<T> {
     /// The item.
     pub fn get_ref(&self) -> &T {
         &self.item
+    }
+}
+
+/// [`Claim::commit_with`]. `guard` releases the key if this future is dropped, or fails.
+async fn commit_in_tx<T, Tx: ClaimTransaction>(
+    item: T,
+    mut guard: Guard,
+    mut tx: Tx,
+) -> Result<T, CommitError<T>> {
+    let Some(target) = guard.0.as_ref().map(|t| t.tx_target()) else {
+        // A claim with no key to claim (an `Err` item's): nothing to mark.
+        return match tx.commit().await {
+            Ok(()) => Ok(item),
+            Err(e) => Err(CommitError::new(item, e)),
+        };
+    };
+    let Some(target) = target else {
+        let _ = tx.rollback().await;
+        let e = StoreError::NotTransactional("this claim's window has no store behind it");
+        return Err(CommitError::new(item, e));
+    };
+    if !target.in_memory {
+        let marked = tx
+            .mark_done(&*target.store, &target.key, target.token, target.ttl)
+            .await;
+        let error = match marked {
+            Ok(true) => None,
+            Ok(false) => Some(StoreError::LeaseLost),
+            Err(e) => Some(e),
+        };
+        if let Some(e) = error {
+            let _ = tx.rollback().await;
+            drop(guard); // releases the key
+            return Err(CommitError::new(item, e));
+        }
+    }
+    match tx.commit().await {
+        Ok(()) => {
+            if let Some(ticket) = guard.0.take() {
+                ticket.done_in_tx();
+            }
+            Ok(item)
+        }
+        // The outcome is unknown: the release frees the key only if it is still in flight
+        // with this claim's token, not if the transaction committed after all.
+        Err(e) => Err(CommitError::new(item, e)),
     }
 }
 
@@ -139,7 +304,7 @@ enum Committing<T> {
 impl<T> Unpin for Committing<T> {}
 
 impl<T> Future for Committing<T> {
-    type Output = Result<T, StoreError>;
+    type Output = Result<T, CommitError<T>>;
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let this = self.get_mut();
@@ -149,7 +314,12 @@ impl<T> Future for Committing<T> {
                     let Claim { item, mut guard } = claim;
                     match guard.0.take().map(Ticket::commit) {
                         None => return Poll::Ready(Ok(item)),
-                        Some(Settle::Now(result)) => return Poll::Ready(result.map(|()| item)),
+                        Some(Settle::Now(result)) => {
+                            return Poll::Ready(match result {
+                                Ok(()) => Ok(item),
+                                Err(e) => Err(CommitError::new(item, e)),
+                            });
+                        }
                         Some(Settle::Later(answer)) => {
                             *this =
                                 Committing::Waiting(item, tokio::task::coop::unconstrained(answer));
@@ -162,19 +332,16 @@ impl<T> Future for Committing<T> {
                             *this = Committing::Waiting(item, answer);
                             Poll::Pending
                         }
-                        Poll::Ready(Ok(result)) => Poll::Ready(result.map(|()| item)),
-                        Poll::Ready(Err(_)) => Poll::Ready(Err(StoreError::backend(
-                            "commit",
-                            "the commit task is gone",
+                        Poll::Ready(Ok(Ok(()))) => Poll::Ready(Ok(item)),
+                        Poll::Ready(Ok(Err(e))) => Poll::Ready(Err(CommitError::new(item, e))),
+                        Poll::Ready(Err(_)) => Poll::Ready(Err(CommitError::new(
+                            item,
+                            StoreError::backend("commit", "the commit task is gone"),
                         ))),
                     };
                 }
-                Committing::Done => {
-                    return Poll::Ready(Err(StoreError::backend(
-                        "commit",
-                        "the commit future was polled after it completed",
-                    )));
-                }
+                // As every future may: the item was handed out with the answer.
+                Committing::Done => panic!("`Claim::commit` future polled after completion"),
             }
         }
     }

@@ -20,6 +20,7 @@ mod key;
 mod memory;
 #[cfg(feature = "redis")]
 mod redis;
+mod tx;
 
 use std::fmt;
 use std::future::Future;
@@ -37,6 +38,7 @@ pub use self::memory::MemoryStore;
 #[cfg(feature = "redis")]
 #[cfg_attr(docsrs, doc(cfg(feature = "redis")))]
 pub use self::redis::{RedisStore, RedisStoreBuilder};
+pub use self::tx::ClaimTransaction;
 
 /// A boxed error from a store's backend (a database or network error), what the
 /// [`StoreError`] constructors take.
@@ -75,6 +77,10 @@ pub enum StoreError {
     /// key, so the commit was refused (the other consumer's result stands).
     #[error("the claim's lease ran out and another consumer holds the key")]
     LeaseLost,
+    /// [`Claim::commit_with`](crate::Claim::commit_with) was given a transaction of a database
+    /// that is not the claim's store (or the claim has no store behind it).
+    #[error("commit_with needs the claim's store to be this database's store: {0}")]
+    NotTransactional(&'static str),
     /// A key is longer than the store accepts.
     #[error("a key of {len} bytes is longer than the store's limit of {max} bytes")]
     KeyTooLong {

@@ -1,0 +1,53 @@
+//! Transactions a claim can be committed in ([`ClaimTransaction`]): the key marked done inside
+//! the caller's own database transaction, with the business effect, for exactly-once effects.
+
+use std::any::Any;
+use std::future::Future;
+use std::pin::Pin;
+use std::time::Duration;
+
+use super::{StoreError, Token};
+
+/// A boxed, `Send` future that may borrow for `'a`.
+pub(crate) type TxFuture<'a, T> = Pin<Box<dyn Future<Output = Result<T, StoreError>> + Send + 'a>>;
+
+/// A database transaction in which a [`Claim`](crate::Claim) can be committed with
+/// [`Claim::commit_with`](crate::Claim::commit_with): the claim's key is marked done by a
+/// statement of this very transaction, so the business effect written in it and the mark
+/// commit or roll back together.
+///
+/// Implemented for `sqlx::Transaction<'_, sqlx::Postgres>` with a `PostgresStore` behind the
+/// window (feature `postgres`), and for `sqlx::Transaction<'_, sqlx::MySql>` with a
+/// `MySqlStore` (feature `mysql`). This trait is sealed.
+pub trait ClaimTransaction: Send + seal::Commit {}
+
+impl<T: seal::Commit + Send> ClaimTransaction for T {}
+
+pub(crate) mod seal {
+    use super::{Any, Duration, Token, TxFuture};
+
+    /// What [`ClaimTransaction`](super::ClaimTransaction) does; private, so the trait is
+    /// sealed.
+    pub trait Commit: Sized {
+        /// Marks `key` done for `ttl` inside this transaction if the claim with `token` still
+        /// holds it (in flight with this token, or free); `false` if another claim holds it.
+        /// `store` is the claim's store: an error if it is not this database's store.
+        fn mark_done<'a>(
+            &'a mut self,
+            store: &'a (dyn Any + Send + Sync),
+            key: &'a [u8],
+            token: Token,
+            ttl: Duration,
+        ) -> TxFuture<'a, bool>;
+
+        /// Commits the transaction.
+        fn commit<'t>(self) -> TxFuture<'t, ()>
+        where
+            Self: 't;
+
+        /// Rolls the transaction back.
+        fn rollback<'t>(self) -> TxFuture<'t, ()>
+        where
+            Self: 't;
+    }
+}
