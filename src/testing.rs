@@ -332,6 +332,36 @@ pub async fn take_back_frees_claimed_and_committed_keys<S: ClaimStore>(store: S)
     store.release(held(&["b3"], t2)).await.unwrap();
 }
 
+/// `renew` keeps a claim's key in flight past its first lease, answers `false` for a key the
+/// claim no longer holds, and a renewed key still commits.
+pub async fn renew_keeps_a_lease_alive<S: ClaimStore>(store: S, expiry: Duration) {
+    let lease = Duration::from_millis(400);
+    let (mine, _) = claim(&store, &["n1", "n2"], lease).await;
+    let (other, _) = claim(&store, &["n3"], TTL).await;
+    for _ in 0..3 {
+        tokio::time::sleep(lease / 2).await;
+        let renewed = store
+            .renew(held(&["n1", "n2", "n3", "absent"], mine), lease)
+            .await
+            .unwrap();
+        assert_eq!(renewed, [true, true, false, false]);
+    }
+    // 600 ms after the claim, past its first lease: still in flight, still ours.
+    assert_eq!(claim(&store, &["n1"], TTL).await.1, [Claimed::InFlight]);
+    assert_eq!(
+        store.commit(held(&["n1"], mine), TTL).await.unwrap(),
+        [true]
+    );
+    // Not renewed any more: n2's lease runs out and another claim takes it.
+    tokio::time::sleep(lease + expiry).await;
+    assert_eq!(claim(&store, &["n2"], TTL).await.1, [Claimed::Mine]);
+    assert_eq!(
+        store.renew(held(&["n2"], mine), lease).await.unwrap(),
+        [false]
+    );
+    store.release(held(&["n3"], other)).await.unwrap();
+}
+
 /// A claim whose owner died frees its key after the lease; the late owner's commit is refused
 /// and cannot overwrite the new owner's claim, nor its release free it.
 pub async fn lease_expiry_and_late_owner<S: ClaimStore>(store: S, expiry: Duration) {
@@ -392,6 +422,7 @@ macro_rules! claim_suite {
                 release_frees_only_its_own_keys => |s| suite::release_frees_only_its_own_keys(s);
                 take_back_frees_claimed_and_committed_keys => |s| suite::take_back_frees_claimed_and_committed_keys(s);
                 lease_expiry_and_late_owner => |s| suite::lease_expiry_and_late_owner(s, $expiry);
+                renew_keeps_a_lease_alive => |s| suite::renew_keeps_a_lease_alive(s, $expiry);
                 concurrent_claims_agree => |s| suite::concurrent_claims_agree(s);
             }
         }

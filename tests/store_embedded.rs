@@ -54,6 +54,10 @@ impl ClaimStore for TestStore {
     fn release(&self, keys: Vec<HeldKey>) -> StoreFuture<()> {
         self.store.release(keys)
     }
+
+    fn renew(&self, keys: Vec<HeldKey>, lease: Duration) -> StoreFuture<Vec<bool>> {
+        self.store.renew(keys, lease)
+    }
 }
 
 async fn make(namespace: String) -> Option<TestStore> {

@@ -195,6 +195,22 @@ impl ClaimStore for MemoryStore {
         Box::pin(std::future::ready(Ok(answers)))
     }
 
+    fn renew(&self, keys: Vec<HeldKey>, lease: Duration) -> StoreFuture<Vec<bool>> {
+        let now = Instant::now();
+        let mut inner = self.lock();
+        let answers = keys
+            .into_iter()
+            .map(|(key, token)| match inner.live(&key, now) {
+                Some(e) if !e.done && e.token == token => {
+                    e.expires = later(now, lease);
+                    true
+                }
+                _ => false,
+            })
+            .collect();
+        Box::pin(std::future::ready(Ok(answers)))
+    }
+
     fn release(&self, keys: Vec<HeldKey>) -> StoreFuture<()> {
         let now = Instant::now();
         let mut inner = self.lock();

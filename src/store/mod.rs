@@ -361,6 +361,8 @@ pub type HeldKey = (Vec<u8>, Token);
 ///   the key): a consumer never overwrites a key it no longer holds.
 /// - [`release`](ClaimStore::release): a key in flight with the given token becomes free;
 ///   any other key is left alone.
+/// - [`renew`](ClaimStore::renew): a key in flight with the given token stays in flight for
+///   the new lease from now; any other key is left alone and answers `false`.
 /// - [`Store::insert`] records keys as done, and counts an in-flight key as present.
 pub trait ClaimStore: Store {
     /// Claims the keys; answers per key.
@@ -371,6 +373,12 @@ pub trait ClaimStore: Store {
 
     /// Frees keys that these claims still hold.
     fn release(&self, keys: Vec<HeldKey>) -> StoreFuture<()>;
+
+    /// Extends the lease of keys that these claims still hold: each key in flight with the
+    /// given token stays in flight for `lease` from now, and answers `true`; a key that another
+    /// claim took over (or that is done or free) is left alone and answers `false`. The claims
+    /// keep their open claims' leases alive with it (`Window::keep_alive`).
+    fn renew(&self, keys: Vec<HeldKey>, lease: Duration) -> StoreFuture<Vec<bool>>;
 }
 
 macro_rules! forward_store {
@@ -404,6 +412,10 @@ macro_rules! forward_store {
 
             fn release(&self, keys: Vec<HeldKey>) -> StoreFuture<()> {
                 (**self).release(keys)
+            }
+
+            fn renew(&self, keys: Vec<HeldKey>, lease: Duration) -> StoreFuture<Vec<bool>> {
+                (**self).renew(keys, lease)
             }
         }
     )*};

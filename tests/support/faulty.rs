@@ -149,4 +149,9 @@ impl<S: ClaimStore + Clone> ClaimStore for FaultyStore<S> {
         let inner = self.inner.clone();
         self.faulty(lazy(move || inner.release(keys)))
     }
+
+    fn renew(&self, keys: Vec<HeldKey>, lease: Duration) -> StoreFuture<Vec<bool>> {
+        let inner = self.inner.clone();
+        self.faulty(lazy(move || inner.renew(keys, lease)))
+    }
 }

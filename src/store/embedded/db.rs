@@ -560,6 +560,40 @@ impl Namespace {
         })
     }
 
+    /// Moves each key its token still holds in flight to a lease of `lease` from now.
+    pub(super) fn renew(&self, held: &[HeldKey], lease: Duration) -> Result<Vec<bool>, StoreError> {
+        const OP: &str = "renew leases";
+        let lease = ttl_ms(lease);
+        let first = self.lease_exp.load(Ordering::Relaxed);
+        self.write(OP, SyncWhen::IfWritten, |buckets, write, now| {
+            let expires = now.saturating_add(lease);
+            let id = BucketId::for_lease(expires, lease);
+            let mut answers = Vec::with_capacity(held.len());
+            let mut renewed = Vec::new();
+            for (key, token) in held {
+                let key = stored_key(key);
+                let mine = match self.find(buckets, &key, now, first)? {
+                    Some((old, r)) if r.in_flight && r.token == token.as_u128() => {
+                        if let Some(bucket) = buckets.get(&old) {
+                            write.remove(bucket, key.clone());
+                        }
+                        renewed.push((key, token.as_u128()));
+                        true
+                    }
+                    _ => false,
+                };
+                answers.push(mine);
+            }
+            if !renewed.is_empty() {
+                let bucket = self.bucket(buckets, id, OP)?;
+                for (key, token) in renewed {
+                    write.insert(&bucket, key, Record::in_flight(token, expires).encode());
+                }
+            }
+            Ok(answers)
+        })
+    }
+
     pub(super) fn release(&self, held: &[HeldKey]) -> Result<(), StoreError> {
         self.forget_held("release claims", held, true)
     }

@@ -358,6 +358,31 @@ impl ClaimStore for EmbeddedStore {
         self.run("commit claims", move |ns| ns.commit(&keys, ttl))
     }
 
+    fn renew(&self, keys: Vec<HeldKey>, lease: Duration) -> StoreFuture<Vec<bool>> {
+        if keys.is_empty() {
+            return Box::pin(std::future::ready(Ok(Vec::new())));
+        }
+        self.run("renew leases", move |ns| {
+            // A key too long to be stored was never claimed here: not renewed.
+            let (fits, held): (Vec<bool>, Vec<HeldKey>) = {
+                let fits: Vec<bool> = keys
+                    .iter()
+                    .map(|(k, _)| k.len() <= Self::MAX_KEY_LEN)
+                    .collect();
+                let held = keys
+                    .into_iter()
+                    .filter(|(k, _)| k.len() <= Self::MAX_KEY_LEN)
+                    .collect();
+                (fits, held)
+            };
+            let mut renewed = ns.renew(&held, lease)?.into_iter();
+            Ok(fits
+                .into_iter()
+                .map(|fit| fit && renewed.next().unwrap_or(false))
+                .collect())
+        })
+    }
+
     fn release(&self, keys: Vec<HeldKey>) -> StoreFuture<()> {
         // A key too long to be stored was never claimed here: nothing to free.
         let keys: Vec<_> = keys

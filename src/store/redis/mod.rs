@@ -466,6 +466,10 @@ impl ClaimStore for RedisStore {
     fn release(&self, keys: Vec<HeldKey>) -> StoreFuture<()> {
         self.call(move |inner| async move { inner.release(keys).await })
     }
+
+    fn renew(&self, keys: Vec<HeldKey>, lease: Duration) -> StoreFuture<Vec<bool>> {
+        self.call(move |inner| async move { inner.renew(keys, lease).await })
+    }
 }
 
 impl RedisStore {

@@ -10,7 +10,7 @@ use redis::{Cmd, Pipeline, RedisWrite, ToRedisArgs, Value};
 use super::cluster::Cluster;
 use super::error::{map_error, unexpected};
 use super::scripts::{
-    COMMIT_SCRIPT, IN_FLIGHT_MAX, KEYS_PER_SCRIPT, RELEASE_SCRIPT, TAKE_BACK_SCRIPT,
+    COMMIT_SCRIPT, IN_FLIGHT_MAX, KEYS_PER_SCRIPT, RELEASE_SCRIPT, RENEW_SCRIPT, TAKE_BACK_SCRIPT,
     TAKEOVER_SCRIPT, in_flight_prefix, in_flight_value, is_in_flight, refused_positions,
     takeover_answers, token_runs,
 };
@@ -232,6 +232,50 @@ impl Inner {
             None => Ok(()),
             Some((_, other)) => Err(unexpected(OP, other)),
         }
+    }
+
+    pub(super) async fn renew(
+        &self,
+        held: Vec<HeldKey>,
+        lease: Duration,
+    ) -> Result<Vec<bool>, StoreError> {
+        const OP: &str = "renew leases";
+        if held.is_empty() {
+            return Ok(Vec::new());
+        }
+        let (keys, tokens): (Vec<Vec<u8>>, Vec<Token>) = held.into_iter().unzip();
+        self.check_keys(&keys)?;
+        let lease = ttl_millis(lease);
+        let replies = self
+            .run_scripts(OP, &keys, |range| {
+                let mut cmd = self.script(RENEW_SCRIPT, &keys[range.clone()]);
+                cmd.arg(lease);
+                for (n, token) in token_runs(&tokens[range]) {
+                    cmd.arg(n).arg(&in_flight_prefix(token)[..]);
+                }
+                cmd
+            })
+            .await?;
+        let mut answers = Vec::with_capacity(keys.len());
+        for (range, reply) in replies {
+            let Value::Array(items) = reply else {
+                return Err(unexpected(OP, reply));
+            };
+            if items.len() != range.len() {
+                return Err(StoreError::backend(
+                    OP,
+                    format!("{} answers for {} keys", items.len(), range.len()),
+                ));
+            }
+            for item in items {
+                answers.push(match item {
+                    Value::Int(1) => true,
+                    Value::Int(0) => false,
+                    other => return Err(unexpected(OP, other)),
+                });
+            }
+        }
+        Ok(answers)
     }
 
     pub(super) async fn take_back(&self, held: Vec<HeldKey>) -> Result<(), StoreError> {

@@ -126,6 +126,33 @@ end
 return taken
 ";
 
+/// Renews the leases of keys a claim still holds in flight: a key whose value starts with
+/// `c` + the token gets an expiry of its ttl (after the prefix) + the new lease, as a claim
+/// gives it; any other key is left alone.
+///
+/// KEYS = the keys; ARGV[1] = the lease in ms, then runs of (count, in-flight prefix) that cover
+/// the keys in order. Returns one answer per key: 1 = renewed, 0 = not this claim's.
+pub(super) const RENEW_SCRIPT: &str = r"
+local lease = tonumber(ARGV[1])
+local answers = {}
+local i, a = 1, 2
+while a < #ARGV do
+  local last, mine = i + tonumber(ARGV[a]) - 1, ARGV[a + 1]
+  for j = i, last do
+    local held = redis.pcall('GET', KEYS[j])
+    local answer = 0
+    if type(held) == 'string' and string.sub(held, 1, 17) == mine then
+      local keep = tonumber(string.sub(held, 18)) or 0
+      redis.call('PEXPIRE', KEYS[j], keep + lease)
+      answer = 1
+    end
+    answers[j] = answer
+  end
+  i, a = last + 1, a + 2
+end
+return answers
+";
+
 /// Keys per call of the batch scripts: Redis runs a script alone, so a call is kept short
 /// (~1 ms) for the other clients of the server.
 pub(super) const KEYS_PER_SCRIPT: usize = 1000;
