@@ -163,10 +163,9 @@ where
     K: Hash + Eq + Clone + Send + 'static,
 {
     fn attach_claims(self) -> ClaimAttached<K, E> {
-        let lease = self.policy().lease();
         ClaimAttached {
             gate: ClaimGate {
-                core: Arc::new(ClaimCore::new(WindowSet::new(self), lease, None)),
+                core: Arc::new(ClaimCore::new(WindowSet::new(self), None, K::clone)),
                 clone_key: K::clone,
             },
             store: None,
@@ -198,8 +197,8 @@ where
         );
         let core = Arc::new(ClaimCore::new(
             WindowSet::new(window),
-            lease,
             Some(committer),
+            K::clone,
         ));
         let owner = Arc::clone(&core);
         let release: ReleaseFn<K> = Box::new(move |held| {

@@ -110,7 +110,7 @@ mod window;
 
 pub use self::adapter::{ClaimByKey, DedupByKey, TryClaimByKey, TryDedupByKey};
 pub use self::attach::{IntoClaimWindow, IntoWindow};
-pub use self::claim::{Claim, CommitError};
+pub use self::claim::{Claim, CommitError, Heartbeat};
 pub use self::ext::{DedupStreamExt, TryDedupStreamExt};
 pub use self::fingerprint::Fingerprint;
 pub use self::hook::{DropDuplicates, OnDuplicate};

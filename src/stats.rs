@@ -24,6 +24,10 @@ pub const HELD_BACK_TOTAL: &str = "stream_dedup_held_back_total";
 pub const COMMITTED_TOTAL: &str = "stream_dedup_committed_total";
 /// Name of the counter of claims released (dropped or released uncommitted).
 pub const RELEASED_TOTAL: &str = "stream_dedup_released_total";
+/// Name of the counter of open claims' leases renewed by keep-alive.
+pub const RENEWED_TOTAL: &str = "stream_dedup_renewed_total";
+/// Name of the counter of open claims whose key another claim took over (found by keep-alive).
+pub const LEASES_LOST_TOTAL: &str = "stream_dedup_leases_lost_total";
 /// Name of the gauge of keys the window holds.
 pub const KEYS: &str = "stream_dedup_keys";
 /// Name of the label that carries [`Window::name`](crate::Window::name) on every metric.
@@ -41,6 +45,8 @@ struct Counters {
     held_back: AtomicU64,
     committed: AtomicU64,
     released: AtomicU64,
+    renewed: AtomicU64,
+    lost: AtomicU64,
 }
 
 /// A live view of one window's counters, cheap to clone and to read from any thread.
@@ -121,6 +127,18 @@ impl Stats {
         self.0.released.load(Relaxed)
     }
 
+    /// Leases of open claims renewed by keep-alive ([`Window::keep_alive`](crate::Window::keep_alive)),
+    /// one per key and round.
+    pub fn renewed(&self) -> u64 {
+        self.0.renewed.load(Relaxed)
+    }
+
+    /// Open claims whose key another claim took over (their lease had run out): found by
+    /// keep-alive; their commits fail with `LeaseLost`.
+    pub fn leases_lost(&self) -> u64 {
+        self.0.lost.load(Relaxed)
+    }
+
     /// All counters at once.
     pub fn snapshot(&self) -> StatsSnapshot {
         StatsSnapshot {
@@ -134,6 +152,8 @@ impl Stats {
             held_back: self.held_back(),
             committed: self.committed(),
             released: self.released(),
+            renewed: self.renewed(),
+            leases_lost: self.leases_lost(),
         }
     }
 }
@@ -168,6 +188,10 @@ pub struct StatsSnapshot {
     pub committed: u64,
     /// See [`Stats::released`].
     pub released: u64,
+    /// See [`Stats::renewed`].
+    pub renewed: u64,
+    /// See [`Stats::leases_lost`].
+    pub leases_lost: u64,
 }
 
 /// The writing side: owned by exactly one window, which is only ever written through `&mut`
@@ -191,6 +215,8 @@ pub(crate) struct Recorder {
     held_back: Counter,
     committed: Counter,
     released: Counter,
+    renewed: Counter,
+    lost: Counter,
 }
 
 /// What one observation did to the window (the window reports it; the recorder counts it).
@@ -235,6 +261,8 @@ impl Recorder {
             held_back: metrics::counter!(HELD_BACK_TOTAL, &label),
             committed: metrics::counter!(COMMITTED_TOTAL, &label),
             released: metrics::counter!(RELEASED_TOTAL, &label),
+            renewed: metrics::counter!(RENEWED_TOTAL, &label),
+            lost: metrics::counter!(LEASES_LOST_TOTAL, &label),
         }
     }
 
@@ -295,6 +323,18 @@ impl Recorder {
     pub(crate) fn released(&self) {
         self.counters.0.released.fetch_add(1, Relaxed);
         self.released.increment(1);
+    }
+
+    /// Keep-alive renewed `renewed` leases and found `lost` taken over.
+    pub(crate) fn kept_alive(&self, renewed: u64, lost: u64) {
+        if renewed > 0 {
+            self.counters.0.renewed.fetch_add(renewed, Relaxed);
+            self.renewed.increment(renewed);
+        }
+        if lost > 0 {
+            self.counters.0.lost.fetch_add(lost, Relaxed);
+            self.lost.increment(lost);
+        }
     }
 
     /// A store call failed for good.

@@ -81,6 +81,43 @@ impl<K> Committer<K> {
         self.ttl
     }
 
+    /// Renews the leases of `open` claims in the store: per claim, whether it still holds its
+    /// key. A key longer than the store takes was never sent there: renewed in memory alone.
+    pub(super) async fn renew(
+        &self,
+        open: &[(K, Token)],
+        lease: Duration,
+    ) -> Result<Vec<bool>, StoreError> {
+        let max = self.store.max_key_len();
+        let mut held = Vec::with_capacity(open.len());
+        let mut sent = Vec::with_capacity(open.len());
+        for (key, token) in open {
+            let bytes = key_bytes(self.encode, key);
+            sent.push(bytes.len() <= max);
+            if bytes.len() <= max {
+                held.push((bytes, *token));
+            }
+        }
+        let n = held.len();
+        let answers = match tokio::time::timeout(self.timeout, self.store.renew(held, lease)).await
+        {
+            Ok(Ok(answers)) if answers.len() == n => answers,
+            Ok(Ok(answers)) => {
+                return Err(StoreError::backend(
+                    "renew leases",
+                    format!("{} answers for {n} keys", answers.len()),
+                ));
+            }
+            Ok(Err(e)) => return Err(e),
+            Err(_) => return Err(StoreError::Timeout(self.timeout)),
+        };
+        let mut answers = answers.into_iter();
+        Ok(sent
+            .into_iter()
+            .map(|sent| !sent || answers.next().unwrap_or(false))
+            .collect())
+    }
+
     pub(super) fn release(&self, key: Vec<u8>, token: Token) {
         if key.len() > self.store.max_key_len() {
             // Never sent to the store (its claim passed unchecked): nothing to free there.

@@ -8,6 +8,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
+use tokio::sync::watch;
 use tokio::time::Instant;
 
 use super::committer::{Committer, Ledger, Settled, or_encoded};
@@ -70,6 +71,14 @@ impl<K: Hash + Eq + Send + Sync + 'static> Ticket for KeyTicket<K> {
             token: self.token,
             ttl: committer.ttl(),
         })
+    }
+
+    fn is_lost(&self) -> bool {
+        self.core.is_lost(&self.key, self.token)
+    }
+
+    fn beats(&self) -> Option<watch::Receiver<u64>> {
+        self.core.beats()
     }
 
     fn done_in_tx(self: Box<Self>) {
@@ -174,6 +183,12 @@ pub(crate) struct ClaimCore<K> {
     lease: Duration,
     /// The store path, if there is a store.
     store: Option<Committer<K>>,
+    /// Copies keys for keep-alive's rounds.
+    clone_key: fn(&K) -> K,
+    keep_alive: bool,
+    keeper_started: AtomicBool,
+    /// Counts keep-alive's rounds, for the claims' heartbeats.
+    beat: watch::Sender<u64>,
 }
 
 impl<K> ClaimCore<K> {
@@ -182,11 +197,43 @@ impl<K> ClaimCore<K> {
     pub(crate) fn stats(&self) -> Stats {
         self.recorder.stats().clone()
     }
+
+    pub(super) fn lease(&self) -> Duration {
+        self.lease
+    }
+
+    pub(super) fn keep_alive(&self) -> bool {
+        self.keep_alive
+    }
+
+    pub(super) fn keeper_started(&self) -> bool {
+        self.keeper_started.load(Ordering::Acquire)
+    }
+
+    /// Marks keep-alive started; `false` if it already was.
+    pub(super) fn start_keeper(&self) -> bool {
+        !self.keeper_started.swap(true, Ordering::AcqRel)
+    }
+
+    /// A receiver of keep-alive's beats (`None` with keep-alive off).
+    pub(super) fn beats(&self) -> Option<watch::Receiver<u64>> {
+        self.keep_alive.then(|| self.beat.subscribe())
+    }
 }
 
 impl<K: Hash + Eq> ClaimCore<K> {
-    pub(crate) fn new(window: WindowSet<K>, lease: Duration, store: Option<Committer<K>>) -> Self {
+    pub(crate) fn new(
+        window: WindowSet<K>,
+        store: Option<Committer<K>>,
+        clone_key: fn(&K) -> K,
+    ) -> Self {
+        let lease = window.policy().lease();
+        let keep_alive = window.policy().keep_alive();
         ClaimCore {
+            clone_key,
+            keep_alive,
+            keeper_started: AtomicBool::new(false),
+            beat: watch::Sender::new(0),
             recorder: window.recorder().clone(),
             state: Mutex::new(ClaimState {
                 window,
@@ -272,6 +319,65 @@ impl<K: Hash + Eq> ClaimCore<K> {
         } else {
             Pre::Ask
         }
+    }
+
+    /// Whether the claim of `key` with `token` no longer holds it in memory: its lease ran out
+    /// (not renewed), or keep-alive found it taken over.
+    pub(super) fn is_lost(&self, key: &K, token: Token) -> bool {
+        let now = Instant::now();
+        !self
+            .lock()
+            .in_flight
+            .get(key)
+            .is_some_and(|&(t, end)| t == token && end > now)
+    }
+
+    /// One round of keep-alive: renews the lease of every key this operator holds in flight
+    /// (open claims, and claims read ahead), in memory and in the store (one batched,
+    /// token-checked call). A key the store says another claim holds is lost: freed here, so
+    /// that its claim knows and its commit fails.
+    pub(super) async fn renew_open_claims(&self) {
+        let now = Instant::now();
+        // Every key this operator holds, also one whose lease ran out here (the store was
+        // unreachable for a lease): if nobody took it meanwhile, it is renewed and stays ours.
+        let open: Vec<(K, Token)> = self
+            .lock()
+            .in_flight
+            .iter()
+            .map(|(key, &(token, _))| ((self.clone_key)(key), token))
+            .collect();
+        if !open.is_empty() {
+            let answers = match &self.store {
+                None => Ok(vec![true; open.len()]),
+                Some(committer) => committer.renew(&open, self.lease).await,
+            };
+            // A store that fails leaves the leases as they were: renewed at the next round,
+            // or run out.
+            let Ok(answers) = answers else {
+                return;
+            };
+            let end = now + self.lease;
+            let (mut renewed, mut lost) = (0, 0);
+            let mut state = self.lock();
+            for ((key, token), mine) in open.into_iter().zip(answers) {
+                let Entry::Occupied(mut held) = state.in_flight.entry(key) else {
+                    continue; // settled meanwhile
+                };
+                if held.get().0 != token {
+                    continue;
+                }
+                if mine {
+                    held.get_mut().1 = end;
+                    renewed += 1;
+                } else {
+                    held.remove();
+                    lost += 1;
+                }
+            }
+            drop(state);
+            self.recorder.kept_alive(renewed, lost);
+        }
+        self.beat.send_modify(|n| *n = n.wrapping_add(1));
     }
 
     /// Counts an item's fate. No lock: these counters are written only here, by the operator

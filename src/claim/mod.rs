@@ -8,6 +8,7 @@
 
 mod committer;
 mod core;
+mod keeper;
 
 use std::fmt;
 use std::future::Future;
@@ -24,6 +25,7 @@ use tokio::sync::oneshot;
 
 pub(crate) use self::committer::Committer;
 pub(crate) use self::core::{ClaimCore, ClaimGate, KeyTicket};
+pub use self::keeper::Heartbeat;
 use crate::pipeline::gate::Held;
 use crate::store::{ClaimTransaction, StoreError, Token};
 
@@ -59,6 +61,10 @@ pub(crate) trait Ticket: Send + Sync {
     fn commit(self: Box<Self>) -> Settle;
     fn release(self: Box<Self>);
     fn token(&self) -> Token;
+    /// Whether the claim no longer holds its key (its lease ran out, or it was taken over).
+    fn is_lost(&self) -> bool;
+    /// Keep-alive's beats (`None` with keep-alive off).
+    fn beats(&self) -> Option<tokio::sync::watch::Receiver<u64>>;
     /// What a commit inside the caller's transaction needs (`None` with no store behind the
     /// window).
     fn tx_target(&self) -> Option<TxTarget>;
@@ -153,6 +159,7 @@ impl<T> Claim<T> {
         core: Arc<ClaimCore<K>>,
     ) -> Self {
         let ticket = held.map(|Held { key, token, bytes }| -> Box<dyn Ticket> {
+            keeper::ensure_started(&core);
             Box::new(KeyTicket::new(key, bytes, token, core))
         });
         Claim {
@@ -225,6 +232,20 @@ impl<T> Claim<T> {
         let Claim { item, guard } = self;
         drop(guard);
         item
+    }
+
+    /// Whether this claim no longer holds its key: its lease ran out (keep-alive off, or the
+    /// store unreachable for a whole lease), or keep-alive found the key taken over by another
+    /// claim. Its commit will fail with [`StoreError::LeaseLost`]; stop working on it if you
+    /// can. `false` for a claim with no key to hold.
+    pub fn is_lost(&self) -> bool {
+        self.guard.0.as_ref().is_some_and(|t| t.is_lost())
+    }
+
+    /// The beat of keep-alive, to extend the broker's ack deadline while this claim's handler
+    /// runs; see [`Heartbeat`] and [`Window::keep_alive`](crate::Window::keep_alive).
+    pub fn heartbeat(&self) -> Heartbeat {
+        Heartbeat::new(self.guard.0.as_ref().and_then(|t| t.beats()))
     }
 
     /// The token of the claim (what the store holds for its key while it is in flight).

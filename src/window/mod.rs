@@ -58,6 +58,7 @@ pub struct Policy {
     ttl: Option<Duration>,
     refresh_on_hit: bool,
     lease: Duration,
+    keep_alive: bool,
     name: SharedString,
 }
 
@@ -80,6 +81,11 @@ impl Policy {
     /// How long a claim holds its key ([`Window::lease`]).
     pub fn lease(&self) -> Duration {
         self.lease
+    }
+
+    /// Whether open claims' leases are renewed ([`Window::keep_alive`]).
+    pub fn keep_alive(&self) -> bool {
+        self.keep_alive
     }
 
     /// The `window` label of the metrics ([`Window::name`]).
@@ -116,6 +122,7 @@ impl Window {
                 ttl: None,
                 refresh_on_hit: false,
                 lease: Duration::from_secs(30),
+                keep_alive: true,
                 name: SharedString::const_str("default"),
             },
         }
@@ -165,8 +172,10 @@ impl Window {
     /// for [`claim_by_key`](crate::DedupStreamExt::claim_by_key) only.
     ///
     /// The lease is what frees the key of a consumer that died (killed, no release) so that
-    /// another consumer can take it. Size it above the longest time one item takes to process,
-    /// and below the time in which the broker gives up redelivering: for NATS JetStream below
+    /// another consumer can take it. With [`keep_alive`](Window::keep_alive) (the default) an
+    /// open claim's lease is renewed while it lives, so a few seconds suffice whatever the
+    /// handler's time. Without it, size the lease above the longest time one item takes to
+    /// process; either way, below the time in which the broker gives up redelivering: for NATS JetStream below
     /// `ack_wait × max_deliver` (each redelivery that arrives while the key is held is held
     /// back, and the broker counts it), for SQS near the visibility timeout, for Kafka near
     /// `max.poll.interval.ms`. Too short, and a slow handler's redelivery is processed
@@ -183,6 +192,25 @@ impl Window {
             "Window::lease: the lease must be longer than zero"
         );
         self.policy.lease = lease.min(MAX_SPAN);
+        self
+    }
+
+    /// With `true` (the default), the leases of open claims are renewed in the background,
+    /// every third of the lease, checked against each claim's token (one batched call per round
+    /// to the store, if there is one); for [`claim_by_key`](crate::DedupStreamExt::claim_by_key)
+    /// only.
+    ///
+    /// So the [`lease`](Window::lease) can be a few seconds while a handler runs for minutes:
+    /// a live consumer's claims stay in flight for as long as they are open, and a dead
+    /// consumer's keys free up within one lease. A claim whose renewal finds its key taken over
+    /// (its lease ran out anyway: the consumer stalled, or the store was unreachable for a
+    /// lease) knows it ([`Claim::is_lost`](crate::Claim::is_lost)), and its commit fails.
+    /// Renewals are counted ([`Stats::renewed`](crate::Stats::renewed),
+    /// [`Stats::leases_lost`](crate::Stats::leases_lost)), and each round is a beat of
+    /// [`Claim::heartbeat`](crate::Claim::heartbeat), on which a consumer extends its broker's
+    /// ack deadline. Keep-alive needs a tokio runtime.
+    pub fn keep_alive(mut self, keep_alive: bool) -> Self {
+        self.policy.keep_alive = keep_alive;
         self
     }
 
