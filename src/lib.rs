@@ -108,7 +108,9 @@ pub mod testing;
 pub mod trace;
 mod window;
 
-pub use self::adapter::{ClaimByKey, DedupByKey, TryClaimByKey, TryDedupByKey};
+pub use self::adapter::{
+    ClaimByKey, ClaimVerdicts, DedupByKey, TryClaimByKey, TryClaimVerdicts, TryDedupByKey, Verdict,
+};
 pub use self::attach::{IntoClaimWindow, IntoWindow};
 pub use self::claim::{Claim, CommitError, Heartbeat};
 pub use self::ext::{DedupStreamExt, TryDedupStreamExt};

@@ -7,7 +7,8 @@ use std::sync::Arc;
 use futures_core::{FusedStream, Stream};
 use pin_project::pin_project;
 
-use super::core::{ClaimHooks, Core, Plain, Step};
+use super::claim_verdicts::ClaimVerdicts;
+use super::core::{ClaimHooks, Core, Plain, Step, Yield};
 use crate::attach::ClaimAttached;
 use crate::claim::{Claim, ClaimGate};
 use crate::hook::{DropDuplicates, OnDuplicate};
@@ -84,6 +85,43 @@ impl<St: Stream, F, K, H, B> ClaimByKey<St, F, K, H, B> {
         }
     }
 
+    /// Yields every delivery with its [`Verdict`] instead of dropping duplicates and held-back
+    /// copies into hooks (any hook set before is dropped): a consumer then acks duplicates with
+    /// `.await`, with back-pressure and their errors in hand. Under fail closed, a store
+    /// failure is [`Verdict::Failed`] with the item, and the stream goes on.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use futures::{stream, StreamExt};
+    /// use stream_dedup::{DedupStreamExt, Verdict, Window};
+    ///
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> Result<(), stream_dedup::store::StoreError> {
+    /// # async fn ack(_: &str) {}
+    /// let mut deliveries = stream::iter(["a", "b", "a"])
+    ///     .claim_by_key(|m| *m, Window::max_keys(1_000))
+    ///     .verdicts();
+    /// let mut processed = Vec::new();
+    /// while let Some(verdict) = deliveries.next().await {
+    ///     match verdict {
+    ///         Verdict::Claimed(claim) => {
+    ///             processed.push(*claim);
+    ///             let msg = claim.commit().await?;
+    ///             ack(msg).await;
+    ///         }
+    ///         Verdict::Duplicate(msg) => ack(msg).await,
+    ///         Verdict::HeldBack(_) | Verdict::Failed(..) => {} // leave it to the broker
+    ///     }
+    /// }
+    /// assert_eq!(processed, ["a", "b"]);
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub fn verdicts(self) -> ClaimVerdicts<St, F, K> {
+        ClaimVerdicts::new(self.core.map_hooks(|_| Yield))
+    }
+
     /// This operator's counters.
     pub fn stats(&self) -> Stats {
         self.core.gate().core.stats()
@@ -110,18 +148,23 @@ where
 
     fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
         let mut this = self.project();
-        Poll::Ready(match ready!(this.core.as_mut().poll_step(cx)) {
-            Some(Step::Emit(item, held)) => {
-                let core = Arc::clone(&this.core.as_ref().get_ref().gate().core);
-                Some(Claim::new(item, held, core))
-            }
-            Some(Step::Failed(e)) => {
-                *this.error = Some(e);
-                this.core.close();
-                None
-            }
-            None => None,
-        })
+        loop {
+            let step = match ready!(this.core.as_mut().poll_step(cx)) {
+                Some(Step::Emit(item, held)) => {
+                    let core = Arc::clone(&this.core.as_ref().get_ref().gate().core);
+                    Some(Claim::new(item, held, core))
+                }
+                Some(Step::Failed(_, e)) => {
+                    *this.error = Some(e);
+                    this.core.close();
+                    None
+                }
+                // Only with `Hooks::YIELD`, which this adapter's hooks are not.
+                Some(Step::Duplicate(_) | Step::HeldBack(_)) => continue,
+                None => None,
+            };
+            return Poll::Ready(step);
+        }
     }
 
     fn size_hint(&self) -> (usize, Option<usize>) {

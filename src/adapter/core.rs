@@ -51,8 +51,23 @@ impl<T, E, K, F: FnMut(&T) -> K> KeyOf<Result<T, E>> for OkKey<F> {
 /// Where dropped items go: duplicates (the key is done) and held-back copies (the key is in
 /// flight under a claim).
 pub(crate) trait Hooks<I> {
+    /// Dropped items are not handed to hooks but yielded by the core ([`Step::Duplicate`],
+    /// [`Step::HeldBack`]): the verdict adapters.
+    const YIELD: bool = false;
     fn duplicate(&mut self, item: I);
     fn held_back(&mut self, item: I);
+}
+
+/// The verdict adapters' hooks: none, every item is yielded with its verdict.
+pub(crate) struct Yield;
+
+impl<I> Hooks<I> for Yield {
+    const YIELD: bool = true;
+
+    // Never called: the core yields instead.
+    fn duplicate(&mut self, _: I) {}
+
+    fn held_back(&mut self, _: I) {}
 }
 
 /// Mark on emit: one hook for both (a held-back copy only comes from a store where claims and
@@ -128,8 +143,12 @@ impl<St: TryStream> Stream for IntoStream<St> {
 pub(crate) enum Step<I, K, E> {
     /// An item to yield, with its claim on a claim gate.
     Emit(I, Option<Held<K>>),
-    /// Fail closed: the store's error takes the place of the items it concerns.
-    Failed(E),
+    /// Fail closed: the store's error takes the place of the item it concerns.
+    Failed(I, E),
+    /// A duplicate (only with [`Hooks::YIELD`]).
+    Duplicate(I),
+    /// A copy held back (only with [`Hooks::YIELD`]).
+    HeldBack(I),
 }
 
 /// The operator loop: pulls items, decides them in memory or through the store path, hands
@@ -285,7 +304,15 @@ where
                         Some(Out::Emit(item, held)) => {
                             return Poll::Ready(Some(Step::Emit(item, held)));
                         }
-                        Some(Out::Failed(e)) => return Poll::Ready(Some(Step::Failed(e))),
+                        Some(Out::Failed(item, e)) => {
+                            return Poll::Ready(Some(Step::Failed(item, e)));
+                        }
+                        Some(Out::Duplicate(item)) if X::YIELD => {
+                            return Poll::Ready(Some(Step::Duplicate(item)));
+                        }
+                        Some(Out::HeldBack(item)) if X::YIELD => {
+                            return Poll::Ready(Some(Step::HeldBack(item)));
+                        }
                         Some(Out::Duplicate(item)) => this.hooks.duplicate(item),
                         Some(Out::HeldBack(item)) => this.hooks.held_back(item),
                     }
@@ -308,6 +335,12 @@ where
                     let now = this.ticker.now(|| this.gate.clock());
                     match this.gate.decide(key, now) {
                         Decided::Accept(held) => return Poll::Ready(Some(Step::Emit(item, held))),
+                        Decided::Duplicate if X::YIELD => {
+                            return Poll::Ready(Some(Step::Duplicate(item)));
+                        }
+                        Decided::HeldBack if X::YIELD => {
+                            return Poll::Ready(Some(Step::HeldBack(item)));
+                        }
                         Decided::Duplicate => this.hooks.duplicate(item),
                         Decided::HeldBack => this.hooks.held_back(item),
                     }

@@ -108,16 +108,21 @@ where
     #[inline]
     fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<St::Item>> {
         let mut this = self.project();
-        Poll::Ready(match ready!(this.core.as_mut().poll_step(cx)) {
-            Some(Step::Emit(item, _)) => Some(item),
-            Some(Step::Failed(e)) => {
-                // Fail closed with no error channel: the stream ends here.
-                *this.error = Some(e);
-                this.core.close();
-                None
-            }
-            None => None,
-        })
+        loop {
+            let step = match ready!(this.core.as_mut().poll_step(cx)) {
+                Some(Step::Emit(item, _)) => Some(item),
+                Some(Step::Failed(_, e)) => {
+                    // Fail closed with no error channel: the stream ends here.
+                    *this.error = Some(e);
+                    this.core.close();
+                    None
+                }
+                // Only with `Hooks::YIELD`, which this adapter's hooks are not.
+                Some(Step::Duplicate(_) | Step::HeldBack(_)) => continue,
+                None => None,
+            };
+            return Poll::Ready(step);
+        }
     }
 
     fn size_hint(&self) -> (usize, Option<usize>) {

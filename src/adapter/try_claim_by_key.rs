@@ -7,7 +7,8 @@ use std::sync::Arc;
 use futures_core::{FusedStream, Stream, TryStream};
 use pin_project::pin_project;
 
-use super::core::{ClaimHooks, Core, IntoStream, OkHooks, OkKey, Step};
+use super::core::{ClaimHooks, Core, IntoStream, OkHooks, OkKey, Step, Yield};
+use super::try_claim_verdicts::TryClaimVerdicts;
 use crate::attach::ClaimAttached;
 use crate::claim::{Claim, ClaimGate};
 use crate::hook::{DropDuplicates, OnDuplicate};
@@ -92,6 +93,15 @@ impl<St: TryStream, F, K, H, B> TryClaimByKey<St, F, K, H, B> {
         }
     }
 
+    /// Yields every delivery with its [`Verdict`](crate::Verdict) instead of dropping
+    /// duplicates and held-back copies into hooks (any hook set before is dropped); `Err` items
+    /// of the inner stream pass untouched, and a store failure under fail closed is
+    /// [`Verdict::Failed`](crate::Verdict::Failed) with the item. See
+    /// [`ClaimByKey::verdicts`](crate::ClaimByKey::verdicts).
+    pub fn verdicts(self) -> TryClaimVerdicts<St, F, K> {
+        TryClaimVerdicts::new(self.core.map_hooks(|_| Yield))
+    }
+
     /// This operator's counters.
     pub fn stats(&self) -> Stats {
         self.core.gate().core.stats()
@@ -112,14 +122,19 @@ where
 
     fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
         let mut this = self.project();
-        Poll::Ready(match ready!(this.core.as_mut().poll_step(cx)) {
-            Some(Step::Emit(Ok(item), held)) => {
-                let core = Arc::clone(&this.core.as_ref().get_ref().gate().core);
-                Some(Ok(Claim::new(item, held, core)))
-            }
-            Some(Step::Emit(Err(e), _) | Step::Failed(e)) => Some(Err(e)),
-            None => None,
-        })
+        loop {
+            let step = match ready!(this.core.as_mut().poll_step(cx)) {
+                Some(Step::Emit(Ok(item), held)) => {
+                    let core = Arc::clone(&this.core.as_ref().get_ref().gate().core);
+                    Some(Ok(Claim::new(item, held, core)))
+                }
+                Some(Step::Emit(Err(e), _) | Step::Failed(_, e)) => Some(Err(e)),
+                // Only with `Hooks::YIELD`, which this adapter's hooks are not.
+                Some(Step::Duplicate(_) | Step::HeldBack(_)) => continue,
+                None => None,
+            };
+            return Poll::Ready(step);
+        }
     }
 
     fn size_hint(&self) -> (usize, Option<usize>) {

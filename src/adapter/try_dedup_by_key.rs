@@ -105,11 +105,17 @@ where
 
     #[inline]
     fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
-        Poll::Ready(match ready!(self.project().core.poll_step(cx)) {
-            Some(Step::Emit(item, _)) => Some(item),
-            Some(Step::Failed(e)) => Some(Err(e)),
-            None => None,
-        })
+        let mut this = self.project();
+        loop {
+            let step = match ready!(this.core.as_mut().poll_step(cx)) {
+                Some(Step::Emit(item, _)) => Some(item),
+                Some(Step::Failed(_, e)) => Some(Err(e)),
+                // Only with `Hooks::YIELD`, which this adapter's hooks are not.
+                Some(Step::Duplicate(_) | Step::HeldBack(_)) => continue,
+                None => None,
+            };
+            return Poll::Ready(step);
+        }
     }
 
     fn size_hint(&self) -> (usize, Option<usize>) {

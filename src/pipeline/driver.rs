@@ -34,8 +34,9 @@ pub(crate) enum Out<T, K, E> {
     Duplicate(T),
     /// Its key is in flight elsewhere: neither processed nor a duplicate.
     HeldBack(T),
-    /// Its check failed under fail closed: the error takes its place.
-    Failed(E),
+    /// Its check failed under fail closed: the error takes its place (with the item, for an
+    /// adapter that hands it back).
+    Failed(T, E),
 }
 
 enum Verdict<K, E> {
@@ -257,7 +258,7 @@ impl<T, K: Hash + Eq, E> Driver<T, K, E> {
                 Out::Emit(entry.item, claim)
             }
             Verdict::Pass => Out::Emit(entry.item, None),
-            Verdict::Failed(e) => Out::Failed(e),
+            Verdict::Failed(e) => Out::Failed(entry.item, e),
         })
     }
 
