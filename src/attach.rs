@@ -167,6 +167,7 @@ where
             gate: ClaimGate {
                 core: Arc::new(ClaimCore::new(WindowSet::new(self), None, K::clone)),
                 clone_key: K::clone,
+                seen: 0,
             },
             store: None,
         }
@@ -210,6 +211,7 @@ where
             gate: ClaimGate {
                 core,
                 clone_key: K::clone,
+                seen: 0,
             },
             store: Some((parts(Backend::Claim { store, lease }, settings), release)),
         }

@@ -109,7 +109,8 @@ pub mod trace;
 mod window;
 
 pub use self::adapter::{
-    ClaimByKey, ClaimVerdicts, DedupByKey, TryClaimByKey, TryClaimVerdicts, TryDedupByKey, Verdict,
+    ClaimByKey, ClaimVerdicts, DedupByKey, HeldBack, TryClaimByKey, TryClaimVerdicts,
+    TryDedupByKey, Verdict,
 };
 pub use self::attach::{IntoClaimWindow, IntoWindow};
 pub use self::claim::{Claim, CommitError, Heartbeat};

@@ -40,7 +40,9 @@ async fn every_delivery_comes_out_with_its_verdict_in_order() {
     assert_eq!(kind(&b), ("claimed", 2));
     // 1 is in flight under the first claim: the copy is held back, handed to the consumer.
     assert_eq!(kind(&copy), ("held back", 1));
-    let Verdict::Claimed(a) = a else { unreachable!() };
+    let Verdict::Claimed(a) = a else {
+        unreachable!()
+    };
     a.commit().await.expect("commit");
     drop(b); // released: its redelivery is new
     tx.send(1).unwrap();

@@ -8,7 +8,7 @@ use futures_core::{FusedStream, Stream};
 use pin_project::pin_project;
 
 use super::claim_verdicts::ClaimVerdicts;
-use super::core::{ClaimHooks, Core, Plain, Step, Yield};
+use super::core::{ClaimHooks, Core, HeldBack, Plain, Step, Yield};
 use crate::attach::ClaimAttached;
 use crate::claim::{Claim, ClaimGate};
 use crate::hook::{DropDuplicates, OnDuplicate};
@@ -120,6 +120,28 @@ impl<St: Stream, F, K, H, B> ClaimByKey<St, F, K, H, B> {
     /// ```
     pub fn verdicts(self) -> ClaimVerdicts<St, F, K> {
         ClaimVerdicts::new(self.core.map_hooks(|_| Yield))
+    }
+
+    /// What to do with a copy held back (its key is in flight under another claim): hand it
+    /// to the hook (the default), park it until its key settles, or wait in order. See
+    /// [`HeldBack`] for which suits which broker.
+    ///
+    /// # Panics
+    ///
+    /// If `policy` is [`HeldBack::Wait`] with `max_parked` 0.
+    #[track_caller]
+    pub fn held_back(self, policy: HeldBack) -> Self
+    where
+        K: Hash + Eq,
+    {
+        assert!(
+            !matches!(policy, HeldBack::Wait { max_parked: 0 }),
+            "held_back: HeldBack::Wait needs room for at least one copy"
+        );
+        ClaimByKey {
+            core: self.core.held_back(policy),
+            error: self.error,
+        }
     }
 
     /// This operator's counters.

@@ -7,6 +7,7 @@
 use core::hash::Hash;
 use core::pin::Pin;
 use core::task::{Context, Poll, ready};
+use std::collections::VecDeque;
 
 use futures_core::{Stream, TryStream};
 use pin_project::pin_project;
@@ -121,6 +122,39 @@ impl<T, E, X: Hooks<T>> Hooks<Result<T, E>> for OkHooks<X> {
     }
 }
 
+/// What a claim operator does with a copy **held back**: one whose key is in flight under
+/// another claim that may still commit or fail. Set with
+/// [`ClaimByKey::held_back`](crate::ClaimByKey::held_back).
+///
+/// Which to pick depends on the broker:
+/// - **NATS JetStream** (redelivers what is not acked, by itself): [`Hook`](HeldBack::Hook),
+///   and do not ack in the hook; the next delivery is decided then.
+/// - **RabbitMQ** (an unacked message sits, using the prefetch, until the channel closes):
+///   [`Wait`](HeldBack::Wait), or `Hook` with a nack that requeues in the hook.
+/// - **Kafka-style offsets, RocketMQ orderly consumers** (a skipped message is never delivered
+///   again): [`WaitInOrder`](HeldBack::WaitInOrder), so that no offset passes a copy whose
+///   original may still fail.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum HeldBack {
+    /// Hand it to the `on_held_back` hook (or yield it as
+    /// [`Verdict::HeldBack`](crate::Verdict::HeldBack)), unacked. The default.
+    #[default]
+    Hook,
+    /// Park it until its key settles, then drop it as a duplicate (the original committed) or
+    /// yield it as a new claim (the original was released, or its lease ran out). Other items
+    /// pass it meanwhile. At most `max_parked` copies wait; more go to the hook. A copy whose
+    /// original is another consumer's is asked about again on each keep-alive round.
+    Wait {
+        /// The most copies parked at once.
+        max_parked: usize,
+    },
+    /// The stream itself waits: nothing after the copy is yielded until its key settles, and
+    /// it is then dropped as a duplicate or yielded as a new claim. Commit (or release) each
+    /// claim before asking for the next item, or a copy of its key waits for it forever.
+    WaitInOrder,
+}
+
 /// A [`TryStream`] read as a `Stream` of `Result`s (futures-util's `IntoStream`).
 #[pin_project]
 #[derive(Debug)]
@@ -165,6 +199,16 @@ pub(crate) struct Core<St: Stream, KF, G, X, K, E> {
     hooks: X,
     /// The stream ended (inner stream done, or closed by the adapter).
     done: bool,
+    /// What happens to a copy held back.
+    held_back: HeldBack,
+    /// Copies held back that wait for their key to settle ([`HeldBack::Wait`]).
+    parked: VecDeque<St::Item>,
+    /// Parked copies whose key may have settled: read before the inner stream.
+    refeed: VecDeque<St::Item>,
+    /// The copy that the stream waits for ([`HeldBack::WaitInOrder`], no store).
+    blocking: Option<St::Item>,
+    /// The inner stream has ended (parked copies may still come out).
+    inner_done: bool,
     /// Inside the store path's poll. Still set when a poll starts, the last one unwound (a
     /// panic in the key function or the inner stream): the store path's state is not to be
     /// trusted, so the stream ends instead of waiting on it.
@@ -187,8 +231,22 @@ impl<St: Stream, KF, G, X, K: Hash + Eq, E> Core<St, KF, G, X, K, E> {
             store: store.map(|parts| Box::new(Driver::new(parts))),
             hooks,
             done: false,
+            held_back: HeldBack::Hook,
+            parked: VecDeque::new(),
+            refeed: VecDeque::new(),
+            blocking: None,
+            inner_done: false,
             busy: false,
         }
+    }
+
+    /// Sets what happens to a copy held back.
+    pub(crate) fn held_back(mut self, policy: HeldBack) -> Self {
+        self.held_back = policy;
+        if let (HeldBack::WaitInOrder, Some(driver)) = (policy, self.store.as_deref_mut()) {
+            driver.wait_in_order();
+        }
+        self
     }
 
     /// Sets what frees the keys the store path claimed but never handed out, when the operator
@@ -212,6 +270,11 @@ impl<St: Stream, KF, G, X, K, E> Core<St, KF, G, X, K, E> {
             store: self.store,
             hooks: f(self.hooks),
             done: self.done,
+            held_back: self.held_back,
+            parked: self.parked,
+            refeed: self.refeed,
+            blocking: self.blocking,
+            inner_done: self.inner_done,
             busy: self.busy,
         }
     }
@@ -220,9 +283,10 @@ impl<St: Stream, KF, G, X, K, E> Core<St, KF, G, X, K, E> {
         &self.gate
     }
 
-    /// Items read but not yet yielded (on the store path).
+    /// Items read but not yet yielded (on the store path, and copies waiting).
     pub(crate) fn queued(&self) -> usize {
-        self.store.as_ref().map_or(0, |d| d.queued())
+        let waiting = self.parked.len() + self.refeed.len() + usize::from(self.blocking.is_some());
+        self.store.as_ref().map_or(0, |d| d.queued()) + waiting
     }
 
     /// Whether the stream has ended.
@@ -262,6 +326,37 @@ impl<St: Stream, KF, G, X, K, E> Core<St, KF, G, X, K, E> {
     }
 }
 
+/// An item the gate or the store path dropped: for the hooks, or to park.
+enum Dropped<I> {
+    Duplicate(I),
+    HeldBack(I),
+}
+
+/// The next input: a parked copy whose key settled, then the inner stream. Once the inner
+/// stream has ended, copies still parked keep the stream open (`Pending` until they settle).
+fn pull<St: Stream>(
+    refeed: &mut VecDeque<St::Item>,
+    parked: usize,
+    inner_done: &mut bool,
+    stream: Pin<&mut St>,
+    cx: &mut Context<'_>,
+) -> Poll<Option<St::Item>> {
+    if let Some(item) = refeed.pop_front() {
+        return Poll::Ready(Some(item));
+    }
+    if !*inner_done {
+        match stream.poll_next(cx) {
+            Poll::Ready(None) => *inner_done = true,
+            other => return other,
+        }
+    }
+    if parked == 0 {
+        Poll::Ready(None)
+    } else {
+        Poll::Pending
+    }
+}
+
 impl<St, KF, G, X, K, E> Core<St, KF, G, X, K, E>
 where
     St: Stream,
@@ -280,23 +375,29 @@ where
             return Poll::Ready(None);
         }
         loop {
-            match this.store.as_deref_mut() {
+            // Parked copies go back in once something settled (their originals' keys).
+            if !this.parked.is_empty() && this.gate.poll_settled(cx) {
+                this.refeed.extend(this.parked.drain(..));
+            }
+            let parked = this.parked.len();
+            let dropped = match this.store.as_deref_mut() {
                 Some(driver) => {
                     if *this.busy {
                         *this.done = true;
                         return Poll::Ready(None);
                     }
                     *this.busy = true;
+                    let (refeed, inner_done, stream) =
+                        (&mut *this.refeed, &mut *this.inner_done, &mut this.stream);
                     let out = driver.poll(
                         this.gate,
                         this.ticker,
                         cx,
-                        |cx| this.stream.as_mut().poll_next(cx),
+                        |cx| pull(refeed, parked, inner_done, stream.as_mut(), cx),
                         |item| this.key_of.key_of(item),
                     );
                     *this.busy = false;
-                    let out = ready!(out);
-                    match out {
+                    match ready!(out) {
                         None => {
                             *this.done = true;
                             return Poll::Ready(None);
@@ -307,27 +408,35 @@ where
                         Some(Out::Failed(item, e)) => {
                             return Poll::Ready(Some(Step::Failed(item, e)));
                         }
-                        Some(Out::Duplicate(item)) if X::YIELD => {
-                            return Poll::Ready(Some(Step::Duplicate(item)));
-                        }
-                        Some(Out::HeldBack(item)) if X::YIELD => {
-                            return Poll::Ready(Some(Step::HeldBack(item)));
-                        }
-                        Some(Out::Duplicate(item)) => this.hooks.duplicate(item),
-                        Some(Out::HeldBack(item)) => this.hooks.held_back(item),
+                        Some(Out::Duplicate(item)) => Dropped::Duplicate(item),
+                        Some(Out::HeldBack(item)) => Dropped::HeldBack(item),
                     }
                 }
                 None => {
-                    let item = match this.stream.as_mut().poll_next(cx) {
-                        Poll::Ready(Some(item)) => item,
-                        Poll::Ready(None) => {
-                            *this.done = true;
-                            return Poll::Ready(None);
-                        }
-                        Poll::Pending => {
-                            this.ticker.waited();
+                    let item = match this.blocking.take() {
+                        // Waiting in order: nothing passes this copy until its key settles.
+                        Some(item) if this.gate.poll_settled(cx) => item,
+                        Some(item) => {
+                            *this.blocking = Some(item);
                             return Poll::Pending;
                         }
+                        None => match pull(
+                            this.refeed,
+                            parked,
+                            this.inner_done,
+                            this.stream.as_mut(),
+                            cx,
+                        ) {
+                            Poll::Ready(Some(item)) => item,
+                            Poll::Ready(None) => {
+                                *this.done = true;
+                                return Poll::Ready(None);
+                            }
+                            Poll::Pending => {
+                                this.ticker.waited();
+                                return Poll::Pending;
+                            }
+                        },
                     };
                     let Some(key) = this.key_of.key_of(&item) else {
                         return Poll::Ready(Some(Step::Emit(item, None)));
@@ -335,16 +444,27 @@ where
                     let now = this.ticker.now(|| this.gate.clock());
                     match this.gate.decide(key, now) {
                         Decided::Accept(held) => return Poll::Ready(Some(Step::Emit(item, held))),
-                        Decided::Duplicate if X::YIELD => {
-                            return Poll::Ready(Some(Step::Duplicate(item)));
-                        }
-                        Decided::HeldBack if X::YIELD => {
-                            return Poll::Ready(Some(Step::HeldBack(item)));
-                        }
-                        Decided::Duplicate => this.hooks.duplicate(item),
-                        Decided::HeldBack => this.hooks.held_back(item),
+                        Decided::Duplicate => Dropped::Duplicate(item),
+                        Decided::HeldBack => Dropped::HeldBack(item),
                     }
                 }
+            };
+            match dropped {
+                Dropped::Duplicate(item) if X::YIELD => {
+                    return Poll::Ready(Some(Step::Duplicate(item)));
+                }
+                Dropped::Duplicate(item) => this.hooks.duplicate(item),
+                Dropped::HeldBack(item) => match *this.held_back {
+                    HeldBack::Wait { max_parked } if this.parked.len() < max_parked => {
+                        this.parked.push_back(item);
+                    }
+                    // (With a store, the store path waits in order itself.)
+                    HeldBack::WaitInOrder if this.store.is_none() => {
+                        *this.blocking = Some(item);
+                    }
+                    _ if X::YIELD => return Poll::Ready(Some(Step::HeldBack(item))),
+                    _ => this.hooks.held_back(item),
+                },
             }
             // A long run of dropped items from an always-ready stream must not starve the other
             // tasks of the executor: each one spends a unit of tokio's coop budget.

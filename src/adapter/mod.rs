@@ -11,6 +11,7 @@ mod try_dedup_by_key;
 
 pub use self::claim_by_key::ClaimByKey;
 pub use self::claim_verdicts::{ClaimVerdicts, Verdict};
+pub use self::core::HeldBack;
 pub use self::dedup_by_key::DedupByKey;
 pub use self::try_claim_by_key::TryClaimByKey;
 pub use self::try_claim_verdicts::TryClaimVerdicts;

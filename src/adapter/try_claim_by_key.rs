@@ -7,7 +7,7 @@ use std::sync::Arc;
 use futures_core::{FusedStream, Stream, TryStream};
 use pin_project::pin_project;
 
-use super::core::{ClaimHooks, Core, IntoStream, OkHooks, OkKey, Step, Yield};
+use super::core::{ClaimHooks, Core, HeldBack, IntoStream, OkHooks, OkKey, Step, Yield};
 use super::try_claim_verdicts::TryClaimVerdicts;
 use crate::attach::ClaimAttached;
 use crate::claim::{Claim, ClaimGate};
@@ -100,6 +100,27 @@ impl<St: TryStream, F, K, H, B> TryClaimByKey<St, F, K, H, B> {
     /// [`ClaimByKey::verdicts`](crate::ClaimByKey::verdicts).
     pub fn verdicts(self) -> TryClaimVerdicts<St, F, K> {
         TryClaimVerdicts::new(self.core.map_hooks(|_| Yield))
+    }
+
+    /// What to do with a copy held back (its key is in flight under another claim): hand it
+    /// to the hook (the default), park it until its key settles, or wait in order. See
+    /// [`HeldBack`] for which suits which broker.
+    ///
+    /// # Panics
+    ///
+    /// If `policy` is [`HeldBack::Wait`] with `max_parked` 0.
+    #[track_caller]
+    pub fn held_back(self, policy: HeldBack) -> Self
+    where
+        K: Hash + Eq,
+    {
+        assert!(
+            !matches!(policy, HeldBack::Wait { max_parked: 0 }),
+            "held_back: HeldBack::Wait needs room for at least one copy"
+        );
+        TryClaimByKey {
+            core: self.core.held_back(policy),
+        }
     }
 
     /// This operator's counters.

@@ -3,15 +3,19 @@
 
 use std::collections::HashMap;
 use std::collections::hash_map::Entry;
+use std::future::Future;
 use std::hash::Hash;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError, Weak};
+use std::task::{Context, Waker};
 use std::time::Duration;
 
 use tokio::sync::watch;
 use tokio::time::Instant;
 
 use super::committer::{Committer, Ledger, Settled, or_encoded};
+use super::keeper::{self, Renew};
 use super::{Settle, Ticket, TxTarget};
 use crate::pipeline::gate::{Answer, Decided, Gate, Held, Pre};
 use crate::stats::{Fate, Recorder, Stats};
@@ -44,11 +48,14 @@ impl<K: Hash + Eq + Send + Sync + 'static> Ticket for KeyTicket<K> {
         match &this.core.store {
             // The committer task commits in the store, then here, then answers.
             Some(committer) => committer.commit(&this.core, this.key, this.bytes, this.token),
-            None => Settle::Now(this.core.lock().commit_locally(
-                this.key,
-                this.token,
-                Instant::now(),
-            )),
+            None => {
+                let result = this
+                    .core
+                    .lock()
+                    .commit_locally(this.key, this.token, Instant::now());
+                this.core.changed();
+                Settle::Now(result)
+            }
         }
     }
 
@@ -88,6 +95,7 @@ impl<K: Hash + Eq + Send + Sync + 'static> Ticket for KeyTicket<K> {
         this.core
             .lock()
             .apply(vec![(this.key, this.token, true, now)]);
+        this.core.changed();
     }
 }
 
@@ -189,6 +197,10 @@ pub(crate) struct ClaimCore<K> {
     keeper_started: AtomicBool,
     /// Counts keep-alive's rounds, for the claims' heartbeats.
     beat: watch::Sender<u64>,
+    /// Counts changes that may settle a copy held back (a commit, a release, a lost lease, a
+    /// keep-alive round), and wakes the operator waiting for one.
+    changes: AtomicU64,
+    watcher: Mutex<Option<Waker>>,
 }
 
 impl<K> ClaimCore<K> {
@@ -198,21 +210,44 @@ impl<K> ClaimCore<K> {
         self.recorder.stats().clone()
     }
 
-    pub(super) fn lease(&self) -> Duration {
-        self.lease
-    }
-
-    pub(super) fn keep_alive(&self) -> bool {
-        self.keep_alive
-    }
-
     pub(super) fn keeper_started(&self) -> bool {
         self.keeper_started.load(Ordering::Acquire)
     }
 
     /// Marks keep-alive started; `false` if it already was.
-    pub(super) fn start_keeper(&self) -> bool {
+    fn start_keeper(&self) -> bool {
         !self.keeper_started.swap(true, Ordering::AcqRel)
+    }
+
+    /// Something that may settle a held-back copy happened: wakes the operator if it waits.
+    pub(super) fn changed(&self) {
+        self.changes.fetch_add(1, Ordering::AcqRel);
+        let waker = self
+            .watcher
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take();
+        if let Some(waker) = waker {
+            waker.wake();
+        }
+    }
+
+    /// Whether anything changed since `seen` (updated); else registers `cx`'s waker for the
+    /// next change.
+    pub(crate) fn poll_changed(&self, seen: &mut u64, cx: &mut Context<'_>) -> bool {
+        let now = self.changes.load(Ordering::Acquire);
+        if now != *seen {
+            *seen = now;
+            return true;
+        }
+        *self.watcher.lock().unwrap_or_else(PoisonError::into_inner) = Some(cx.waker().clone());
+        // A change between the load and the registration is not lost.
+        let now = self.changes.load(Ordering::Acquire);
+        if now != *seen {
+            *seen = now;
+            return true;
+        }
+        false
     }
 
     /// A receiver of keep-alive's beats (`None` with keep-alive off).
@@ -234,6 +269,8 @@ impl<K: Hash + Eq> ClaimCore<K> {
             keep_alive,
             keeper_started: AtomicBool::new(false),
             beat: watch::Sender::new(0),
+            changes: AtomicU64::new(0),
+            watcher: Mutex::new(None),
             recorder: window.recorder().clone(),
             state: Mutex::new(ClaimState {
                 window,
@@ -274,6 +311,8 @@ impl<K: Hash + Eq> ClaimCore<K> {
             queue.extend(settled);
         }
         self.has_settled.store(true, Ordering::Release);
+        drop(queue);
+        self.changed();
     }
 
     /// Claims `key` in memory (no store, or a store that failed open) from `now` on.
@@ -292,6 +331,7 @@ impl<K: Hash + Eq> ClaimCore<K> {
     /// Frees a claim's key; `bytes` are its store bytes if known (empty: encoded here).
     pub(super) fn release(&self, key: &K, bytes: Vec<u8>, token: Token) {
         self.lock().release_locally(key, token);
+        self.changed();
         self.release_in_store(key, bytes, token);
     }
 
@@ -378,12 +418,38 @@ impl<K: Hash + Eq> ClaimCore<K> {
             self.recorder.kept_alive(renewed, lost);
         }
         self.beat.send_modify(|n| *n = n.wrapping_add(1));
+        // A round may have freed keys (lost), and a copy held back for a claim of another
+        // consumer is asked about again on this beat.
+        self.changed();
     }
 
     /// Counts an item's fate. No lock: these counters are written only here, by the operator
     /// (the committer task and dropped claims count commits and releases, with atomic adds).
     pub(crate) fn count(&self, fate: Fate) {
         self.recorder.fate(fate);
+    }
+}
+
+impl<K: Hash + Eq + Send + Sync + 'static> ClaimCore<K> {
+    /// Starts keep-alive if it is on and not running yet (on a tokio runtime; outside one,
+    /// leases are not renewed): at the first claim, or when a copy held back starts to wait.
+    pub(crate) fn ensure_keeper(self: &Arc<Self>) {
+        if !self.keep_alive || self.keeper_started() {
+            return;
+        }
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        if self.start_keeper() {
+            let core: Weak<dyn Renew> = Arc::downgrade(self) as _;
+            keeper::spawn(&runtime, core, self.lease);
+        }
+    }
+}
+
+impl<K: Hash + Eq + Send + Sync + 'static> Renew for ClaimCore<K> {
+    fn renew_round(&self) -> Pin<Box<dyn Future<Output = ()> + Send + '_>> {
+        Box::pin(self.renew_open_claims())
     }
 }
 
@@ -408,6 +474,8 @@ impl<K: Hash + Eq + Send + 'static> Ledger<K> for ClaimCore<K> {
         for (key, token) in keys {
             state.release_locally(&key, token);
         }
+        drop(state);
+        self.changed();
     }
 }
 
@@ -415,9 +483,11 @@ impl<K: Hash + Eq + Send + 'static> Ledger<K> for ClaimCore<K> {
 pub(crate) struct ClaimGate<K> {
     pub(crate) core: Arc<ClaimCore<K>>,
     pub(crate) clone_key: fn(&K) -> K,
+    /// The last change of the core this gate saw (for held-back copies that wait).
+    pub(crate) seen: u64,
 }
 
-impl<K: Hash + Eq> Gate<K> for ClaimGate<K> {
+impl<K: Hash + Eq + Send + Sync + 'static> Gate<K> for ClaimGate<K> {
     fn clock(&self) -> Option<Instant> {
         Some(Instant::now())
     }
@@ -484,5 +554,11 @@ impl<K: Hash + Eq> Gate<K> for ClaimGate<K> {
 
     fn count(&mut self, fate: Fate) {
         self.core.count(fate);
+    }
+
+    fn poll_settled(&mut self, cx: &mut Context<'_>) -> bool {
+        // A copy waits: keep-alive's rounds ask about it again even with no claim open here.
+        self.core.ensure_keeper();
+        self.core.poll_changed(&mut self.seen, cx)
     }
 }

@@ -1,42 +1,38 @@
 //! Keep-alive: a background task per claim operator renews the leases of its open claims every
 //! third of the lease, and beats a [`Heartbeat`] on each round.
 
-use std::hash::Hash;
-use std::sync::Arc;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Weak;
 use std::time::Duration;
 
 use tokio::sync::watch;
 use tokio::time::{Instant, MissedTickBehavior};
 
-use super::core::ClaimCore;
-
 /// The shortest pause between two rounds.
 const MIN_EVERY: Duration = Duration::from_millis(1);
 
-/// Starts `core`'s keep-alive task if it keeps leases alive and has none yet (on a tokio
-/// runtime; outside one, leases are not renewed).
-pub(super) fn ensure_started<K: Hash + Eq + Send + Sync + 'static>(core: &Arc<ClaimCore<K>>) {
-    if !core.keep_alive() || core.keeper_started() {
-        return;
-    }
-    let Ok(runtime) = tokio::runtime::Handle::try_current() else {
-        return;
-    };
-    if !core.start_keeper() {
-        return; // another thread won the race
-    }
-    let weak = Arc::downgrade(core);
-    let every = (core.lease() / 3).max(MIN_EVERY);
+/// What keep-alive renews: a claim operator's core, seen through this trait so that the
+/// keeper depends on nothing above it.
+pub(super) trait Renew: Send + Sync + 'static {
+    /// One round: renews every open claim's lease, then beats.
+    fn renew_round(&self) -> Pin<Box<dyn Future<Output = ()> + Send + '_>>;
+}
+
+/// Spawns the keep-alive task of `core` on `runtime`: a round every third of `lease`, until
+/// `core` is gone.
+pub(super) fn spawn(runtime: &tokio::runtime::Handle, core: Weak<dyn Renew>, lease: Duration) {
+    let every = (lease / 3).max(MIN_EVERY);
     runtime.spawn(async move {
         let mut rounds = tokio::time::interval_at(Instant::now() + every, every);
         rounds.set_missed_tick_behavior(MissedTickBehavior::Delay);
         loop {
             rounds.tick().await;
             // Weak: the task ends with the operator and its last claim.
-            let Some(core) = weak.upgrade() else {
+            let Some(core) = core.upgrade() else {
                 break;
             };
-            core.renew_open_claims().await;
+            core.renew_round().await;
         }
     });
 }

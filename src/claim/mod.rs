@@ -159,7 +159,7 @@ impl<T> Claim<T> {
         core: Arc<ClaimCore<K>>,
     ) -> Self {
         let ticket = held.map(|Held { key, token, bytes }| -> Box<dyn Ticket> {
-            keeper::ensure_started(&core);
+            core.ensure_keeper();
             Box::new(KeyTicket::new(key, bytes, token, core))
         });
         Claim {

@@ -67,6 +67,25 @@ struct Waiter {
     copy: bool,
 }
 
+/// A store call being put together.
+struct Batch<K> {
+    id: u64,
+    keys: Vec<K>,
+    encoded: Vec<Vec<u8>>,
+    waiters: Vec<Waiter>,
+}
+
+impl<K> Batch<K> {
+    fn new(id: u64) -> Self {
+        Batch {
+            id,
+            keys: Vec::new(),
+            encoded: Vec::new(),
+            waiters: Vec::new(),
+        }
+    }
+}
+
 struct Request<K> {
     id: u64,
     keys: Vec<K>,
@@ -90,6 +109,10 @@ pub(crate) struct Driver<T, K, E> {
     inner_done: bool,
     /// Reusable buffer for encoding one key.
     scratch: Vec<u8>,
+    /// A copy held back waits at the front, and nothing passes it, until its key settles.
+    wait_in_order: bool,
+    /// The front item is such a copy.
+    front_waits: bool,
     /// Claims: frees the keys this operator holds without having handed them out (in the
     /// claims' memory and in the store). Without it (mark on emit) the driver takes them back
     /// from the store itself.
@@ -185,8 +208,15 @@ impl<T, K: Hash + Eq, E> Driver<T, K, E> {
             pending: HashMap::default(),
             inner_done: false,
             scratch: Vec::new(),
+            wait_in_order: false,
+            front_waits: false,
             release: None,
         }
+    }
+
+    /// Makes a copy held back wait at the front, in order, until its key settles.
+    pub(crate) fn wait_in_order(&mut self) {
+        self.wait_in_order = true;
     }
 
     /// Sets what frees unhanded claims when the operator is dropped.
@@ -210,13 +240,19 @@ impl<T, K: Hash + Eq, E> Driver<T, K, E> {
         KF: FnMut(&T) -> Option<K>,
     {
         loop {
+            let mut progress = false;
+            if self.front_waits && gate.poll_settled(cx) {
+                self.front_waits = false;
+                self.reask_front(gate, ticker, &mut key_of);
+                progress = true;
+            }
             if let Some(out) = self.pop_decided(gate) {
                 return Poll::Ready(Some(out));
             }
             if self.is_done() {
                 return Poll::Ready(None);
             }
-            let mut progress = self.drive(gate, ticker, cx);
+            progress |= self.drive(gate, ticker, cx);
             let settings = &self.parts.settings;
             let room = settings
                 .batch_size
@@ -237,7 +273,17 @@ impl<T, K: Hash + Eq, E> Driver<T, K, E> {
     }
 
     fn pop_decided<G: Gate<K>>(&mut self, gate: &mut G) -> Option<Out<T, K, E>> {
-        self.queue.front()?.verdict.as_ref()?;
+        let front = self.queue.front_mut()?;
+        if self.wait_in_order && matches!(front.verdict, Some(Verdict::HeldBack)) {
+            // Counted once, as it starts to wait; decided again once its key settles.
+            if !self.front_waits {
+                gate.count(Fate::HeldBack);
+            }
+            front.verdict = None;
+            self.front_waits = true;
+            return None;
+        }
+        front.verdict.as_ref()?;
         let entry = self.queue.pop_front()?;
         self.front_seq += 1;
         Some(match entry.verdict? {
@@ -393,10 +439,7 @@ impl<T, K: Hash + Eq, E> Driver<T, K, E> {
         KF: FnMut(&T) -> Option<K>,
     {
         let now = ticker.now(|| gate.clock());
-        let id = self.next_request;
-        let mut keys = Vec::new();
-        let mut encoded = Vec::new();
-        let mut waiters = Vec::new();
+        let mut batch = Batch::new(self.next_request);
         let mut progress = false;
         for _ in 0..self.parts.settings.batch_size {
             let item = match pull(cx) {
@@ -412,72 +455,107 @@ impl<T, K: Hash + Eq, E> Driver<T, K, E> {
             let seq = self.front_seq + self.queue.len() as u64;
             let verdict = match key_of(&item) {
                 None => Some(Verdict::Pass),
-                Some(key) => {
-                    if let Some(&(request, index)) = self.pending.get(&key) {
-                        let waiter = Waiter {
-                            seq,
-                            key: index,
-                            copy: true,
-                        };
-                        match self.requests.iter_mut().find(|r| r.id == request) {
-                            Some(r) => r.waiters.push(waiter),
-                            None => waiters.push(waiter), // the batch being built
-                        }
-                        None
-                    } else {
-                        match gate.pre(&key, now, self.parts.clone_key) {
-                            Pre::Duplicate => Some(Verdict::Duplicate),
-                            Pre::HeldBack => Some(Verdict::HeldBack),
-                            Pre::Ask => {
-                                self.scratch.clear();
-                                (self.parts.encode)(&key, &mut self.scratch);
-                                let max = self.parts.settings.max_key_len;
-                                if self.scratch.len() > max {
-                                    let e = StoreError::KeyTooLong {
-                                        len: self.scratch.len(),
-                                        max,
-                                    };
-                                    Some(self.refuse_key(gate, key, e, now))
-                                } else {
-                                    if keys.is_empty() {
-                                        // Sized once for the batch (items are ready now).
-                                        let room = self.parts.settings.batch_size.min(256);
-                                        keys.reserve(room);
-                                        encoded.reserve(room);
-                                        waiters.reserve(room);
-                                    }
-                                    let index = keys.len() as u32;
-                                    self.pending
-                                        .insert((self.parts.clone_key)(&key), (id, index));
-                                    encoded.push(self.scratch.clone());
-                                    keys.push(key);
-                                    waiters.push(Waiter {
-                                        seq,
-                                        key: index,
-                                        copy: false,
-                                    });
-                                    None
-                                }
-                            }
-                        }
-                    }
-                }
+                Some(key) => self.route(gate, key, seq, now, &mut batch),
             };
             self.queue.push_back(Entry { item, verdict });
         }
-        if !keys.is_empty() {
-            // A new call is polled (started) by the next `drive`.
-            self.wakeup.mark();
-            self.requests.push(Request {
-                id,
-                call: Call::start(&self.parts.backend, &self.parts.settings, &encoded),
-                keys,
-                encoded,
-                waiters,
-            });
-            self.next_request += 1;
-        }
+        self.launch(batch);
         progress
+    }
+
+    /// Decides `key` (of the item at `seq`) from memory, or adds it to `batch` for the store
+    /// (`None`: the store's answer will decide). A copy of a key that awaits the store follows
+    /// the first copy's answer.
+    fn route<G: Gate<K>>(
+        &mut self,
+        gate: &mut G,
+        key: K,
+        seq: u64,
+        now: Option<Instant>,
+        batch: &mut Batch<K>,
+    ) -> Option<Verdict<K, E>> {
+        if let Some(&(request, index)) = self.pending.get(&key) {
+            let waiter = Waiter {
+                seq,
+                key: index,
+                copy: true,
+            };
+            match self.requests.iter_mut().find(|r| r.id == request) {
+                Some(r) => r.waiters.push(waiter),
+                None => batch.waiters.push(waiter), // the batch being built
+            }
+            return None;
+        }
+        match gate.pre(&key, now, self.parts.clone_key) {
+            Pre::Duplicate => Some(Verdict::Duplicate),
+            Pre::HeldBack => Some(Verdict::HeldBack),
+            Pre::Ask => {
+                self.scratch.clear();
+                (self.parts.encode)(&key, &mut self.scratch);
+                let max = self.parts.settings.max_key_len;
+                if self.scratch.len() > max {
+                    let e = StoreError::KeyTooLong {
+                        len: self.scratch.len(),
+                        max,
+                    };
+                    return Some(self.refuse_key(gate, key, e, now));
+                }
+                if batch.keys.is_empty() {
+                    // Sized once for the batch (items are ready now).
+                    let room = self.parts.settings.batch_size.min(256);
+                    batch.keys.reserve(room);
+                    batch.encoded.reserve(room);
+                    batch.waiters.reserve(room);
+                }
+                let index = batch.keys.len() as u32;
+                self.pending
+                    .insert((self.parts.clone_key)(&key), (batch.id, index));
+                batch.encoded.push(self.scratch.clone());
+                batch.keys.push(key);
+                batch.waiters.push(Waiter {
+                    seq,
+                    key: index,
+                    copy: false,
+                });
+                None
+            }
+        }
+    }
+
+    /// Sends `batch` to the store, if it holds any key.
+    fn launch(&mut self, batch: Batch<K>) {
+        if batch.keys.is_empty() {
+            return;
+        }
+        // A new call is polled (started) by the next `drive`.
+        self.wakeup.mark();
+        self.requests.push(Request {
+            id: batch.id,
+            call: Call::start(&self.parts.backend, &self.parts.settings, &batch.encoded),
+            keys: batch.keys,
+            encoded: batch.encoded,
+            waiters: batch.waiters,
+        });
+        self.next_request += 1;
+    }
+
+    /// The front item is a copy held back that waits in order: once something settled, it is
+    /// decided again (from memory, or by a new store call).
+    fn reask_front<G, KF>(&mut self, gate: &mut G, ticker: &mut Ticker, key_of: &mut KF)
+    where
+        G: Gate<K>,
+        KF: FnMut(&T) -> Option<K>,
+    {
+        let Some(key) = self.queue.front().and_then(|e| key_of(&e.item)) else {
+            return;
+        };
+        let now = ticker.now(|| gate.clock());
+        let mut batch = Batch::new(self.next_request);
+        let verdict = self.route(gate, key, self.front_seq, now, &mut batch);
+        if let Some(front) = self.queue.front_mut() {
+            front.verdict = verdict;
+        }
+        self.launch(batch);
     }
 
     /// A key the store is not asked about: the failure policy decides, with no retry.

@@ -3,6 +3,7 @@
 //! `crate::claim`.
 
 use std::hash::Hash;
+use std::task::Context;
 
 use tokio::time::Instant;
 
@@ -61,6 +62,10 @@ pub(crate) trait Gate<K> {
     fn failed(&mut self, key: &K, open: bool, token: Token, now: Option<Instant>);
     /// Counts an item's fate when it leaves the store path.
     fn count(&mut self, fate: Fate);
+    /// Whether something that may settle a held-back copy happened since the last call (a
+    /// commit, a release, a keep-alive round); else registers `cx`'s waker for it. Mark on emit
+    /// never waits for one.
+    fn poll_settled(&mut self, cx: &mut Context<'_>) -> bool;
 }
 
 /// Mark on emit: the window records a key as its item is accepted.
@@ -105,5 +110,9 @@ impl<K: Hash + Eq> Gate<K> for Handle<K> {
             other => other,
         };
         self.record(|r| r.fate(fate));
+    }
+
+    fn poll_settled(&mut self, _: &mut Context<'_>) -> bool {
+        false
     }
 }
