@@ -316,7 +316,7 @@ async fn claims_under_store_failures() {
     tx.send(Ok(5)).unwrap();
     assert_eq!(
         closed.next().await.unwrap().unwrap_err(),
-        AppError("the store is unavailable".into())
+        AppError("the store is unavailable: connection refused (test)".into())
     );
     store.set(Mode::Up);
     tx.send(Ok(5)).unwrap();
@@ -460,8 +460,10 @@ fn a_commit_outside_a_runtime_fails_and_releases() {
     let claim = rt.block_on(claims.next()).unwrap();
     drop(rt);
     let e = futures::executor::block_on(claim.commit()).unwrap_err();
-    let why = std::error::Error::source(e.error()).map(ToString::to_string);
-    assert_eq!(why.as_deref(), Some("no tokio runtime to commit on"), "{e}");
+    assert!(
+        e.to_string().ends_with(": no tokio runtime to commit on"),
+        "{e}"
+    );
     assert_eq!(claims.stats().released(), 1);
 }
 

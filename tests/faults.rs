@@ -36,14 +36,29 @@ impl From<StoreError> for AppError {
     }
 }
 
-/// Whether `key` is recorded in `store` (asked with a fresh token; a key found absent is
-/// recorded by the question, which is fine at the end of a test).
+/// Whether `key` is recorded in `store`: asked with one fresh token, again and again for up to
+/// `patience` while the answer is "present" (a take-back started as an operator was dropped
+/// may still be running: on a busy machine the embedded store's write waits for a thread). A
+/// key found absent is recorded with the question's token, which later questions with the
+/// same token answer as absent again.
+async fn recorded_within<S: Store>(store: &S, key: u32, patience: Duration) -> bool {
+    let batch = InsertBatch::new(vec![key.to_be_bytes().to_vec()], TTL);
+    let deadline = tokio::time::Instant::now() + patience;
+    loop {
+        let answer = store.insert(batch.clone()).await.expect("insert");
+        if answer == [Inserted::New] {
+            return false;
+        }
+        if tokio::time::Instant::now() >= deadline {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Whether `key` is recorded in `store` now.
 async fn recorded<S: Store>(store: &S, key: u32) -> bool {
-    let answer = store
-        .insert(InsertBatch::new(vec![key.to_be_bytes().to_vec()], TTL))
-        .await
-        .expect("insert");
-    answer == [Inserted::Present]
+    recorded_within(store, key, Duration::ZERO).await
 }
 
 /// A fresh embedded store in a temporary directory (kept alive by the returned guard).

@@ -135,7 +135,10 @@ async fn fail_closed_yields_the_error_and_forgets_the_key() {
     let mut unique = Box::pin(UnboundedReceiverStream::new(rx).try_dedup_by_key(|k| *k, window));
     tx.send(Ok(1)).unwrap();
     let err = next(&mut unique).await.unwrap().unwrap_err();
-    assert_eq!(err, AppError::Store("the store is unavailable".into()));
+    assert_eq!(
+        err,
+        AppError::Store("the store is unavailable: connection refused (test)".into())
+    );
     // The broker redelivers 1 once the store is back: it is processed, not dropped.
     store.set(Mode::Up);
     tx.send(Ok(1)).unwrap();

@@ -12,11 +12,14 @@
 mod support;
 
 use std::collections::HashMap;
+use std::error::Error as _;
 use std::time::{Duration, Instant};
 
+use futures::{StreamExt, stream};
 use stream_dedup::store::{
     ClaimBatch, ClaimStore, Claimed, InsertBatch, Inserted, RedisStore, Store, StoreError, Token,
 };
+use stream_dedup::{DedupStreamExt, FailurePolicy, TryDedupStreamExt, Window};
 use support::redis_server::{self, RedisCluster, RedisServer};
 
 /// The store for the suite, or `None` without a server.
@@ -547,6 +550,11 @@ async fn killed_server_fails_fast_then_recovers() {
         );
         assert!(error.is_transient());
         eprintln!("down, attempt {attempt}: {error} ({took:?}): {error:?}");
+        if matches!(error, StoreError::Unavailable(_)) {
+            let port = format!("Redis at 127.0.0.1:{}", server.port());
+            assert!(error.to_string().contains(&port), "{error}");
+            assert_said_once(&error);
+        }
         kinds.push(matches!(error, StoreError::Unavailable(_)));
     }
     assert!(
@@ -902,4 +910,521 @@ async fn refused_connection_is_unavailable() {
         .unwrap_err();
     assert!(matches!(error, StoreError::Unavailable(_)), "{error:?}");
     assert!(start.elapsed() < Duration::from_secs(2));
+    // The message names what failed and where; the chain says each thing once, and the
+    // I/O error is the source.
+    assert_eq!(
+        error.to_string(),
+        format!("the store is unavailable: connection to Redis at 127.0.0.1:{port} refused")
+    );
+    assert_said_once(&error);
+    let source = error.source().map(ToString::to_string).unwrap_or_default();
+    assert!(source.contains("refused"), "{}", chain(&error));
+}
+
+/// The error's message with its sources, as a log line shows it.
+fn chain(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        out += &format!(": {s}");
+        source = s.source();
+    }
+    out
+}
+
+/// No message in the chain repeats the one before it, nor is part of it.
+fn assert_said_once(e: &dyn std::error::Error) {
+    let mut previous = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        let text = s.to_string();
+        assert!(
+            !previous.contains(&text),
+            "said twice: {text:?} in {previous:?} ({})",
+            chain(e)
+        );
+        previous = text;
+        source = s.source();
+    }
+}
+
+/// A server that needs a password: a URL without one fails at `connect` (`NOAUTH`), a wrong
+/// one too (`WRONGPASS`), and neither error nor `Debug` shows the password; the right one
+/// connects.
+#[tokio::test]
+async fn a_server_that_needs_a_password_fails_at_connect() {
+    let Some(bin) = redis_server::server_binary("a_server_that_needs_a_password_fails_at_connect")
+    else {
+        return;
+    };
+    let password = "s3cret-Pa55";
+    let server = RedisServer::start_with(
+        &bin,
+        redis_server::free_port(),
+        &["--requirepass", password],
+    );
+    let port = server.port();
+
+    let start = Instant::now();
+    let error = RedisStore::connect(&server.url(), "auth")
+        .await
+        .unwrap_err();
+    assert!(start.elapsed() < Duration::from_secs(2));
+    assert!(matches!(error, StoreError::Backend { .. }), "{error:?}");
+    let text = error.to_string();
+    eprintln!("no password: {}", chain(&error));
+    assert!(text.contains("NOAUTH"), "{text}");
+    assert!(
+        text.contains(&format!("Redis at 127.0.0.1:{port} needs a password")),
+        "{text}"
+    );
+    assert_said_once(&error);
+
+    for wrong in [
+        format!("redis://:wrong-Pa55@127.0.0.1:{port}"),
+        format!("redis://default:wrong-Pa55@127.0.0.1:{port}"),
+    ] {
+        let error = RedisStore::connect(&wrong, "auth").await.unwrap_err();
+        let (text, debug) = (chain(&error), format!("{error:?}"));
+        eprintln!("wrong password: {text}");
+        assert!(text.contains("WRONGPASS"), "{text}");
+        assert!(text.contains("refused the login"), "{text}");
+        assert!(
+            !text.contains("wrong-Pa55") && !debug.contains("wrong-Pa55"),
+            "{debug}"
+        );
+        assert_said_once(&error);
+    }
+
+    for right in [
+        format!("redis://:{password}@127.0.0.1:{port}"),
+        format!("redis://default:{password}@127.0.0.1:{port}"),
+    ] {
+        let store = RedisStore::connect(&right, "auth").await.expect("connect");
+        assert!(!format!("{store:?}").contains(password));
+        let answers = store
+            .insert(InsertBatch::new(vec![b"k".to_vec()], TTL))
+            .await
+            .unwrap();
+        assert_eq!(answers.len(), 1);
+    }
+}
+
+/// A plain `connect` to a node of a Redis Cluster is refused with the fix; a connection the
+/// application made fails on its first call with the fix, not a bare `MOVED`; and
+/// `connect_cluster` to a Redis without cluster mode says so. A namespace with a hash tag
+/// keeps all its keys on one node.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cluster_node_needs_connect_cluster() {
+    let Some(bin) = redis_server::server_binary("a_cluster_node_needs_connect_cluster") else {
+        return;
+    };
+    let cluster = RedisCluster::start(&bin, 3);
+    let urls = cluster.urls();
+
+    let error = RedisStore::connect(&urls[0], "plain").await.unwrap_err();
+    let text = error.to_string();
+    eprintln!("connect to a cluster node: {}", chain(&error));
+    assert!(
+        text.contains("is a Redis Cluster node")
+            && text.contains("use RedisStore::connect_cluster"),
+        "{text}"
+    );
+    assert_said_once(&error);
+
+    let client = redis::Client::open(urls[0].as_str()).unwrap();
+    let manager = redis::aio::ConnectionManager::new(client).await.unwrap();
+    let store = RedisStore::from_connection_manager(manager, "plain").unwrap();
+    let keys: Vec<Vec<u8>> = (0..100).map(key).collect();
+    let error = store
+        .insert(InsertBatch::new(keys.clone(), TTL))
+        .await
+        .unwrap_err();
+    let text = error.to_string();
+    eprintln!(
+        "a call through a plain connection to a cluster node: {}",
+        chain(&error)
+    );
+    assert!(
+        text.contains("MOVED") && text.contains("use RedisStore::connect_cluster"),
+        "{text}"
+    );
+
+    let plain = RedisServer::start(&bin);
+    let error = RedisStore::connect_cluster([plain.url().as_str()], "plain")
+        .await
+        .unwrap_err();
+    let text = chain(&error);
+    eprintln!("connect_cluster to a plain Redis: {text}");
+    assert!(
+        text.contains("not in cluster mode") && text.contains("use RedisStore::connect"),
+        "{text}"
+    );
+
+    // A hash tag in the namespace: all keys in one slot, on one node.
+    let sizes = || -> Vec<usize> {
+        (0..3)
+            .map(|node| cluster.cli(node, &["dbsize"]).trim().parse().unwrap())
+            .collect()
+    };
+    let before = sizes();
+    let tagged = RedisStore::connect_cluster(urls.iter().map(String::as_str), "{tagged}")
+        .await
+        .unwrap();
+    let answers = tagged.insert(InsertBatch::new(keys, TTL)).await.unwrap();
+    assert_eq!(count(&answers, Inserted::New), 100);
+    let mut added: Vec<usize> = sizes().iter().zip(&before).map(|(a, b)| a - b).collect();
+    added.sort_unstable();
+    assert_eq!(added, [0, 0, 100]);
+}
+
+/// A Redis Cluster that needs a password: `connect_cluster` without one fails at connect
+/// (`NOAUTH`), with a wrong one too; the right one connects and works.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cluster_that_needs_a_password_fails_at_connect() {
+    let Some(bin) = redis_server::server_binary("a_cluster_that_needs_a_password_fails_at_connect")
+    else {
+        return;
+    };
+    let password = "s3cret-Pa55";
+    let cluster = RedisCluster::start_with_password(&bin, 3, Some(password));
+    let ports: Vec<u16> = cluster.nodes.iter().map(RedisServer::port).collect();
+    let urls = |auth: &str| -> Vec<String> {
+        ports
+            .iter()
+            .map(|p| format!("redis://{auth}127.0.0.1:{p}"))
+            .collect()
+    };
+    let connect = |urls: Vec<String>| async move {
+        RedisStore::builder("auth")
+            .timeout(Duration::from_secs(5))
+            .connect_cluster(urls.iter().map(String::as_str))
+            .await
+    };
+
+    let error = connect(urls("")).await.unwrap_err();
+    let text = chain(&error);
+    eprintln!("cluster, no password: {text}");
+    assert!(
+        text.contains("NOAUTH") && text.contains("need a password"),
+        "{text}"
+    );
+    let error = connect(urls(":wrong-Pa55@")).await.unwrap_err();
+    let text = chain(&error);
+    eprintln!("cluster, wrong password: {text}");
+    assert!(text.contains("WRONGPASS"), "{text}");
+    assert!(!text.contains("wrong-Pa55") && !format!("{error:?}").contains("wrong-Pa55"));
+
+    let store = connect(urls(&format!(":{password}@")))
+        .await
+        .expect("connect");
+    let keys: Vec<Vec<u8>> = (0..300).map(key).collect();
+    let answers = store.insert(InsertBatch::new(keys, TTL)).await.unwrap();
+    assert_eq!(count(&answers, Inserted::New), 300);
+}
+
+/// `rediss://` without TLS compiled in: the error says so and names the feature.
+#[cfg(not(feature = "redis-tls"))]
+#[tokio::test]
+async fn a_tls_url_without_tls_support_names_the_feature() {
+    let error = RedisStore::connect("rediss://127.0.0.1:6380", "tls")
+        .await
+        .unwrap_err();
+    let text = chain(&error);
+    assert!(
+        text.contains("TLS support, which is not compiled in")
+            && text.contains("the feature `redis-tls`"),
+        "{text}"
+    );
+    assert!(!text.contains("parse"), "{text}");
+    let error = RedisStore::connect_cluster(["rediss://127.0.0.1:7000"], "tls")
+        .await
+        .unwrap_err();
+    assert!(chain(&error).contains("`redis-tls`"), "{}", chain(&error));
+}
+
+/// With TLS compiled in, a `rediss://` URL to a Redis that does not serve TLS fails in the
+/// TLS handshake (not as a URL that does not parse).
+#[cfg(feature = "redis-tls")]
+#[tokio::test]
+async fn a_tls_url_to_a_plain_server_fails_the_handshake() {
+    let Some(bin) = redis_server::server_binary("a_tls_url_to_a_plain_server_fails_the_handshake")
+    else {
+        return;
+    };
+    let server = RedisServer::start(&bin);
+    let url = format!("rediss://127.0.0.1:{}", server.port());
+    let error = RedisStore::connect(&url, "tls").await.unwrap_err();
+    let text = chain(&error);
+    eprintln!("rediss:// to a plain Redis: {text}");
+    let at = format!("Redis at 127.0.0.1:{} (TLS)", server.port());
+    assert!(
+        text.contains("TLS handshake") && text.contains(&at),
+        "{text}"
+    );
+    assert!(
+        !text.contains("not valid") && !text.contains("parse"),
+        "{text}"
+    );
+    assert_said_once(&error);
+}
+
+/// With TLS compiled in, a store talks to a Redis that serves TLS: through a client that
+/// trusts the test's certificate authority, it connects and works; through a `rediss://` URL
+/// (the system's root certificates, which do not hold that authority), it fails at connect,
+/// naming TLS and the certificate.
+#[cfg(feature = "redis-tls")]
+#[tokio::test]
+async fn a_store_over_tls() {
+    let Some(bin) = redis_server::server_binary("a_store_over_tls") else {
+        return;
+    };
+    let Some(tls) = redis_server::TlsFiles::make("a_store_over_tls") else {
+        return;
+    };
+    let (_server, tls_port) = RedisServer::start_tls(&bin, &tls);
+    let ca = std::fs::read(&tls.ca).unwrap();
+    let certificates = || redis::TlsCertificates {
+        client_tls: None,
+        root_cert: Some(ca.clone()),
+    };
+    let client =
+        redis::Client::build_with_tls(format!("rediss://localhost:{tls_port}"), certificates())
+            .unwrap();
+    let store = RedisStore::builder("tls")
+        .timeout(Duration::from_secs(5))
+        .client(client)
+        .await
+        .expect("connect over TLS");
+    let keys: Vec<Vec<u8>> = (0..100).map(key).collect();
+    let answers = store
+        .insert(InsertBatch::new(keys.clone(), TTL))
+        .await
+        .unwrap();
+    assert_eq!(count(&answers, Inserted::New), 100);
+    let answers = store.insert(InsertBatch::new(keys, TTL)).await.unwrap();
+    assert_eq!(count(&answers, Inserted::Present), 100);
+
+    let error = RedisStore::connect(&format!("rediss://localhost:{tls_port}"), "tls")
+        .await
+        .unwrap_err();
+    let text = chain(&error);
+    eprintln!("rediss:// with an unknown certificate authority: {text}");
+    assert!(text.contains("TLS handshake failed"), "{text}");
+    assert!(text.contains("certificate"), "{text}");
+}
+
+/// A server that accepts the connection and never answers: `connect` fails within its limit,
+/// naming the server, as unavailable.
+#[tokio::test]
+async fn a_hung_server_fails_at_connect_naming_it() {
+    let Some(bin) = redis_server::server_binary("a_hung_server_fails_at_connect_naming_it") else {
+        return;
+    };
+    let server = RedisServer::start(&bin);
+    server.pause();
+    let start = Instant::now();
+    let result = RedisStore::builder("hung-connect")
+        .timeout(Duration::from_millis(200))
+        .connection_timeout(Duration::from_millis(200))
+        .connect(&server.url())
+        .await;
+    let took = start.elapsed();
+    server.resume();
+    let error = result.unwrap_err();
+    assert!(took < Duration::from_millis(700), "took {took:?}");
+    assert!(matches!(error, StoreError::Unavailable(_)), "{error:?}");
+    let text = error.to_string();
+    let at = format!(
+        "connecting to Redis at 127.0.0.1:{} timed out",
+        server.port()
+    );
+    assert!(text.contains(&at), "{text}");
+}
+
+/// Namespaces cannot collide: one with a `:` is refused (namespace `n:b` + key `k` was the
+/// Redis key of namespace `n` + key `b:k`); other namespaces keep their keys apart.
+#[tokio::test]
+async fn namespaces_cannot_collide() {
+    // Refused before any connection is tried.
+    for bad in ["a:b", "", "a b", "orders{eu", "{}"] {
+        let error = RedisStore::connect("redis://127.0.0.1:1", bad)
+            .await
+            .unwrap_err();
+        assert!(
+            error.to_string().contains("invalid Redis namespace"),
+            "{bad:?}: {error}"
+        );
+    }
+    let Some(url) = redis_server::url("namespaces_cannot_collide") else {
+        return;
+    };
+    let ns = namespace("collide");
+    let store = connect(&url, &ns).await;
+    let error = RedisStore::builder(&format!("{ns}:b"))
+        .connect(&url)
+        .await
+        .unwrap_err();
+    assert!(error.to_string().contains("':'"), "{error}");
+    let client = redis::Client::open(url.as_str()).unwrap();
+    let manager = redis::aio::ConnectionManager::new(client).await.unwrap();
+    assert!(RedisStore::from_connection_manager(manager, &format!("{ns}:b")).is_err());
+
+    let near = connect(&url, &format!("{ns}.b")).await;
+    let insert = |k: &[u8]| InsertBatch::new(vec![k.to_vec()], TTL);
+    assert_eq!(store.insert(insert(b"b:k")).await.unwrap(), [Inserted::New]);
+    assert_eq!(near.insert(insert(b"k")).await.unwrap(), [Inserted::New]);
+    assert_eq!(
+        store.insert(insert(b"b:k")).await.unwrap(),
+        [Inserted::Present]
+    );
+    assert_eq!(store.insert(insert(b"b.k")).await.unwrap(), [Inserted::New]);
+}
+
+/// The builder's key limit is the store's: reported by `max_key_len`, and a call with a longer
+/// key fails with `KeyTooLong`. The default is Redis's limit less the namespace and `:`.
+#[tokio::test]
+async fn the_builders_key_limit_is_the_stores() {
+    let Some(url) = redis_server::url("the_builders_key_limit_is_the_stores") else {
+        return;
+    };
+    let ns = namespace("limit");
+    let store = RedisStore::builder(&ns)
+        .max_key_len(16)
+        .connect(&url)
+        .await
+        .unwrap();
+    assert_eq!(store.max_key_len(), 16);
+    let ok = InsertBatch::new(vec![vec![b'x'; 16]], TTL);
+    assert_eq!(store.insert(ok).await.unwrap(), [Inserted::New]);
+    let long = InsertBatch::new(vec![b"a".to_vec(), vec![b'x'; 17]], TTL);
+    match store.insert(long).await {
+        Err(StoreError::KeyTooLong { len: 17, max: 16 }) => {}
+        other => panic!("expected KeyTooLong, got {other:?}"),
+    }
+    let default = connect(&url, &ns).await;
+    assert_eq!(default.max_key_len(), 512 * 1024 * 1024 - ns.len() - 1);
+}
+
+/// The error type of the consumer's stream.
+#[derive(Debug)]
+struct AppError(StoreError);
+
+impl From<StoreError> for AppError {
+    fn from(e: StoreError) -> Self {
+        AppError(e)
+    }
+}
+
+/// A window whose own key limit (1 MiB) is larger than the store's (16 bytes).
+fn roomy_window(store: &RedisStore) -> stream_dedup::StoreWindow<RedisStore> {
+    Window::max_keys(1_000)
+        .ttl(TTL)
+        .store(store.clone())
+        .timeout(Duration::from_secs(5))
+        .max_key_len(1 << 20)
+}
+
+/// A store with a 16-byte key limit, for the operator tests.
+async fn store_with_short_keys(url: &str, test: &str) -> RedisStore {
+    RedisStore::builder(&namespace(test))
+        .timeout(Duration::from_secs(5))
+        .max_key_len(16)
+        .connect(url)
+        .await
+        .unwrap()
+}
+
+/// Through `dedup_by_key`, a key over the store's limit fails alone: the store's limit wins
+/// over the window's larger one, the item gets the failure policy, and the other keys of its
+/// batch are recorded in Redis (another consumer finds them).
+#[tokio::test]
+async fn a_key_over_the_stores_limit_fails_alone_in_dedup_by_key() {
+    let Some(url) = redis_server::url("a_key_over_the_stores_limit_fails_alone_in_dedup_by_key")
+    else {
+        return;
+    };
+    let store = store_with_short_keys(&url, "long-dedup").await;
+    let long = "x".repeat(100);
+
+    // Fail closed: the long key's item alone is an error.
+    let items = ["a".to_owned(), long.clone(), "b".to_owned()];
+    let window = roomy_window(&store).on_failure(FailurePolicy::fail_closed());
+    let out: Vec<Result<String, AppError>> = stream::iter(items.map(Ok))
+        .try_dedup_by_key(|s: &String| s.clone(), window)
+        .collect()
+        .await;
+    assert_eq!(out.len(), 3, "{out:?}");
+    assert_eq!(
+        out[0].as_ref().ok().map(String::as_str),
+        Some("a"),
+        "{out:?}"
+    );
+    assert!(
+        matches!(
+            &out[1],
+            Err(AppError(StoreError::KeyTooLong { len: 100, max: 16 }))
+        ),
+        "{out:?}"
+    );
+    assert_eq!(
+        out[2].as_ref().ok().map(String::as_str),
+        Some("b"),
+        "{out:?}"
+    );
+
+    // Fail open: the long key's item passes unchecked, the others are recorded.
+    let items = ["c".to_owned(), long.clone(), "d".to_owned()];
+    let unique = stream::iter(items).dedup_by_key(|s: &String| s.clone(), roomy_window(&store));
+    let stats = unique.stats();
+    let out: Vec<String> = unique.collect().await;
+    assert_eq!(out, ["c", long.as_str(), "d"]);
+    assert_eq!(stats.unchecked(), 1);
+
+    // Another consumer (a window of its own) finds a, b, c and d in Redis.
+    let again: Vec<&str> = stream::iter(["a", "b", "c", "d", "e"])
+        .dedup_by_key(|s| s.to_owned(), roomy_window(&store))
+        .collect()
+        .await;
+    assert_eq!(again, ["e"]);
+}
+
+/// Through `claim_by_key`, a key over the store's limit fails alone: the other claims of its
+/// batch are made and commit, and another consumer finds them done.
+#[tokio::test]
+async fn a_key_over_the_stores_limit_fails_alone_in_claim_by_key() {
+    let Some(url) = redis_server::url("a_key_over_the_stores_limit_fails_alone_in_claim_by_key")
+    else {
+        return;
+    };
+    let store = store_with_short_keys(&url, "long-claim").await;
+    let long = "x".repeat(100);
+    let items = ["a".to_owned(), long.clone(), "b".to_owned()];
+    let window = roomy_window(&store).on_failure(FailurePolicy::fail_closed());
+    let mut claims =
+        stream::iter(items.map(Ok::<_, AppError>)).try_claim_by_key(|s: &String| s.clone(), window);
+    let mut committed = Vec::new();
+    let mut errors = Vec::new();
+    while let Some(item) = claims.next().await {
+        match item {
+            Ok(claim) => committed.push(claim.commit().await.expect("commit")),
+            Err(e) => errors.push(e),
+        }
+    }
+    assert_eq!(committed, ["a", "b"], "errors: {errors:?}");
+    assert_eq!(errors.len(), 1, "{errors:?}");
+    assert!(
+        matches!(
+            errors[0],
+            AppError(StoreError::KeyTooLong { len: 100, max: 16 })
+        ),
+        "{errors:?}"
+    );
+
+    let again: Vec<String> = stream::iter(["a", "b", "c"].map(str::to_owned))
+        .claim_by_key(|s: &String| s.clone(), roomy_window(&store))
+        .then(|claim| async move { claim.commit().await.expect("commit") })
+        .collect()
+        .await;
+    assert_eq!(again, ["c"]);
 }

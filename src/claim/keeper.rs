@@ -47,16 +47,19 @@ pub(super) fn spawn(runtime: &tokio::runtime::Handle, core: Weak<dyn Renew>, lea
 /// A handler slower than the broker's deadline, telling the broker it is still working:
 ///
 /// ```no_run
+/// # #![allow(dead_code)]
 /// # async fn handle(_: &str) {}
 /// # async fn progress(_: &str) {}
 /// # async fn example(claim: stream_dedup::Claim<String>) -> Result<(), stream_dedup::store::StoreError> {
 /// let mut beat = claim.heartbeat();
-/// let work = handle(&claim);
-/// tokio::pin!(work);
-/// loop {
-///     tokio::select! {
-///         () = &mut work => break,
-///         Some(()) = beat.tick() => progress(&claim).await, // e.g. msg.ack_with(AckKind::Progress)
+/// {
+///     let work = handle(&claim);
+///     tokio::pin!(work);
+///     loop {
+///         tokio::select! {
+///             () = &mut work => break,
+///             Some(()) = beat.tick() => progress(&claim).await, // msg.ack_with(AckKind::Progress)
+///         }
 ///     }
 /// }
 /// claim.commit().await?;

@@ -350,33 +350,37 @@ impl<T, K: Hash + Eq, E> Driver<T, K, E> {
         result: Result<Vec<Answer>, StoreError>,
         now: Option<Instant>,
     ) {
-        for key in &request.keys {
+        let Request {
+            keys: request_keys,
+            encoded,
+            waiters,
+            call,
+            ..
+        } = request;
+        let token = call.token;
+        // The call is over: dropping it cancels whatever of it has not started at the store
+        // (a store that can), before a take-back below could be overtaken by it.
+        drop(call);
+        for key in &request_keys {
             self.pending.remove(key);
         }
         let open = self.parts.settings.policy.is_fail_open();
         let claims = self.parts.backend.claims();
-        let token = request.call.token;
         match &result {
-            Ok(answers) => gate.answered(&request.keys, answers, token, now),
+            Ok(answers) => gate.answered(&request_keys, answers, token, now),
             Err(_) => {
                 gate.count(Fate::StoreError);
-                for key in &request.keys {
+                for key in &request_keys {
                     gate.failed(key, open, token, now);
                 }
             }
         }
-        // A claim takes its key and its store bytes from the request (each key has one first
-        // copy, so one claim).
         // An accepted item takes its key and store bytes from the request (each key has one
         // first copy): a claim commits or releases with them, and a mark is taken back with them
         // if the operator is dropped before it emits the item.
-        let mut keys: Vec<Option<(K, Vec<u8>)>> = request
-            .keys
-            .into_iter()
-            .zip(request.encoded)
-            .map(Some)
-            .collect();
-        for w in request.waiters {
+        let mut keys: Vec<Option<(K, Vec<u8>)>> =
+            request_keys.into_iter().zip(encoded).map(Some).collect();
+        for w in waiters {
             let answer = result.as_ref().map(|answers| answers[w.key as usize]);
             let mut claim = || {
                 keys.get_mut(w.key as usize)

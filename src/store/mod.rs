@@ -55,34 +55,30 @@ pub type StoreFuture<T> = Pin<Box<dyn Future<Output = Result<T, StoreError>> + S
 /// Why a store call failed.
 ///
 /// Build one with the constructors ([`StoreError::unavailable`], [`StoreError::backend`], …),
-/// which take any error.
-#[derive(Clone, Debug, thiserror::Error)]
+/// which take any error. The message names the cause: it includes the backend error's own
+/// message, and [`source`](std::error::Error::source) continues below it (the backend error's
+/// source, such as the I/O error of a refused connection), so that a chain of errors says each
+/// thing once. The backend error itself is the variant's field.
+#[derive(Clone, Debug)]
 #[non_exhaustive]
 pub enum StoreError {
     /// The store did not answer within the configured timeout. The call may still have been
     /// applied: a retry with the same [`Token`] is safe, and the operators take back the keys of
     /// a call that failed for good (a write still on its way to the store can land after that).
-    #[error("the store did not answer within {0:?} (the call may still have been applied)")]
     Timeout(Duration),
     /// The store could not be reached (connection refused or lost, server down).
-    #[error("the store is unavailable")]
-    Unavailable(#[source] SharedError),
+    Unavailable(SharedError),
     /// The store's data is not what this crate wrote (a corrupt or foreign file).
-    #[error("the store's data is corrupt or not a stream-dedup store")]
-    Corrupt(#[source] SharedError),
+    Corrupt(SharedError),
     /// The store is locked by another process.
-    #[error("the store is locked by another process")]
-    Locked(#[source] SharedError),
+    Locked(SharedError),
     /// This claim no longer holds its key: its lease ran out and another consumer took the
     /// key, so the commit was refused (the other consumer's result stands).
-    #[error("the claim's lease ran out and another consumer holds the key")]
     LeaseLost,
     /// [`Claim::commit_with`](crate::Claim::commit_with) was given a transaction of a database
     /// that is not the claim's store (or the claim has no store behind it).
-    #[error("commit_with needs the claim's store to be this database's store: {0}")]
     NotTransactional(&'static str),
     /// A key is longer than the store accepts.
-    #[error("a key of {len} bytes is longer than the store's limit of {max} bytes")]
     KeyTooLong {
         /// The key's length in bytes.
         len: usize,
@@ -90,14 +86,61 @@ pub enum StoreError {
         max: usize,
     },
     /// Any other failure of the backend.
-    #[error("the store failed to {operation}")]
     Backend {
         /// What the store was doing.
         operation: &'static str,
         /// The backend's error.
-        #[source]
         source: SharedError,
     },
+}
+
+impl fmt::Display for StoreError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            StoreError::Timeout(limit) => write!(
+                f,
+                "the store did not answer within {limit:?} (the call may still have been applied)"
+            ),
+            StoreError::Unavailable(e) => write!(f, "the store is unavailable: {e}"),
+            StoreError::Corrupt(e) => {
+                write!(
+                    f,
+                    "the store's data is corrupt or not a stream-dedup store: {e}"
+                )
+            }
+            StoreError::Locked(e) => write!(f, "the store is locked by another process: {e}"),
+            StoreError::LeaseLost => {
+                f.write_str("the claim's lease ran out and another consumer holds the key")
+            }
+            StoreError::NotTransactional(why) => write!(
+                f,
+                "commit_with needs the claim's store to be this database's store: {why}"
+            ),
+            StoreError::KeyTooLong { len, max } => write!(
+                f,
+                "a key of {len} bytes is longer than the store's limit of {max} bytes"
+            ),
+            StoreError::Backend { operation, source } => {
+                write!(f, "the store failed to {operation}: {source}")
+            }
+        }
+    }
+}
+
+impl std::error::Error for StoreError {
+    /// The backend error's own source: the backend error's message is part of this one's.
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            StoreError::Unavailable(e)
+            | StoreError::Corrupt(e)
+            | StoreError::Locked(e)
+            | StoreError::Backend { source: e, .. } => e.source(),
+            StoreError::Timeout(_)
+            | StoreError::LeaseLost
+            | StoreError::NotTransactional(_)
+            | StoreError::KeyTooLong { .. } => None,
+        }
+    }
 }
 
 impl StoreError {
@@ -435,6 +478,22 @@ mod tests {
         assert_eq!(a.to_string().len(), 32);
     }
 
+    /// An error that names its cause as its source.
+    #[derive(Debug)]
+    struct Wrapped(std::io::Error);
+
+    impl fmt::Display for Wrapped {
+        fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            f.write_str("wrapped")
+        }
+    }
+
+    impl std::error::Error for Wrapped {
+        fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+            Some(&self.0)
+        }
+    }
+
     #[test]
     fn errors_say_what_happened() {
         let e = StoreError::KeyTooLong { len: 10, max: 5 };
@@ -445,7 +504,16 @@ mod tests {
         assert!(!e.is_transient());
         assert!(StoreError::Timeout(Duration::from_millis(5)).is_transient());
         let e = StoreError::unavailable("connection refused");
-        let source = std::error::Error::source(&e.clone()).map(ToString::to_string);
+        assert_eq!(
+            e.clone().to_string(),
+            "the store is unavailable: connection refused"
+        );
+        // Said once: the message holds the backend's, the source goes on below it.
+        assert!(std::error::Error::source(&e).is_none());
+        let io = std::io::Error::from(std::io::ErrorKind::ConnectionRefused);
+        let e = StoreError::backend("insert keys", Wrapped(io));
+        assert_eq!(e.to_string(), "the store failed to insert keys: wrapped");
+        let source = std::error::Error::source(&e).map(ToString::to_string);
         assert_eq!(source.as_deref(), Some("connection refused"));
     }
 }

@@ -166,7 +166,8 @@ impl Drop for RedisServer {
     }
 }
 
-/// Waits until a server on `port` answers `PING` with `+PONG`.
+/// Waits until a server on `port` answers `PING` with `+PONG` (or `-NOAUTH`: a server started
+/// with `--requirepass` is up too).
 pub fn wait_for_ping(port: u16, limit: Duration) {
     use std::io::{Read, Write};
     let start = Instant::now();
@@ -177,7 +178,7 @@ pub fn wait_for_ping(port: u16, limit: Duration) {
             s.write_all(b"PING\r\n")?;
             let mut buf = [0u8; 7];
             s.read_exact(&mut buf)?;
-            Ok(&buf == b"+PONG\r\n")
+            Ok(&buf == b"+PONG\r\n" || &buf == b"-NOAUTH")
         })()
         .unwrap_or(false);
         if pong {
@@ -196,6 +197,8 @@ pub fn wait_for_ping(port: u16, limit: Duration) {
 #[derive(Debug)]
 pub struct RedisCluster {
     pub nodes: Vec<RedisServer>,
+    /// The password every node requires (`--requirepass`), if any.
+    password: Option<String>,
 }
 
 impl RedisCluster {
@@ -203,6 +206,11 @@ impl RedisCluster {
     /// `redis-cli` next to `redis-server`, else on `PATH`), and waits for `cluster_state:ok`
     /// on every node.
     pub fn start(bin: &Path, n: usize) -> RedisCluster {
+        RedisCluster::start_with_password(bin, n, None)
+    }
+
+    /// As [`start`](Self::start), every node requiring `password` when one is given.
+    pub fn start_with_password(bin: &Path, n: usize, password: Option<&str>) -> RedisCluster {
         let mut nodes: Vec<RedisServer> = Vec::new();
         for _ in 0..n {
             let port = loop {
@@ -212,26 +220,30 @@ impl RedisCluster {
                 }
             };
             let conf = format!("nodes-{port}.conf");
-            nodes.push(RedisServer::start_with(
-                bin,
-                port,
-                &[
-                    "--cluster-enabled",
-                    "yes",
-                    "--cluster-config-file",
-                    &conf,
-                    "--cluster-node-timeout",
-                    "5000",
-                ],
-            ));
+            let mut args = vec![
+                "--cluster-enabled",
+                "yes",
+                "--cluster-config-file",
+                &conf,
+                "--cluster-node-timeout",
+                "5000",
+            ];
+            if let Some(password) = password {
+                args.extend(["--requirepass", password]);
+            }
+            nodes.push(RedisServer::start_with(bin, port, &args));
         }
-        let cluster = RedisCluster { nodes };
+        let cluster = RedisCluster {
+            nodes,
+            password: password.map(str::to_owned),
+        };
         let addrs: Vec<String> = cluster
             .nodes
             .iter()
             .map(|s| format!("127.0.0.1:{}", s.port))
             .collect();
         let output = Command::new(cli_binary(bin))
+            .args(cluster.auth())
             .arg("--cluster")
             .arg("create")
             .args(&addrs)
@@ -256,12 +268,21 @@ impl RedisCluster {
     pub fn cli(&self, node: usize, args: &[&str]) -> String {
         let bin = &self.nodes[node].bin;
         let output = Command::new(cli_binary(bin))
+            .args(self.auth())
             .args(["-p", &self.nodes[node].port.to_string()])
             .args(args)
             .stdin(Stdio::null())
             .output()
             .expect("run redis-cli");
         String::from_utf8_lossy(&output.stdout).into_owned()
+    }
+
+    /// `redis-cli`'s arguments for the password, if any.
+    fn auth(&self) -> Vec<String> {
+        match &self.password {
+            Some(password) => vec!["--no-auth-warning".into(), "-a".into(), password.clone()],
+            None => Vec::new(),
+        }
     }
 
     fn wait_until_ok(&self, limit: Duration) {
@@ -280,6 +301,107 @@ impl RedisCluster {
             );
             std::thread::sleep(Duration::from_millis(100));
         }
+    }
+}
+
+/// A test certificate authority and a server certificate it signed (for `localhost` and
+/// `127.0.0.1`), made with the `openssl` command in a directory of their own.
+#[derive(Debug)]
+pub struct TlsFiles {
+    pub dir: TempDir,
+    pub ca: PathBuf,
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
+
+impl TlsFiles {
+    /// Makes the files, or `None` (and a note) without an `openssl` command.
+    pub fn make(test: &str) -> Option<TlsFiles> {
+        let dir = TempDir::new("tls");
+        let path = |name: &str| dir.path().join(name);
+        let openssl = |args: &[&str]| {
+            Command::new("openssl")
+                .args(args)
+                .current_dir(dir.path())
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .status()
+                .is_ok_and(|s| s.success())
+        };
+        if !openssl(&["version"]) {
+            eprintln!("skipped: {test} (no openssl command to make certificates)");
+            return None;
+        }
+        std::fs::write(
+            path("server.ext"),
+            "subjectAltName=DNS:localhost,IP:127.0.0.1\nbasicConstraints=CA:FALSE\n",
+        )
+        .expect("write server.ext");
+        let new_key = "-newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes";
+        let ca =
+            format!("req -x509 {new_key} -keyout ca.key -out ca.crt -days 2 -subj /CN=test-CA");
+        let csr = format!("req {new_key} -keyout server.key -out server.csr -subj /CN=localhost");
+        for args in [ca, csr] {
+            let args: Vec<&str> = args.split(' ').collect();
+            assert!(openssl(&args), "openssl {args:?} failed");
+        }
+        assert!(openssl(&[
+            "x509",
+            "-req",
+            "-in",
+            "server.csr",
+            "-CA",
+            "ca.crt",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-out",
+            "server.crt",
+            "-days",
+            "2",
+            "-extfile",
+            "server.ext",
+        ]));
+        Some(TlsFiles {
+            ca: path("ca.crt"),
+            cert: path("server.crt"),
+            key: path("server.key"),
+            dir,
+        })
+    }
+}
+
+impl RedisServer {
+    /// Starts a server that also serves TLS (with `tls`'s certificate) on a second free port;
+    /// returns it and that port.
+    pub fn start_tls(bin: &Path, tls: &TlsFiles) -> (RedisServer, u16) {
+        let tls_port = free_port();
+        let port = loop {
+            let port = free_port();
+            if port != tls_port {
+                break port;
+            }
+        };
+        let arg = |p: &Path| p.to_str().expect("a UTF-8 path").to_owned();
+        let (ca, cert, key) = (arg(&tls.ca), arg(&tls.cert), arg(&tls.key));
+        let server = RedisServer::start_with(
+            bin,
+            port,
+            &[
+                "--tls-port",
+                &tls_port.to_string(),
+                "--tls-cert-file",
+                &cert,
+                "--tls-key-file",
+                &key,
+                "--tls-ca-cert-file",
+                &ca,
+                "--tls-auth-clients",
+                "no",
+            ],
+        );
+        (server, tls_port)
     }
 }
 

@@ -9,7 +9,7 @@ use redis::cluster_async::ClusterConnection;
 use redis::cluster_routing::{Route, RoutingInfo, SingleNodeRoutingInfo, SlotAddr};
 use redis::{Cmd, ErrorKind, Pipeline, RedisError, ServerErrorKind, Value};
 
-use super::error::map_error;
+use super::error::{Target, map_error};
 use crate::store::StoreError;
 
 /// Redis Cluster's number of hash slots.
@@ -38,8 +38,9 @@ impl Cluster {
         keys: &[Vec<u8>],
         cmd: &impl Fn(usize, &[u8]) -> Cmd,
         timeout: Duration,
+        target: &Target,
     ) -> Result<Vec<Value>, StoreError> {
-        let map = self.slot_map(timeout).await?;
+        let map = self.slot_map(timeout, target).await?;
         let mut per_node: Vec<Vec<usize>> = vec![Vec::new(); map.nodes];
         let mut one_by_one = Vec::new();
         for (i, key) in keys.iter().enumerate() {
@@ -79,7 +80,7 @@ impl Cluster {
                     one_by_one.extend_from_slice(ks);
                     continue;
                 }
-                Err(e) => return Err(map_error(op, e, timeout)),
+                Err(e) => return Err(map_error(op, e, timeout, target)),
             };
             if answer.len() != ks.len() {
                 return Err(StoreError::backend(
@@ -110,7 +111,7 @@ impl Cluster {
                 async move { (i, cmd.query_async::<Value>(&mut conn).await) }
             });
             for (i, reply) in join_all(singles).await {
-                replies[i] = Some(reply.map_err(|e| map_error(op, e, timeout))?);
+                replies[i] = Some(reply.map_err(|e| map_error(op, e, timeout, target))?);
             }
         }
         replies
@@ -120,7 +121,11 @@ impl Cluster {
     }
 
     /// The slot map, read with `CLUSTER SLOTS` when there is none.
-    async fn slot_map(&self, timeout: Duration) -> Result<Arc<SlotMap>, StoreError> {
+    async fn slot_map(
+        &self,
+        timeout: Duration,
+        target: &Target,
+    ) -> Result<Arc<SlotMap>, StoreError> {
         const OP: &str = "read the cluster's slot map";
         if let Some(map) = &*self.slots.lock().unwrap_or_else(PoisonError::into_inner) {
             return Ok(Arc::clone(map));
@@ -132,7 +137,7 @@ impl Cluster {
             .clone()
             .route_command(cmd, RoutingInfo::SingleNode(SingleNodeRoutingInfo::Random))
             .await
-            .map_err(|e| map_error(OP, e, timeout))?;
+            .map_err(|e| map_error(OP, e, timeout, target))?;
         let map = Arc::new(SlotMap::parse(&reply).map_err(|e| StoreError::backend(OP, e))?);
         *self.slots.lock().unwrap_or_else(PoisonError::into_inner) = Some(Arc::clone(&map));
         Ok(map)

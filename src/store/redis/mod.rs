@@ -1,9 +1,11 @@
 //! The Redis store: [`RedisStore`], its constructors and builder, and the [`Store`] and
-//! [`ClaimStore`] impls. The work is done in the submodules: the pipelines of each call
-//! (`ops`), the Lua scripts of claims (`scripts`), the routing on Redis Cluster (`cluster`)
-//! and the mapping of redis-rs errors (`error`).
+//! [`ClaimStore`] impls. The work is done in the submodules: the checks made before a
+//! constructor answers (`connect`), the pipelines of each call (`ops`), the Lua scripts of
+//! claims (`scripts`), the routing on Redis Cluster (`cluster`) and the mapping of redis-rs
+//! errors (`error`).
 
 mod cluster;
+mod connect;
 mod error;
 mod ops;
 mod scripts;
@@ -18,8 +20,9 @@ use redis::cluster::ClusterClientBuilder;
 use redis::cluster_async::ClusterConnection;
 
 use self::cluster::Cluster;
-use self::error::map_error;
-use self::ops::{Conn, Inner};
+use self::connect::{check_cluster, check_namespace, check_single, parse_url, tls_provider};
+use self::error::{CONNECT, Target, connect_timed_out, map_error};
+use self::ops::{Conn, Inner, MAX_KEY_LEN};
 use crate::store::{
     ClaimBatch, ClaimStore, Claimed, HeldKey, InsertBatch, Inserted, Store, StoreError, StoreFuture,
 };
@@ -77,17 +80,34 @@ const DEFAULT_CONNECTION_TIMEOUT: Duration = Duration::from_millis(500);
 /// - Redis 7.0 or later (tested with 7.0.15): `SET` with both `NX` and
 ///   `GET` is a 7.0 addition. An older server answers every insert with a
 ///   [`StoreError::Backend`] ("syntax error").
-/// - Keys up to Redis's bulk-string limit (512 MiB less the namespace), else
+/// - Keys up to [`RedisStoreBuilder::max_key_len`] bytes (default: Redis's bulk-string limit,
+///   512 MiB less the namespace), reported by [`Store::max_key_len`]: the operators never send
+///   a longer key (its item alone gets the failure policy); a call that holds one fails with
 ///   [`StoreError::KeyTooLong`]. The ttl is rounded up to whole milliseconds, at least 1 ms.
 /// - A key that holds a value of another Redis type in the namespace makes the batch fail
 ///   with [`StoreError::Backend`] (`WRONGTYPE`).
-/// - Namespaces are kept apart by their text and the `:`: do not nest them. The key `b:k` of
-///   namespace `a` and the key `k` of namespace `a:b` are the same Redis key, `a:b:k`.
+/// - A namespace is 1 to 128 printable ASCII characters other than `:` (letters, digits, `-`,
+///   `_`, `.`, …), with braces only around one hash tag; any other is refused when the store
+///   is made. Without `:` in namespaces, the first `:` of a Redis key ends its namespace, so the
+///   keys of two namespaces never meet.
 /// - On Redis Cluster, a namespace with a hash tag (such as `{payments}`) puts all its keys
 ///   in one slot, on one node: one pipeline per batch, and no spreading of the load.
 ///
-/// Clones share one connection (a handle); `Debug` shows the namespace, the deployment and the
-/// timeout, never the URL or its credentials.
+/// # Connecting
+///
+/// The constructors that connect ([`connect`](RedisStore::connect),
+/// [`connect_cluster`](RedisStore::connect_cluster), [`from_client`](RedisStore::from_client)
+/// and the builder's) check the connection before they answer, within the connection timeout:
+/// a `PING` (after the login, when the URL has a user name or password), so that a server that
+/// needs a password, or refuses the one given, fails here with an error that says so (`NOAUTH`,
+/// `WRONGPASS`) rather than on every call. A plain connection to a node of a Redis Cluster
+/// (cluster mode on) is refused with the fix: use `connect_cluster`. `rediss://` URLs (TLS)
+/// need the cargo feature `redis-tls` (rustls, with the system's root certificates); without
+/// it, such a URL fails with an error that names the feature. Errors name the server by host
+/// and port, never by URL: a URL may hold a password.
+///
+/// Clones share one connection (a handle); `Debug` shows the namespace, the deployment, the
+/// timeout and the key limit, never the URL or its credentials.
 ///
 /// # Examples
 ///
@@ -123,22 +143,24 @@ impl fmt::Debug for RedisStore {
             .field("namespace", &self.inner.namespace)
             .field("deployment", &deployment)
             .field("timeout", &self.inner.timeout)
+            .field("max_key_len", &self.inner.max_key_len)
             .finish()
     }
 }
 
 impl RedisStore {
     /// Connects to the Redis at `url` (`redis://[user:password@]host:port[/db]`, or
-    /// `rediss://` with a TLS feature of redis-rs) with the default timeouts; every key of this
-    /// store is prefixed with `namespace` and `:`.
+    /// `rediss://` with the feature `redis-tls`) with the default timeouts, and checks the
+    /// connection (a `PING`); every key of this store is prefixed with `namespace` and `:`.
     ///
     /// Shorthand for [`RedisStore::builder(namespace).connect(url)`](RedisStoreBuilder::connect).
     ///
     /// # Errors
     ///
-    /// [`StoreError::Unavailable`] when no connection can be made,
-    /// [`StoreError::Timeout`] when it takes longer than the connection timeout, and
-    /// [`StoreError::Backend`] for a malformed URL or a refused login.
+    /// [`StoreError::Unavailable`] when no connection can be made (refused, or no answer
+    /// within the connection timeout), and [`StoreError::Backend`] for an invalid namespace, a
+    /// malformed URL, a `rediss://` URL without TLS support compiled in, a login Redis refuses
+    /// (or a password it needs and the URL lacks), or a node of a Redis Cluster.
     ///
     /// # Examples
     ///
@@ -157,7 +179,7 @@ impl RedisStore {
     }
 
     /// Connects through an existing redis-rs [`Client`](redis::Client), in a new
-    /// [`ConnectionManager`] configured with the default timeouts.
+    /// [`ConnectionManager`] configured with the default timeouts, and checks the connection.
     ///
     /// Shorthand for [`RedisStore::builder(namespace).client(client)`](RedisStoreBuilder::client).
     ///
@@ -173,10 +195,15 @@ impl RedisStore {
 
     /// Uses an existing redis-rs [`ConnectionManager`] (shared with the rest of the
     /// application), with its own reconnect and response-timeout settings; the store adds its
-    /// deadline (default 500 ms) around each call.
+    /// deadline (default 500 ms) around each call. The connection is not checked (this does
+    /// not wait): errors of Redis show on the first call.
     ///
     /// Shorthand for
     /// [`RedisStore::builder(namespace).connection_manager(manager)`](RedisStoreBuilder::connection_manager).
+    ///
+    /// # Errors
+    ///
+    /// [`StoreError::Backend`] for an invalid namespace.
     ///
     /// # Examples
     ///
@@ -187,17 +214,20 @@ impl RedisStore {
     /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
     /// let client = redis::Client::open("redis://127.0.0.1:6379")?;
     /// let manager = redis::aio::ConnectionManager::new(client).await?;
-    /// let store = RedisStore::from_connection_manager(manager.clone(), "payments");
+    /// let store = RedisStore::from_connection_manager(manager.clone(), "payments")?;
     /// # drop(store);
     /// # Ok(())
     /// # }
     /// ```
-    pub fn from_connection_manager(manager: ConnectionManager, namespace: &str) -> RedisStore {
+    pub fn from_connection_manager(
+        manager: ConnectionManager,
+        namespace: &str,
+    ) -> Result<RedisStore, StoreError> {
         RedisStore::builder(namespace).connection_manager(manager)
     }
 
     /// Connects to a Redis Cluster through any of its nodes (`urls`), with the default
-    /// timeouts.
+    /// timeouts, and checks the connection (a `PING` to every primary).
     ///
     /// Shorthand for
     /// [`RedisStore::builder(namespace).connect_cluster(urls)`](RedisStoreBuilder::connect_cluster).
@@ -227,11 +257,18 @@ impl RedisStore {
     }
 
     /// Uses an existing redis-rs cluster connection, with its own settings; the store adds its
-    /// deadline (default 500 ms) around each call.
+    /// deadline (default 500 ms) around each call. The connection is not checked.
     ///
     /// Shorthand for
     /// [`RedisStore::builder(namespace).cluster_connection(connection)`](RedisStoreBuilder::cluster_connection).
-    pub fn from_cluster_connection(connection: ClusterConnection, namespace: &str) -> RedisStore {
+    ///
+    /// # Errors
+    ///
+    /// [`StoreError::Backend`] for an invalid namespace.
+    pub fn from_cluster_connection(
+        connection: ClusterConnection,
+        namespace: &str,
+    ) -> Result<RedisStore, StoreError> {
         RedisStore::builder(namespace).cluster_connection(connection)
     }
 
@@ -259,6 +296,7 @@ impl RedisStore {
             namespace: namespace.into(),
             timeout: DEFAULT_TIMEOUT,
             connection_timeout: DEFAULT_CONNECTION_TIMEOUT,
+            max_key_len: usize::MAX,
         }
     }
 
@@ -280,6 +318,7 @@ pub struct RedisStoreBuilder {
     namespace: Box<str>,
     timeout: Duration,
     connection_timeout: Duration,
+    max_key_len: usize,
 }
 
 impl RedisStoreBuilder {
@@ -318,99 +357,165 @@ impl RedisStoreBuilder {
         self
     }
 
-    /// Connects to the Redis at `url`, in a new [`ConnectionManager`].
+    /// The longest key, in bytes, that the store takes (default and most: Redis's limit on a
+    /// string, 512 MiB, less the namespace and its `:`), as [`Store::max_key_len`] reports
+    /// it: the operators never send a longer key, they give its item alone the failure policy
+    /// with [`StoreError::KeyTooLong`] (also when their own
+    /// [`max_key_len`](crate::StoreWindow::max_key_len) is larger). A lower limit keeps
+    /// outsized keys out of Redis's memory.
+    pub fn max_key_len(mut self, bytes: usize) -> Self {
+        self.max_key_len = bytes;
+        self
+    }
+
+    /// Connects to the Redis at `url`, in a new [`ConnectionManager`], and checks the
+    /// connection: a `PING` (after the login the URL asks for) and `INFO cluster`, within the
+    /// connection timeout.
     ///
     /// # Errors
     ///
-    /// [`StoreError::Unavailable`] when no connection can be made,
-    /// [`StoreError::Timeout`] when it takes longer than the connection timeout, and
-    /// [`StoreError::Backend`] for a malformed URL or a refused login.
+    /// [`StoreError::Unavailable`] when no connection can be made: refused, or no answer
+    /// within the connection timeout (plus the call timeout, for the first replies); and
+    /// [`StoreError::Backend`] for an invalid namespace, a malformed URL, a `rediss://` URL
+    /// without the feature `redis-tls`, a login Redis refuses (`WRONGPASS`) or a password it
+    /// needs and the URL lacks (`NOAUTH`), or a node of a Redis Cluster (use
+    /// [`connect_cluster`](RedisStoreBuilder::connect_cluster)).
     pub async fn connect(self, url: &str) -> Result<RedisStore, StoreError> {
-        let client =
-            redis::Client::open(url).map_err(|e| StoreError::backend("parse the Redis URL", e))?;
+        check_namespace(&self.namespace)?;
+        let info = parse_url(url)?;
+        let client = redis::Client::open(info).map_err(|e| error::url_error(url, e))?;
         self.client(client).await
     }
 
     /// Connects through an existing redis-rs [`Client`](redis::Client), in a new
-    /// [`ConnectionManager`] with this builder's timeouts.
+    /// [`ConnectionManager`] with this builder's timeouts, and checks the connection as
+    /// [`connect`](RedisStoreBuilder::connect) does.
     ///
     /// # Errors
     ///
     /// As [`connect`](RedisStoreBuilder::connect).
     pub async fn client(self, client: redis::Client) -> Result<RedisStore, StoreError> {
+        check_namespace(&self.namespace)?;
+        let addr = client.get_connection_info().addr();
+        let target = Target::single(addr);
+        tls_provider(addr);
         let config = ConnectionManagerConfig::new()
             .set_response_timeout(Some(self.timeout))
             .set_connection_timeout(Some(self.connection_timeout))
             // One attempt per reconnect: calls fail fast while Redis is down and the next
             // call tries again, instead of every call waiting out a backoff of seconds.
             .set_number_of_retries(0);
-        // Connecting, then the connection's setup commands (each answer within the timeout).
+        // Connecting, then the connection's setup commands and the check (each answer within
+        // the timeout).
         let limit = self.connection_timeout.saturating_add(self.timeout);
-        let connecting = ConnectionManager::new_with_config(client, config);
-        let manager = self.connecting(limit, connecting).await?;
-        Ok(self.connection_manager(manager))
+        let timeout = self.timeout;
+        let connecting = async {
+            let manager = ConnectionManager::new_with_config(client, config)
+                .await
+                .map_err(|e| map_error(CONNECT, e, timeout, &target))?;
+            check_single(&manager, &target, timeout).await?;
+            Ok(manager)
+        };
+        let manager = within(limit, &target, connecting).await?;
+        self.build(Conn::Single(manager), target)
     }
 
     /// Uses an existing redis-rs [`ConnectionManager`], with its own reconnect and
-    /// response-timeout settings; the store's deadline applies around each call.
-    pub fn connection_manager(self, manager: ConnectionManager) -> RedisStore {
-        self.build(Conn::Single(manager))
-    }
-
-    /// Connects to a Redis Cluster through any of its nodes (`urls`), with this builder's
-    /// timeouts.
+    /// response-timeout settings; the store's deadline applies around each call. The
+    /// connection is not checked (this does not wait).
     ///
     /// # Errors
     ///
-    /// As [`connect`](RedisStoreBuilder::connect).
+    /// [`StoreError::Backend`] for an invalid namespace.
+    pub fn connection_manager(self, manager: ConnectionManager) -> Result<RedisStore, StoreError> {
+        self.build(Conn::Single(manager), Target::given(false))
+    }
+
+    /// Connects to a Redis Cluster through any of its nodes (`urls`), with this builder's
+    /// timeouts, and checks the connection (a `PING` to every primary).
+    ///
+    /// # Errors
+    ///
+    /// As [`connect`](RedisStoreBuilder::connect); a node without cluster mode is refused
+    /// (use [`connect`](RedisStoreBuilder::connect)).
     pub async fn connect_cluster<'a>(
         self,
         urls: impl IntoIterator<Item = &'a str>,
     ) -> Result<RedisStore, StoreError> {
-        let client = ClusterClientBuilder::new(urls)
+        check_namespace(&self.namespace)?;
+        let nodes = urls
+            .into_iter()
+            .map(parse_url)
+            .collect::<Result<Vec<_>, _>>()?;
+        let target = Target::cluster(nodes.iter().map(redis::ConnectionInfo::addr));
+        for node in &nodes {
+            tls_provider(node.addr());
+        }
+        let client = ClusterClientBuilder::new(nodes)
             .connection_timeout(self.connection_timeout)
             .response_timeout(self.timeout)
             .build()
-            .map_err(|e| StoreError::backend("parse the Redis Cluster URLs", e))?;
+            .map_err(|e| map_error(CONNECT, e, self.timeout, &target))?;
         // Connecting to a cluster connects to every node: allow a few connection timeouts.
         let limit = self.connection_timeout.saturating_mul(4);
-        let connection = self
-            .connecting(limit, client.get_async_connection())
-            .await?;
-        Ok(self.cluster_connection(connection))
+        let timeout = self.timeout;
+        let connecting = async {
+            let connection = client
+                .get_async_connection()
+                .await
+                .map_err(|e| map_error(CONNECT, e, timeout, &target))?;
+            check_cluster(&connection, &target, timeout).await?;
+            Ok(connection)
+        };
+        let connection = within(limit, &target, connecting).await?;
+        self.build(Conn::Cluster(Cluster::new(connection)), target)
     }
 
     /// Uses an existing redis-rs cluster connection, with its own settings; the store's
-    /// deadline applies around each call.
-    pub fn cluster_connection(self, connection: ClusterConnection) -> RedisStore {
-        self.build(Conn::Cluster(Cluster::new(connection)))
+    /// deadline applies around each call. The connection is not checked.
+    ///
+    /// # Errors
+    ///
+    /// [`StoreError::Backend`] for an invalid namespace.
+    pub fn cluster_connection(
+        self,
+        connection: ClusterConnection,
+    ) -> Result<RedisStore, StoreError> {
+        self.build(Conn::Cluster(Cluster::new(connection)), Target::given(true))
     }
 
-    /// Waits for a connection being made (single node or cluster), for at most `limit`.
-    async fn connecting<C>(
-        &self,
-        limit: Duration,
-        connecting: impl Future<Output = redis::RedisResult<C>>,
-    ) -> Result<C, StoreError> {
-        match tokio::time::timeout(limit, connecting).await {
-            Ok(connection) => connection.map_err(|e| map_error("connect", e, self.timeout)),
-            Err(_) => Err(StoreError::Timeout(limit)),
-        }
-    }
-
-    fn build(self, conn: Conn) -> RedisStore {
+    /// The store on `conn`, once its namespace is checked (the constructors that connect
+    /// check it first, before any connection is made).
+    fn build(self, conn: Conn, target: Target) -> Result<RedisStore, StoreError> {
+        check_namespace(&self.namespace)?;
         let mut prefix = Vec::with_capacity(self.namespace.len() + 1);
         prefix.extend_from_slice(self.namespace.as_bytes());
         prefix.push(b':');
-        RedisStore {
+        let max_key_len = self
+            .max_key_len
+            .min(MAX_KEY_LEN.saturating_sub(prefix.len()));
+        Ok(RedisStore {
             inner: Arc::new(Inner {
                 conn,
                 namespace: self.namespace,
                 prefix: prefix.into(),
                 timeout: self.timeout,
+                max_key_len,
+                target,
             }),
-        }
+        })
     }
+}
+
+/// Waits for `fut` (connecting to `target` and checking), for at most `limit`.
+async fn within<T>(
+    limit: Duration,
+    target: &Target,
+    fut: impl Future<Output = Result<T, StoreError>>,
+) -> Result<T, StoreError> {
+    tokio::time::timeout(limit, fut)
+        .await
+        .unwrap_or_else(|_| Err(connect_timed_out(target, limit)))
 }
 
 impl Store for RedisStore {

@@ -8,7 +8,7 @@ use redis::aio::ConnectionManager;
 use redis::{Cmd, Pipeline, RedisWrite, ToRedisArgs, Value};
 
 use super::cluster::Cluster;
-use super::error::{map_error, unexpected};
+use super::error::{Target, map_error, unexpected};
 use super::scripts::{
     COMMIT_SCRIPT, IN_FLIGHT_MAX, KEYS_PER_SCRIPT, RELEASE_SCRIPT, RENEW_SCRIPT, TAKE_BACK_SCRIPT,
     TAKEOVER_SCRIPT, in_flight_prefix, in_flight_value, is_in_flight, refused_positions,
@@ -17,7 +17,7 @@ use super::scripts::{
 use crate::store::{ClaimBatch, Claimed, HeldKey, InsertBatch, Inserted, StoreError, Token};
 
 /// Redis refuses a bulk string longer than `proto-max-bulk-len` (512 MiB by default).
-const MAX_KEY_LEN: usize = 512 * 1024 * 1024;
+pub(super) const MAX_KEY_LEN: usize = 512 * 1024 * 1024;
 /// The longest ttl sent to Redis (100 years); Redis refuses an expiry that overflows its clock.
 const MAX_TTL_MS: u64 = 100 * 365 * 24 * 3600 * 1000;
 
@@ -29,6 +29,10 @@ pub(super) struct Inner {
     pub(super) prefix: Box<[u8]>,
     /// The deadline of one call.
     pub(super) timeout: Duration,
+    /// The longest key (without the prefix) that the store takes.
+    pub(super) max_key_len: usize,
+    /// Where the connection goes, for error messages.
+    pub(super) target: Target,
 }
 
 /// The connection: to one Redis node (or a proxy), or to a Redis Cluster.
@@ -303,9 +307,10 @@ impl Inner {
         }
     }
 
-    /// The longest key this store takes (Redis's limit, less the namespace prefix).
+    /// The longest key this store takes: the builder's limit, at most Redis's less the
+    /// namespace prefix.
     pub(super) fn max_key_len(&self) -> usize {
-        MAX_KEY_LEN.saturating_sub(self.prefix.len())
+        self.max_key_len
     }
 
     pub(super) async fn remove(&self, keys: Vec<Vec<u8>>) -> Result<(), StoreError> {
@@ -327,9 +332,10 @@ impl Inner {
         }
     }
 
-    /// Fails if a key is too long for Redis once prefixed.
+    /// Fails if a key is longer than [`max_key_len`](Self::max_key_len) (the operators never
+    /// send one: they give its item alone the failure policy).
     fn check_keys(&self, keys: &[Vec<u8>]) -> Result<(), StoreError> {
-        let max = MAX_KEY_LEN.saturating_sub(self.prefix.len());
+        let max = self.max_key_len;
         match keys.iter().find(|key| key.len() > max) {
             Some(key) => Err(StoreError::KeyTooLong {
                 len: key.len(),
@@ -381,7 +387,13 @@ impl Inner {
             Conn::Cluster(cluster) => {
                 let full = self.full_keys(keys);
                 let replies = cluster
-                    .run(op, &full, &|i, _: &[u8]| cmd(i..i + 1), self.timeout)
+                    .run(
+                        op,
+                        &full,
+                        &|i, _: &[u8]| cmd(i..i + 1),
+                        self.timeout,
+                        &self.target,
+                    )
                     .await?;
                 let replies = self.replies(op, replies, keys.len())?;
                 return Ok(replies
@@ -421,8 +433,8 @@ impl Inner {
             Err(e) if e.is_io_error() && !e.is_timeout() => pipe
                 .query_async::<Vec<Value>>(&mut conn)
                 .await
-                .map_err(|e| map_error(op, e, self.timeout)),
-            Err(e) => Err(map_error(op, e, self.timeout)),
+                .map_err(|e| map_error(op, e, self.timeout, &self.target)),
+            Err(e) => Err(map_error(op, e, self.timeout, &self.target)),
         }
     }
 
@@ -445,7 +457,7 @@ impl Inner {
         replies
             .into_iter()
             .map(|reply| match reply {
-                Value::ServerError(e) => Err(map_error(op, e.into(), self.timeout)),
+                Value::ServerError(e) => Err(map_error(op, e.into(), self.timeout, &self.target)),
                 reply => Ok(reply),
             })
             .collect()
@@ -473,7 +485,9 @@ impl Inner {
             Conn::Cluster(cluster) => {
                 let full = self.full_keys(keys);
                 let cmd = |i: usize, _: &[u8]| cmd(i, self.prefixed(&keys[i]));
-                cluster.run(op, &full, &cmd, self.timeout).await?
+                cluster
+                    .run(op, &full, &cmd, self.timeout, &self.target)
+                    .await?
             }
         };
         self.replies(op, replies, keys.len())
