@@ -66,6 +66,7 @@
 //! |---|---|---|
 //! | `uuid` | [`StoreKey`](store::StoreKey) for `uuid::Uuid` | no |
 //! | `redis` | `store::RedisStore`: a store on Redis ≥ 7.0 or Redis Cluster, shared by consumers on many machines (redis-rs, tokio) | no |
+//! | `postgres` | `store::PostgresStore`: a store in a PostgreSQL table, for consumers whose business data lives there (sqlx 0.8, tokio); sqlx re-exported as `stream_dedup::sqlx` | no |
 //! | `trace` | [`trace`]: `record_trace` / `TraceWriter`, to record `elapsed_ms,key` lines from a live stream (no extra dependency) | no |
 //! | `sweep` | [`sweep`]: replay a synthetic broker or a recorded trace through a grid of windows on a paused clock; table, CSV, SVG plot (tokio `test-util`, serde_json, plotters; clap and cap for `examples/window_sweep.rs`); implies `trace` | no |
 //! | `embedded` | `store::EmbeddedStore`: a store in a local directory that survives restarts (fjall; needs Rust 1.90) | no |
@@ -105,6 +106,11 @@ mod window;
 
 pub use self::claim::Claim;
 pub use self::claim_by_key::ClaimByKey;
+/// The sqlx this crate was built with, so that your transactions and pools are the very types
+/// the SQL stores take.
+#[cfg(any(feature = "postgres", feature = "mysql"))]
+#[cfg_attr(docsrs, doc(cfg(any(feature = "postgres", feature = "mysql"))))]
+pub use sqlx;
 #[cfg(feature = "sweep")]
 #[cfg_attr(docsrs, doc(cfg(feature = "sweep")))]
 pub mod sweep;

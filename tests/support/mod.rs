@@ -3,5 +3,6 @@
 
 pub mod faulty;
 pub mod jetstream;
+pub mod postgres;
 pub mod redis_server;
 pub mod store_suite;
