@@ -279,6 +279,7 @@ impl PostgresStoreBuilder {
                 inner.sql.purge.clone(),
                 interval,
                 self.purge_batch,
+                self.acquire_timeout + self.statement_timeout + super::GRACE,
             );
         }
         Ok(PostgresStore {

@@ -32,12 +32,14 @@ pub(super) async fn purge_once<'c>(
 /// Starts the purge on the current tokio runtime: every `interval`, batches of at most `batch`
 /// rows until a batch finds fewer (a backlog is worked off one bounded statement at a time,
 /// each waiting for no lock). Errors are skipped: the next round tries again, and expired rows
-/// count as absent whether or not they were purged. `None` outside a tokio runtime.
+/// count as absent whether or not they were purged. Each statement is given up after `limit`.
+/// `None` outside a tokio runtime.
 pub(super) fn spawn(
     pool: PgPool,
     sql: String,
     interval: Duration,
     batch: usize,
+    limit: Duration,
 ) -> Option<PurgeTask> {
     let runtime = tokio::runtime::Handle::try_current().ok()?;
     let task = runtime.spawn(async move {
@@ -45,7 +47,9 @@ pub(super) fn spawn(
         ticks.set_missed_tick_behavior(MissedTickBehavior::Delay);
         loop {
             ticks.tick().await;
-            while let Ok(deleted) = purge_once(&pool, &sql, batch).await {
+            while let Ok(Ok(deleted)) =
+                tokio::time::timeout(limit, purge_once(&pool, &sql, batch)).await
+            {
                 if deleted < batch as u64 {
                     break;
                 }

@@ -57,10 +57,12 @@ pub(super) struct Statements {
     pub(super) create: [String; 2],
     /// Reads no row; fails unless the table has the store's columns.
     pub(super) check: String,
-    /// `$2` keys (sorted, distinct), `$3` token, `$4` ttl in µs → rows `(key, mine, done)`.
+    /// `$2` keys (sorted, distinct), `$3` token, `$4` ttl in µs → the keys recorded by it.
     pub(super) insert: String,
-    /// `$2` keys (sorted, distinct), `$3` token, `$4` lease in µs → rows `(key, mine, done)`.
+    /// `$2` keys (sorted, distinct), `$3` token, `$4` lease in µs → the keys claimed by it.
     pub(super) claim: String,
+    /// `$2` keys → rows `(key, done and live)` of those present.
+    pub(super) states: String,
     /// `$2` keys (sorted, distinct), `$3` their tokens, `$4` ttl in µs → the keys committed.
     pub(super) commit: String,
     /// `$2` key, `$3` token, `$4` ttl in µs → a row if committed.
@@ -85,20 +87,18 @@ impl Statements {
             None => format!("\"{bare}\""),
         };
         let index = format!("\"{bare}{INDEX_SUFFIX}\"");
-        // One reading of the server's clock per row (`f`: the row has expired, so it counts as
-        // absent), taken after the row is locked; `excluded` is the row this batch proposes.
-        let take_if_expired = "(token, done, expires_at) = (\
-             SELECT CASE WHEN f THEN excluded.token ELSE d.token END, \
-                    CASE WHEN f THEN excluded.done ELSE d.done END, \
-                    CASE WHEN f THEN excluded.expires_at ELSE d.expires_at END \
-             FROM (SELECT d.expires_at <= clock_timestamp() AS f) AS now)";
-        let upsert = |done: &str| {
+        // A row that expired counts as absent: the batch takes it. A row that holds the
+        // batch's token (a retry) is written again, so that it is returned too. Any other row
+        // is left as it is (locked until the statement ends, not rewritten) and not returned.
+        let upsert = |done: &str, retry: &str| {
             format!(
                 "INSERT INTO {t} AS d (namespace, key, token, done, expires_at) \
                  SELECT $1, k, $3::uuid, {done}, clock_timestamp() + $4::int8 * interval '1 microsecond' \
                  FROM unnest($2::bytea[]) AS k ORDER BY k \
-                 ON CONFLICT (namespace, key) DO UPDATE SET {take_if_expired} \
-                 RETURNING key, token = $3::uuid AS mine, done"
+                 ON CONFLICT (namespace, key) DO UPDATE \
+                 SET token = excluded.token, done = excluded.done, expires_at = excluded.expires_at \
+                 WHERE d.expires_at <= clock_timestamp() OR (d.token = excluded.token AND {retry}) \
+                 RETURNING key"
             )
         };
         // Rows locked in key order (the `ORDER BY` runs below the lock), as the upserts do.
@@ -131,8 +131,12 @@ impl Statements {
                 format!("CREATE INDEX IF NOT EXISTS {index} ON {t} (expires_at)"),
             ],
             check: format!("SELECT namespace, key, token, done, expires_at FROM {t} WHERE false"),
-            insert: upsert("true"),
-            claim: upsert("false"),
+            insert: upsert("true", "d.done"),
+            claim: upsert("false", "NOT d.done"),
+            states: format!(
+                "SELECT key, done AND expires_at > clock_timestamp() FROM {t} \
+                 WHERE namespace = $1 AND key = ANY($2::bytea[])"
+            ),
             commit: format!(
                 "INSERT INTO {t} AS d (namespace, key, token, done, expires_at) \
                  SELECT $1, u.k, u.t, true, clock_timestamp() + $4::int8 * interval '1 microsecond' \
