@@ -105,11 +105,12 @@ impl PostgresStoreBuilder {
 
     /// The limit on one statement (default **1 s**). On the connections the store makes, it is
     /// the server's `statement_timeout`: the server cancels a statement that runs longer (it
-    /// is rolled back) and the call fails with [`StoreError::Timeout`]. Every call also stops
-    /// waiting 100 ms after it, whatever it waits for (a server that does not answer), and
-    /// fails with `Timeout` (such a call may have been applied: a retry with the same token is
-    /// safe). With a pool of yours ([`pool`](Self::pool)) only that client-side limit applies;
-    /// set `statement_timeout` in your connection options for the server's.
+    /// is rolled back) and the call fails with [`StoreError::Timeout`]. The store also stops
+    /// waiting for a statement 100 ms after this limit, whatever it waits for (a server that
+    /// does not answer), and fails the call with `Timeout` (such a call may have been applied:
+    /// a retry with the same token is safe). With a pool of yours ([`pool`](Self::pool)) only
+    /// that client-side limit applies; set `statement_timeout` in your connection options for
+    /// the server's.
     ///
     /// A batch of 1,000 keys takes 5–15 ms on a loopback PostgreSQL 15 that syncs its log to
     /// disk. A statement also waits for keys that another transaction has locked (a

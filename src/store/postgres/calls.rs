@@ -159,9 +159,7 @@ impl Inner {
                 .await?;
             for row in &rows {
                 let key: &[u8] = row.try_get(0).map_err(|e| StoreError::backend(OP, e))?;
-                let at = keys.binary_search(&key).map_err(|_| {
-                    StoreError::backend(OP, "PostgreSQL returned a key not asked for")
-                })?;
+                let at = keys.binary_search(&key).map_err(|_| not_asked(OP))?;
                 per_pair[round[at]] = true;
             }
         }

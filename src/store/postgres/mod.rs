@@ -40,7 +40,9 @@ const ATTEMPTS: u32 = 3;
 /// # One statement per batch
 ///
 /// Each call is one statement on one connection of the store's pool, whatever the batch's
-/// size. [`insert`](Store::insert) and [`claim`](ClaimStore::claim) send the keys as one array:
+/// size (a claim that finds keys held by others adds one read-only statement for those), and
+/// at most [`max_connections`](PostgresStoreBuilder::max_connections) calls run at once.
+/// [`insert`](Store::insert) and [`claim`](ClaimStore::claim) send the keys as one array:
 ///
 /// ```sql
 /// INSERT INTO stream_dedup_keys AS d (namespace, key, token, done, expires_at)
@@ -126,8 +128,8 @@ const ATTEMPTS: u32 = 3;
 ///   [`StoreError::Unavailable`], the sqlx error (naming the cause) as its source; a
 ///   statement cancelled by the statement timeout with [`StoreError::Timeout`]; any other
 ///   database error with [`StoreError::Backend`]. A call whose connection turns out to be lost
-///   is sent again on another connection (up to three times, within its time): every
-///   statement is safe to repeat. No call panics.
+///   is sent again on another connection (three attempts at most): every statement is safe
+///   to repeat. No call panics.
 ///
 /// Clones share one pool and one purge task; `Debug` shows the namespace, the table and the
 /// settings, never the URL or its credentials.
