@@ -8,6 +8,7 @@
 //! |---|---|---|
 //! | `EmbeddedStore` | one process that must remember keys across restarts: a local directory (fjall), buckets by expiry time, a durable commit per batch; claims with leases that survive a restart | `embedded` |
 //! | [`MemoryStore`] | tests, and as the reference for the others | (always) |
+//! | `PostgresStore` | consumers whose business data lives in PostgreSQL: one table, one statement per batch (`INSERT … SELECT unnest(…) ON CONFLICT`), token-checked claims, expired rows purged in bounded batches in the background | `postgres` |
 //! | `RedisStore` | many consumers on many machines: Redis ≥ 7.0 or Redis Cluster, `SET key token NX GET PX ttl` pipelined per batch | `redis` |
 //!
 //! Implement [`Store`] for your own database: the contract is in its docs, and the crate's
@@ -18,6 +19,8 @@
 mod embedded;
 mod key;
 mod memory;
+#[cfg(feature = "postgres")]
+mod postgres;
 #[cfg(feature = "redis")]
 mod redis;
 mod tx;
@@ -35,6 +38,9 @@ use std::time::Duration;
 pub use self::embedded::EmbeddedStore;
 pub use self::key::StoreKey;
 pub use self::memory::MemoryStore;
+#[cfg(feature = "postgres")]
+#[cfg_attr(docsrs, doc(cfg(feature = "postgres")))]
+pub use self::postgres::{PostgresStore, PostgresStoreBuilder};
 #[cfg(feature = "redis")]
 #[cfg_attr(docsrs, doc(cfg(feature = "redis")))]
 pub use self::redis::{RedisStore, RedisStoreBuilder};

@@ -2,7 +2,7 @@
 //! (`tests/jetstream.rs`).
 //!
 //! Both are reached through `STREAM_DEDUP_NATS_URL` (e.g. `nats://127.0.0.1:4222`) and
-//! `STREAM_DEDUP_POSTGRES_URL` (e.g. `host=127.0.0.1 user=postgres dbname=test`); when either
+//! `STREAM_DEDUP_POSTGRES_URL` (e.g. `postgres://postgres@127.0.0.1:5432/test`); when either
 //! is unset, [`Env::from_env`] says the test skipped and returns `None`.
 //!
 //! Every run uses a stream and a table of its own (pid + random suffix), and a [`Cleanup`]

@@ -3,4 +3,5 @@
 
 pub mod faulty;
 pub mod jetstream;
+pub mod postgres;
 pub mod redis_server;
