@@ -68,6 +68,7 @@
 //! | `redis` | `store::RedisStore`: a store on Redis ≥ 7.0 or Redis Cluster, shared by consumers on many machines (redis-rs, tokio) | no |
 //! | `trace` | [`trace`]: `record_trace` / `TraceWriter`, to record `elapsed_ms,key` lines from a live stream (no extra dependency) | no |
 //! | `sweep` | [`sweep`]: replay a synthetic broker or a recorded trace through a grid of windows on a paused clock; table, CSV, SVG plot (tokio `test-util`, serde_json, plotters; clap and cap for `examples/window_sweep.rs`); implies `trace` | no |
+//! | `mysql` | `store::MySqlStore`: a store in a MySQL 8 / MariaDB table (sqlx, tokio), claims, and `commit_in` inside the application's transaction; re-exports [`sqlx`] | no |
 //! | `embedded` | `store::EmbeddedStore`: a store in a local directory that survives restarts (fjall; needs Rust 1.90) | no |
 //!
 //! # Minimum supported Rust version
@@ -121,3 +122,6 @@ pub use self::stored::{FailurePolicy, StoreWindow};
 pub use self::try_claim_by_key::TryClaimByKey;
 pub use self::try_dedup_by_key::TryDedupByKey;
 pub use self::window::{IntoClaimWindow, IntoWindow, SharedWindow, Window, WindowSet};
+
+#[cfg(any(feature = "postgres", feature = "mysql"))]
+pub use sqlx;

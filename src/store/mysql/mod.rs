@@ -1,0 +1,1043 @@
+//! [`MySqlStore`]: keys in a MySQL 8 / MariaDB table, through sqlx.
+
+mod conn;
+mod purge;
+mod sql;
+
+use std::collections::HashMap;
+use std::fmt;
+use std::future::Future;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
+
+use sqlx::mysql::{MySqlConnectOptions, MySqlConnection, MySqlPoolOptions, MySqlRow};
+use sqlx::{Connection as _, Executor as _, MySqlPool, Row as _};
+use tokio::sync::{OnceCell, oneshot};
+
+use self::conn::{Probe, map_error};
+use self::purge::PurgeConfig;
+use self::sql::{MAX_KEY_LEN, MAX_NAMESPACE_LEN, Record, Sql, TableName};
+use super::{
+    ClaimBatch, ClaimStore, Claimed, HeldKey, InsertBatch, Inserted, Store, StoreError,
+    StoreFuture, Token,
+};
+
+/// Default deadline of one store call.
+const DEFAULT_TIMEOUT: Duration = Duration::from_secs(1);
+/// Default limit on opening one connection.
+const DEFAULT_CONNECTION_TIMEOUT: Duration = Duration::from_secs(1);
+/// Default size of the pool the store makes.
+const DEFAULT_MAX_CONNECTIONS: u32 = 8;
+/// Default table.
+const DEFAULT_TABLE: &str = "stream_dedup_keys";
+/// Default time between two rounds of the background purge.
+const DEFAULT_PURGE_INTERVAL: Duration = Duration::from_secs(60);
+/// Default rows per purge statement.
+const DEFAULT_PURGE_BATCH: usize = 1000;
+/// Keys per statement: a larger call is cut into transactions of this many keys at most.
+const KEYS_PER_STATEMENT: usize = 1000;
+/// Key bytes per statement at most (each key is written twice, in hex: ~4× in SQL), far below
+/// the smallest `max_allowed_packet` of supported servers (4 MiB).
+const KEY_BYTES_PER_STATEMENT: usize = 192 * 1024;
+
+/// A store in a MySQL 8 or MariaDB table, shared by every consumer that uses the same table
+/// and namespace: for consumers whose business data lives in that database, and — with
+/// [`commit_in`](MySqlStore::commit_in) — the key marked done in the very transaction that
+/// wrote the effect.
+///
+/// # The table
+///
+/// One row per key. The store creates the table when it is missing (`CREATE TABLE IF NOT
+/// EXISTS`, safe when several consumers start at once; turn it off with
+/// [`MySqlStoreBuilder::create_table`] and run it yourself):
+///
+/// ```sql
+/// CREATE TABLE IF NOT EXISTS stream_dedup_keys (
+///   namespace  VARBINARY(255)  NOT NULL,
+///   k          VARBINARY(1024) NOT NULL,
+///   token      BINARY(16)      NOT NULL,
+///   done       BOOLEAN         NOT NULL,
+///   expires_at DATETIME(6)     NOT NULL,
+///   PRIMARY KEY (namespace, k),
+///   KEY stream_dedup_expiry (expires_at)
+/// ) ENGINE = InnoDB ROW_FORMAT = DYNAMIC
+/// ```
+///
+/// `token` is the [`Token`] of the request that recorded the key; `done` is false while a
+/// claim holds it (in flight, until `expires_at`: the lease) and true once recorded or
+/// committed (until `expires_at`: the ttl). `expires_at` is UTC on the **server's** clock
+/// (`UTC_TIMESTAMP(6)`); consumers' clocks never matter. A row past `expires_at` counts as
+/// absent at once; a background task deletes such rows in bounded batches
+/// ([`MySqlStoreBuilder::purge_interval`]), of every namespace in the table.
+///
+/// What a key costs: measured on MariaDB 10.11 with 36-byte keys and a 20-byte namespace,
+/// 100,000 keys took 18.9 MB of table and index (`data_length + index_length` of
+/// `information_schema.tables` after `ANALYZE TABLE`): **~190 bytes per key**, about two thirds
+/// in the primary key (the row itself) and one third in the expiry index, which repeats the
+/// primary key (namespace and key) in each entry: short namespaces are cheaper.
+///
+/// # How a batch is recorded
+///
+/// A batch is one round trip: `BEGIN`, a multi-row `INSERT … ON DUPLICATE KEY UPDATE` that
+/// writes every absent or expired key and leaves a live row as it is, then a `SELECT … FOR
+/// UPDATE` of the rows that did not end up as this request wrote them (another token, or the
+/// other state), then `COMMIT`, sent together as one string through the text protocol (keys as
+/// hexadecimal literals: nothing of a key is ever read as SQL, and no statement is prepared per
+/// batch size). The `INSERT` locks the batch's rows; the `SELECT` reads them under those locks,
+/// so the answers are exactly what the `INSERT` did. The keys are sorted (as bytes) first, so
+/// every batch locks its rows in the same order: two consumers whose batches hold the same keys
+/// in other orders wait for each other rather than deadlock. A deadlock that happens anyway
+/// (with an application's own transactions, or with the purge) makes InnoDB roll the batch's
+/// transaction back; it is run again, up to 5 times. A batch of more than 1,000 keys is
+/// cut into transactions of 1,000.
+///
+/// A key that holds this request's token in the state it asked for answers as recorded by it
+/// (`New`, `Mine`, committed), so a call that timed out after the server applied it, retried
+/// with the same token, gets the answers of the first attempt, never a false duplicate.
+///
+/// # Claims
+///
+/// [`claim`](ClaimStore::claim) writes `done = false` with `expires_at` = now + the lease;
+/// a key whose lease ran out is taken by the next claim. [`commit`](ClaimStore::commit)
+/// marks a key done for the ttl if its row holds the claim's token (or expired, or is gone),
+/// and refuses it, leaving the row as it is, when another token holds it;
+/// [`release`](ClaimStore::release) deletes the rows still in flight with the claim's token;
+/// [`commit_in`](MySqlStore::commit_in) commits one key inside the caller's transaction.
+/// [`Store::insert`] (mark on emit) counts a key in flight as present until its lease runs out.
+///
+/// # Timeouts and failures
+///
+/// Every call has a deadline ([`MySqlStoreBuilder::timeout`], default 1 s); past it the call
+/// fails with [`StoreError::Timeout`] (it may have been applied: retrying it with the same
+/// token is safe) and its connection is closed, not given back to the pool. A server that
+/// cannot be reached fails a call with [`StoreError::Unavailable`] whose
+/// [`source`](std::error::Error::source) names the cause (`Connection refused`, a killed
+/// connection, a server shutting down); when the pool has no connection for 50 ms, the store
+/// opens one of its own to find out, so a call does not wait out the pool's timeout while the
+/// server is down. A lock wait past the server's `innodb_lock_wait_timeout` is a `Timeout`
+/// too; the pool the store makes sets it to the call's deadline (rounded up to whole seconds)
+/// on each connection. A connection found broken (the server restarted) is replaced within the
+/// call, once. Other errors are [`StoreError::Backend`], sqlx's error the source. Errors leave
+/// no transaction open on a connection of the pool: a failed statement is rolled back.
+///
+/// # Requirements and limits
+///
+/// - MySQL 8.0 or MariaDB 10.5 and later (tested with MariaDB 10.11); InnoDB. The SQL uses
+///   nothing that only one of them has: `X'…'` literals, `UTC_TIMESTAMP(6) + INTERVAL n
+///   MICROSECOND`, `INSERT … ON DUPLICATE KEY UPDATE` with `IF()` (no `VALUES()`, which MySQL
+///   8.0.20 deprecates, and no row alias, which MariaDB lacks), `SELECT … FOR UPDATE`,
+///   `DELETE … LIMIT`, a session variable (`@stream_dedup_expires`), several statements in
+///   one query (sqlx enables them).
+/// - Keys up to [`max_key_len`](MySqlStore::max_key_len) (1,024) bytes, any bytes, the empty
+///   key too; namespaces up to 255 bytes. A longer key is never sent; see
+///   [`Store::insert`] below for what it answers.
+/// - The ttl and the lease count in whole microseconds, at least 1 µs, at most 100 years.
+///
+/// Clones share one pool; `Debug` shows the table, the namespace and the settings, never the
+/// URL or its password.
+///
+/// # Examples
+///
+/// ```no_run
+/// use std::time::Duration;
+/// use stream_dedup::store::{InsertBatch, Inserted, MySqlStore, Store};
+///
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// let store = MySqlStore::connect("mysql://app:secret@127.0.0.1:3306/shop", "payments").await?;
+/// let keys = vec![b"12345/payment".to_vec(), b"12346/payment".to_vec()];
+/// let answers = store.insert(InsertBatch::new(keys, Duration::from_secs(3600))).await?;
+/// if answers[0] == Inserted::Present {
+///     println!("order 12345 was paid already");
+/// }
+/// # Ok(())
+/// # }
+/// ```
+#[derive(Clone)]
+pub struct MySqlStore {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    pool: MySqlPool,
+    sql: Sql,
+    table: TableName,
+    namespace: Box<str>,
+    timeout: Duration,
+    create_table: bool,
+    purge: PurgeConfig,
+    probe: Probe,
+    /// Set once the table is known to be there (and the purge started).
+    ready: OnceCell<()>,
+    /// Dropped with the last clone: the background purge ends.
+    stop_purge: Mutex<Option<oneshot::Sender<()>>>,
+}
+
+impl fmt::Debug for MySqlStore {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let inner = &self.inner;
+        f.debug_struct("MySqlStore")
+            .field("table", &inner.table.name)
+            .field("namespace", &inner.namespace)
+            .field("timeout", &inner.timeout)
+            .field("purge_interval", &inner.purge.interval)
+            .field("purge_batch", &inner.purge.batch)
+            .finish_non_exhaustive()
+    }
+}
+
+impl MySqlStore {
+    /// Connects to the server at `url` (`mysql://user:password@host:port/database`, see
+    /// sqlx's [`MySqlConnectOptions`]) with the default settings, creates the table if it is
+    /// missing, and keeps this store's keys under `namespace`.
+    ///
+    /// Shorthand for
+    /// [`MySqlStore::builder(namespace).connect(url)`](MySqlStoreBuilder::connect).
+    ///
+    /// # Errors
+    ///
+    /// [`StoreError::Unavailable`] when the server cannot be reached (the source says why),
+    /// [`StoreError::Timeout`] when connecting takes longer than the connection timeout,
+    /// [`StoreError::Corrupt`] when the table exists with other columns, and
+    /// [`StoreError::Backend`] for a malformed URL, a refused login or a missing privilege.
+    ///
+    /// # Panics
+    ///
+    /// If `namespace` is longer than 255 bytes.
+    ///
+    /// # Examples
+    ///
+    /// ```no_run
+    /// use stream_dedup::store::MySqlStore;
+    ///
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> Result<(), stream_dedup::store::StoreError> {
+    /// let store = MySqlStore::connect("mysql://root@127.0.0.1:3306/test", "payments").await?;
+    /// # drop(store);
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub async fn connect(url: &str, namespace: &str) -> Result<MySqlStore, StoreError> {
+        MySqlStore::builder(namespace).connect(url).await
+    }
+
+    /// Uses the application's own pool, as it is configured (its size, its timeouts and
+    /// `innodb_lock_wait_timeout`); the store adds its deadline around each call. The table
+    /// is created, if missing, by the first call.
+    ///
+    /// Shorthand for [`MySqlStore::builder(namespace).pool(pool)`](MySqlStoreBuilder::pool).
+    ///
+    /// # Panics
+    ///
+    /// If `namespace` is longer than 255 bytes.
+    ///
+    /// # Examples
+    ///
+    /// ```no_run
+    /// use stream_dedup::sqlx::MySqlPool;
+    /// use stream_dedup::store::MySqlStore;
+    ///
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// let pool = MySqlPool::connect("mysql://root@127.0.0.1:3306/test").await?;
+    /// let store = MySqlStore::from_pool(pool.clone(), "payments");
+    /// # drop(store);
+    /// # Ok(())
+    /// # }
+    /// ```
+    #[track_caller]
+    pub fn from_pool(pool: MySqlPool, namespace: &str) -> MySqlStore {
+        MySqlStore::builder(namespace).pool(pool)
+    }
+
+    /// A builder, to set the table and the timeouts before connecting.
+    ///
+    /// # Panics
+    ///
+    /// If `namespace` is longer than 255 bytes.
+    ///
+    /// # Examples
+    ///
+    /// ```no_run
+    /// use std::time::Duration;
+    /// use stream_dedup::store::MySqlStore;
+    ///
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> Result<(), stream_dedup::store::StoreError> {
+    /// let store = MySqlStore::builder("payments")
+    ///     .table("app.processed_messages")
+    ///     .timeout(Duration::from_millis(500))
+    ///     .purge_interval(Duration::from_secs(10))
+    ///     .connect("mysql://root@127.0.0.1:3306/test")
+    ///     .await?;
+    /// # drop(store);
+    /// # Ok(())
+    /// # }
+    /// ```
+    #[track_caller]
+    pub fn builder(namespace: &str) -> MySqlStoreBuilder {
+        assert!(
+            namespace.len() <= MAX_NAMESPACE_LEN,
+            "a MySqlStore namespace is at most {MAX_NAMESPACE_LEN} bytes, not {}",
+            namespace.len()
+        );
+        MySqlStoreBuilder {
+            namespace: namespace.into(),
+            table: TableName::parse(DEFAULT_TABLE).unwrap_or_else(|e| unreachable!("{e}")),
+            timeout: DEFAULT_TIMEOUT,
+            connection_timeout: DEFAULT_CONNECTION_TIMEOUT,
+            max_connections: DEFAULT_MAX_CONNECTIONS,
+            create_table: true,
+            purge: PurgeConfig {
+                interval: Some(DEFAULT_PURGE_INTERVAL),
+                batch: DEFAULT_PURGE_BATCH,
+            },
+        }
+    }
+
+    /// The namespace: this store's rows are those with this `namespace` column.
+    pub fn namespace(&self) -> &str {
+        &self.inner.namespace
+    }
+
+    /// The table, as given to [`MySqlStoreBuilder::table`].
+    pub fn table(&self) -> &str {
+        &self.inner.table.name
+    }
+
+    /// The deadline of one call.
+    pub fn timeout(&self) -> Duration {
+        self.inner.timeout
+    }
+
+    /// The longest key the table holds, in bytes (1,024).
+    pub fn max_key_len(&self) -> usize {
+        MAX_KEY_LEN
+    }
+
+    /// The pool: the application's own (from [`from_pool`](MySqlStore::from_pool)) or the one
+    /// the store made; begin the transactions for [`commit_in`](MySqlStore::commit_in) on it.
+    pub fn pool(&self) -> &MySqlPool {
+        &self.inner.pool
+    }
+
+    /// Deletes every expired row of the table (all namespaces) now, in statements of the
+    /// purge batch size; answers how many rows went. The background purge does the same every
+    /// [`purge_interval`](MySqlStoreBuilder::purge_interval), a bounded number of statements
+    /// each time.
+    ///
+    /// # Errors
+    ///
+    /// As any call of the store; the deadline applies to each statement.
+    pub async fn purge_expired(&self) -> Result<u64, StoreError> {
+        const OP: &str = "purge expired keys";
+        let inner = &self.inner;
+        inner.ready().await?;
+        let mut deleted = 0;
+        loop {
+            let round = within(inner.timeout, async {
+                purge::purge(&inner.pool, &inner.sql, inner.purge.batch, 1)
+                    .await
+                    .map_err(|e| map_error(OP, e, inner.timeout))
+            })
+            .await?;
+            deleted += round;
+            if round < inner.purge.batch as u64 {
+                return Ok(deleted);
+            }
+        }
+    }
+
+    /// Marks `key` done for `ttl` inside the caller's transaction (or on the caller's
+    /// connection), and answers whether the claim of `token` still held it: `true` when the
+    /// key's row holds `token` (in flight or done), or has expired, or is gone (a claim that
+    /// failed open has no row); `false` when another claim holds the key or committed it (this
+    /// claim's lease ran out): that row is left as it is.
+    ///
+    /// The change commits or rolls back with the caller's transaction: the effect written in it
+    /// and the key's mark are never split. The row stays locked until the transaction ends, so
+    /// another consumer's claim of the key waits for it. The deadline of the store's calls
+    /// applies; a call that timed out leaves the transaction in an unknown state: roll it back.
+    /// Statements run on the caller's connection: a session variable `@stream_dedup_expires`
+    /// stays set on it.
+    ///
+    /// # Errors
+    ///
+    /// [`StoreError::KeyTooLong`] for a key over [`max_key_len`](MySqlStore::max_key_len)
+    /// (nothing is sent); otherwise as any call of the store. On an error, roll the
+    /// transaction back.
+    ///
+    /// # Examples
+    ///
+    /// ```no_run
+    /// use std::time::Duration;
+    /// use stream_dedup::store::{ClaimBatch, ClaimStore, Claimed, MySqlStore, StoreError};
+    ///
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// let store = MySqlStore::connect("mysql://root@127.0.0.1:3306/test", "payments").await?;
+    /// let batch = ClaimBatch::new(vec![b"order-7".to_vec()], Duration::from_secs(30));
+    /// let token = batch.token;
+    /// if store.claim(batch).await? == [Claimed::Mine] {
+    ///     let mut tx = store.pool().begin().await?;
+    ///     stream_dedup::sqlx::query("INSERT INTO payments (order_id) VALUES (7)")
+    ///         .execute(&mut *tx)
+    ///         .await?;
+    ///     if store.commit_in(&mut tx, b"order-7", token, Duration::from_secs(3600)).await? {
+    ///         tx.commit().await?; // the payment and the key's mark, together
+    ///     } else {
+    ///         tx.rollback().await?; // another consumer took the key
+    ///         return Err(StoreError::LeaseLost.into());
+    ///     }
+    /// }
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub async fn commit_in(
+        &self,
+        conn: &mut MySqlConnection,
+        key: &[u8],
+        token: Token,
+        ttl: Duration,
+    ) -> Result<bool, StoreError> {
+        const OP: &str = "commit a claim in a transaction";
+        if key.len() > MAX_KEY_LEN {
+            return Err(StoreError::KeyTooLong {
+                len: key.len(),
+                max: MAX_KEY_LEN,
+            });
+        }
+        let inner = &self.inner;
+        inner.ready().await?;
+        let sql = inner.sql.commit(&[(token, vec![key])], ttl);
+        let timeout = inner.timeout;
+        let refused = within(timeout, async {
+            (&mut *conn)
+                .fetch_all(sqlx::raw_sql(&sql))
+                .await
+                .map_err(|e| map_error(OP, e, timeout))
+        })
+        .await?;
+        Ok(refused.is_empty())
+    }
+}
+
+/// Settings for a [`MySqlStore`], then the connection: from [`MySqlStore::builder`].
+#[derive(Clone, Debug)]
+#[must_use = "a builder does nothing until it connects"]
+pub struct MySqlStoreBuilder {
+    namespace: Box<str>,
+    table: TableName,
+    timeout: Duration,
+    connection_timeout: Duration,
+    max_connections: u32,
+    create_table: bool,
+    purge: PurgeConfig,
+}
+
+impl MySqlStoreBuilder {
+    /// The table (default **`stream_dedup_keys`**), in the connection's database or as
+    /// `schema.table`. Several namespaces can share one table.
+    ///
+    /// # Panics
+    ///
+    /// If `name` is not one or two (`schema.table`) identifiers of 1 to 64 ASCII letters,
+    /// digits, `_` or `$`, not only digits (so it can be written into SQL as it is).
+    #[track_caller]
+    pub fn table(mut self, name: &str) -> Self {
+        match TableName::parse(name) {
+            Ok(table) => self.table = table,
+            Err(e) => panic!("MySqlStoreBuilder::table: {e}"),
+        }
+        self
+    }
+
+    /// The deadline of one store call (default **1 s**), waiting for a connection included;
+    /// past it the call fails with [`StoreError::Timeout`]. For the pool the store makes, it
+    /// is also the pool's acquire timeout and, rounded up to whole seconds, each connection's
+    /// `innodb_lock_wait_timeout`.
+    ///
+    /// A batch of 1,000 keys takes a few milliseconds on a local server; set it well above
+    /// your largest batch and your longest transaction that holds a key (see
+    /// [`commit_in`](MySqlStore::commit_in)).
+    ///
+    /// # Panics
+    ///
+    /// If `timeout` is zero.
+    #[track_caller]
+    pub fn timeout(mut self, timeout: Duration) -> Self {
+        assert!(!timeout.is_zero(), "a MySqlStore timeout must not be zero");
+        self.timeout = timeout;
+        self
+    }
+
+    /// The limit on opening a connection in [`connect`](MySqlStoreBuilder::connect) (default
+    /// **1 s**).
+    ///
+    /// # Panics
+    ///
+    /// If `timeout` is zero.
+    #[track_caller]
+    pub fn connection_timeout(mut self, timeout: Duration) -> Self {
+        assert!(
+            !timeout.is_zero(),
+            "a MySqlStore connection timeout must not be zero"
+        );
+        self.connection_timeout = timeout;
+        self
+    }
+
+    /// The most connections of the pool that [`connect`](MySqlStoreBuilder::connect) makes
+    /// (default **8**): one per call in flight.
+    ///
+    /// # Panics
+    ///
+    /// If `n` is zero.
+    #[track_caller]
+    pub fn max_connections(mut self, n: u32) -> Self {
+        assert!(n > 0, "a MySqlStore pool needs at least one connection");
+        self.max_connections = n;
+        self
+    }
+
+    /// Whether the store creates its table when it is missing (default **true**). Set it to
+    /// false when migrations create the table (the DDL is in [`MySqlStore`]'s docs) and the
+    /// store's user may not; the store still checks that the table has its columns.
+    pub fn create_table(mut self, create: bool) -> Self {
+        self.create_table = create;
+        self
+    }
+
+    /// Time between two rounds of the background purge of expired rows (default **60 s**).
+    /// Each round deletes at most 100 batches; a larger backlog is left to the next round.
+    ///
+    /// # Panics
+    ///
+    /// If `interval` is zero.
+    #[track_caller]
+    pub fn purge_interval(mut self, interval: Duration) -> Self {
+        assert!(!interval.is_zero(), "a purge interval must not be zero");
+        self.purge.interval = Some(interval);
+        self
+    }
+
+    /// Rows deleted by one purge statement at most (default **1,000**): each statement is
+    /// short, and locks few rows.
+    ///
+    /// # Panics
+    ///
+    /// If `rows` is zero.
+    #[track_caller]
+    pub fn purge_batch(mut self, rows: usize) -> Self {
+        assert!(rows > 0, "a purge batch holds at least one row");
+        self.purge.batch = rows;
+        self
+    }
+
+    /// No background purge (default: on): expired rows stay until
+    /// [`MySqlStore::purge_expired`] runs, or another consumer's store purges them.
+    pub fn no_background_purge(mut self) -> Self {
+        self.purge.interval = None;
+        self
+    }
+
+    /// Connects to the server at `url` with this builder's settings, in a pool of
+    /// [`max_connections`](MySqlStoreBuilder::max_connections), and creates the table if it is
+    /// missing.
+    ///
+    /// # Errors
+    ///
+    /// As [`MySqlStore::connect`].
+    pub async fn connect(self, url: &str) -> Result<MySqlStore, StoreError> {
+        let options: MySqlConnectOptions = url
+            .parse()
+            .map_err(|e| StoreError::backend("parse the MySQL URL", e))?;
+        self.connect_with(options).await
+    }
+
+    /// Connects with sqlx's [`MySqlConnectOptions`] (TLS, a socket, …) instead of a URL.
+    ///
+    /// # Errors
+    ///
+    /// As [`MySqlStore::connect`].
+    pub async fn connect_with(
+        self,
+        options: MySqlConnectOptions,
+    ) -> Result<MySqlStore, StoreError> {
+        // One connection first: it says why the server cannot be reached (a pool would retry a
+        // refused connection until its timeout), and it sets the table up.
+        let limit = self.connection_timeout;
+        let mut conn =
+            match tokio::time::timeout(limit, MySqlConnection::connect_with(&options)).await {
+                Ok(conn) => conn.map_err(|e| map_error("connect", e, limit))?,
+                Err(_) => return Err(StoreError::Timeout(limit)),
+            };
+        let sql = Sql::new(&self.table, self.namespace.as_bytes());
+        let set_up = within(
+            self.timeout,
+            set_up(&mut conn, &sql, &self.table, self.create_table),
+        );
+        let set_up = set_up.await;
+        let _ = conn.close().await;
+        set_up?;
+
+        let lock_wait = self.timeout.as_secs_f64().ceil().max(1.0) as u64;
+        let pool = MySqlPoolOptions::new()
+            .max_connections(self.max_connections)
+            .min_connections(0)
+            .acquire_timeout(self.timeout)
+            // A dead connection fails its call's statement, which is sent again on a new one;
+            // a ping before each call would cost a round trip each.
+            .test_before_acquire(false)
+            .after_connect(move |conn, _| {
+                Box::pin(async move {
+                    let set = format!("SET SESSION innodb_lock_wait_timeout = {lock_wait}");
+                    conn.execute(sqlx::raw_sql(&set)).await.map(drop)
+                })
+            })
+            .connect_lazy_with(options);
+        let store = self.build(pool, sql);
+        store.inner.mark_ready();
+        Ok(store)
+    }
+
+    /// Uses the application's own pool, as it is configured; the table is created, if
+    /// missing, by the first call.
+    pub fn pool(self, pool: MySqlPool) -> MySqlStore {
+        let sql = Sql::new(&self.table, self.namespace.as_bytes());
+        self.build(pool, sql)
+    }
+
+    fn build(self, pool: MySqlPool, sql: Sql) -> MySqlStore {
+        MySqlStore {
+            inner: Arc::new(Inner {
+                pool,
+                sql,
+                table: self.table,
+                namespace: self.namespace,
+                timeout: self.timeout,
+                create_table: self.create_table,
+                purge: self.purge,
+                probe: Probe::default(),
+                ready: OnceCell::new(),
+                stop_purge: Mutex::new(None),
+            }),
+        }
+    }
+}
+
+/// Creates the table if missing (with `create`) and checks its columns.
+async fn set_up(
+    conn: &mut MySqlConnection,
+    sql: &Sql,
+    table: &TableName,
+    create: bool,
+) -> Result<(), StoreError> {
+    if create {
+        (&mut *conn)
+            .execute(sqlx::raw_sql(&sql.create_table()))
+            .await
+            .map_err(|e| map_error("create the table", e, Duration::ZERO))?;
+    }
+    match (&mut *conn)
+        .execute(sqlx::raw_sql(&sql.check_table()))
+        .await
+    {
+        Ok(_) => Ok(()),
+        // ER_BAD_FIELD_ERROR: a table of that name with other columns.
+        Err(e) if conn::error_number(&e) == Some(1054) => Err(StoreError::corrupt(format!(
+            "the table {} exists but is not a stream-dedup table: {e}",
+            table.name
+        ))),
+        Err(e) => Err(map_error("find the table", e, Duration::ZERO)),
+    }
+}
+
+impl Inner {
+    /// Sets the table up once (for a store on the application's pool), and starts the purge.
+    async fn ready(&self) -> Result<(), StoreError> {
+        if self.ready.initialized() {
+            return Ok(());
+        }
+        self.ready
+            .get_or_try_init(|| async {
+                let mut held = conn::acquire(&self.pool, &self.probe, self.timeout).await?;
+                let done = set_up(held.conn(), &self.sql, &self.table, self.create_table).await;
+                match done {
+                    Ok(()) => held.give_back(),
+                    Err(_) => held.close(),
+                }
+                done?;
+                self.start_purge();
+                Ok::<(), StoreError>(())
+            })
+            .await
+            .map(drop)
+    }
+
+    /// For a store set up by `connect`: ready now.
+    fn mark_ready(&self) {
+        if self.ready.set(()).is_ok() {
+            self.start_purge();
+        }
+    }
+
+    fn start_purge(&self) {
+        let (stop, stopped) = oneshot::channel();
+        *self
+            .stop_purge
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner) = Some(stop);
+        purge::spawn(self.pool.clone(), self.sql.clone(), self.purge, stopped);
+    }
+
+    /// Runs `sql` on a connection of the pool (see [`conn::run`]).
+    async fn run(
+        &self,
+        op: &'static str,
+        sql: &str,
+        transaction: bool,
+    ) -> Result<Vec<MySqlRow>, StoreError> {
+        conn::run(&self.pool, &self.probe, op, sql, transaction, self.timeout).await
+    }
+
+    /// Records `keys` (absent or expired ones) as `record` for `ttl` with `token`; answers
+    /// per key what its row holds after the call.
+    async fn record(
+        &self,
+        op: &'static str,
+        keys: Vec<Vec<u8>>,
+        token: Token,
+        record: Record,
+        ttl: Duration,
+    ) -> Result<Vec<Outcome>, StoreError> {
+        let mut answers = vec![Outcome::Ours; keys.len()];
+        let sorted = sorted_keys(&keys, |i| (&keys[i], ()), &mut answers)?;
+        self.ready().await?;
+        for chunk in chunks(&sorted) {
+            let ks: Vec<&[u8]> = chunk.iter().map(|&(_, k, ())| k).collect();
+            let statement = self.sql.record(&ks, token, record, ttl);
+            for row in self.run(op, &statement, true).await? {
+                let (k, done) = read_row(op, &row, true)?;
+                let at = find(op, chunk, &k)?;
+                answers[at] = Outcome::Held { done };
+            }
+        }
+        Ok(answers)
+    }
+
+    async fn commit(&self, held: Vec<HeldKey>, ttl: Duration) -> Result<Vec<bool>, StoreError> {
+        const OP: &str = "commit claims";
+        // A key too long was never recorded (its claim passed unchecked): nothing to refuse.
+        let mut answers = vec![Outcome::Ours; held.len()];
+        let sorted = sorted_keys(&held, |i| (&held[i].0, held[i].1), &mut answers)?;
+        self.ready().await?;
+        for chunk in chunks(&sorted) {
+            let mut statement = String::from("BEGIN;\n");
+            statement.push_str(&self.sql.commit(&by_token(chunk), ttl));
+            statement.push_str("COMMIT");
+            for row in self.run(OP, &statement, true).await? {
+                let (k, _) = read_row(OP, &row, false)?;
+                let at = find(OP, chunk, &k)?;
+                answers[at] = Outcome::Held { done: true };
+            }
+        }
+        Ok(answers
+            .into_iter()
+            .map(|a| a != Outcome::Held { done: true })
+            .collect())
+    }
+
+    async fn release(&self, held: Vec<HeldKey>) -> Result<(), StoreError> {
+        const OP: &str = "release claims";
+        let mut answers = vec![Outcome::Ours; held.len()];
+        // Keys too long were never recorded: nothing to free.
+        let Ok(sorted) = sorted_keys(&held, |i| (&held[i].0, held[i].1), &mut answers) else {
+            return Ok(());
+        };
+        self.ready().await?;
+        for chunk in chunks(&sorted) {
+            self.run(OP, &self.sql.release(&by_token(chunk)), false)
+                .await?;
+        }
+        Ok(())
+    }
+
+    async fn remove(&self, keys: Vec<Vec<u8>>) -> Result<(), StoreError> {
+        const OP: &str = "remove keys";
+        let mut answers = vec![Outcome::Ours; keys.len()];
+        // Keys too long were never recorded: nothing to forget.
+        let Ok(sorted) = sorted_keys(&keys, |i| (&keys[i], ()), &mut answers) else {
+            return Ok(());
+        };
+        self.ready().await?;
+        for chunk in chunks(&sorted) {
+            let ks: Vec<&[u8]> = chunk.iter().map(|&(_, k, ())| k).collect();
+            self.run(OP, &self.sql.remove(&ks), false).await?;
+        }
+        Ok(())
+    }
+}
+
+/// What a key's row holds after a call.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Outcome {
+    /// As this request wrote it (or, for a commit, not refused).
+    Ours,
+    /// Another request's (another token, or the other state): done or in flight.
+    Held { done: bool },
+    /// Too long for the table: not sent.
+    TooLong,
+}
+
+/// The keys that fit, as (index, key, extra), sorted by key (the order rows are locked in);
+/// keys too long are marked in `answers`. All keys too long (and at least one): an error.
+fn sorted_keys<'a, T, X: Copy>(
+    items: &'a [T],
+    get: impl Fn(usize) -> (&'a Vec<u8>, X),
+    answers: &mut [Outcome],
+) -> Result<Vec<(usize, &'a [u8], X)>, StoreError> {
+    let mut sorted = Vec::with_capacity(items.len());
+    let mut too_long = None;
+    for i in 0..items.len() {
+        let (key, extra) = get(i);
+        if key.len() > MAX_KEY_LEN {
+            answers[i] = Outcome::TooLong;
+            too_long.get_or_insert(key.len());
+        } else {
+            sorted.push((i, key.as_slice(), extra));
+        }
+    }
+    if let (true, Some(len)) = (sorted.is_empty(), too_long) {
+        return Err(StoreError::KeyTooLong {
+            len,
+            max: MAX_KEY_LEN,
+        });
+    }
+    sorted.sort_unstable_by(|a, b| a.1.cmp(b.1));
+    Ok(sorted)
+}
+
+/// Consecutive runs of `sorted` of at most [`KEYS_PER_STATEMENT`] keys and
+/// [`KEY_BYTES_PER_STATEMENT`] bytes (at least one key each).
+fn chunks<'s, 'a, X>(
+    sorted: &'s [(usize, &'a [u8], X)],
+) -> impl Iterator<Item = &'s [(usize, &'a [u8], X)]> {
+    let mut rest = sorted;
+    std::iter::from_fn(move || {
+        if rest.is_empty() {
+            return None;
+        }
+        let mut bytes = 0;
+        let mut n = 0;
+        while n < rest.len() && n < KEYS_PER_STATEMENT {
+            bytes += rest[n].1.len();
+            if n > 0 && bytes > KEY_BYTES_PER_STATEMENT {
+                break;
+            }
+            n += 1;
+        }
+        let (chunk, tail) = rest.split_at(n);
+        rest = tail;
+        Some(chunk)
+    })
+}
+
+/// A chunk's keys grouped by token, each group in key order, groups by their first key.
+fn by_token<'a>(chunk: &[(usize, &'a [u8], Token)]) -> Vec<(Token, Vec<&'a [u8]>)> {
+    let mut groups: Vec<(Token, Vec<&'a [u8]>)> = Vec::new();
+    let mut index: HashMap<Token, usize> = HashMap::new();
+    for &(_, key, token) in chunk {
+        let at = *index.entry(token).or_insert_with(|| {
+            groups.push((token, Vec::new()));
+            groups.len() - 1
+        });
+        groups[at].1.push(key);
+    }
+    groups
+}
+
+/// The position (in the call's keys) of the row's key `k`, found in the sorted `chunk`.
+fn find<X>(op: &'static str, chunk: &[(usize, &[u8], X)], k: &[u8]) -> Result<usize, StoreError> {
+    chunk
+        .binary_search_by(|(_, key, _)| (*key).cmp(k))
+        .map(|at| chunk[at].0)
+        .map_err(|_| {
+            StoreError::backend(op, "the server answered for a key it was not asked about")
+        })
+}
+
+/// A row's key and, with `with_done`, its `done` column.
+fn read_row(
+    op: &'static str,
+    row: &MySqlRow,
+    with_done: bool,
+) -> Result<(Vec<u8>, bool), StoreError> {
+    let k: Vec<u8> = row.try_get(0).map_err(|e| StoreError::backend(op, e))?;
+    let done = if with_done {
+        row.try_get::<bool, _>(1)
+            .map_err(|e| StoreError::backend(op, e))?
+    } else {
+        false
+    };
+    Ok((k, done))
+}
+
+/// `fut`, failed with [`StoreError::Timeout`] once `deadline` has passed.
+async fn within<T>(
+    deadline: Duration,
+    fut: impl Future<Output = Result<T, StoreError>>,
+) -> Result<T, StoreError> {
+    tokio::time::timeout(deadline, fut)
+        .await
+        .unwrap_or(Err(StoreError::Timeout(deadline)))
+}
+
+/// Keys over [`MySqlStore::max_key_len`] are never sent. A call whose keys are all too long
+/// fails with [`StoreError::KeyTooLong`]; in a call with other keys, a key too long answers as
+/// if the store had failed open for it alone — [`Inserted::New`] / [`Claimed::Mine`], a
+/// commit `true`, nothing recorded — and the other keys are answered as usual. (The
+/// [`Store`] trait has no per-key error yet; an operator refuses such keys before they reach
+/// the store with [`StoreWindow::max_key_len`](crate::StoreWindow::max_key_len).)
+impl Store for MySqlStore {
+    fn insert(&self, batch: InsertBatch) -> StoreFuture<Vec<Inserted>> {
+        let inner = Arc::clone(&self.inner);
+        Box::pin(async move {
+            if batch.keys.is_empty() {
+                return Ok(Vec::new());
+            }
+            let timeout = inner.timeout;
+            let outcomes = within(timeout, async {
+                let (token, ttl) = (batch.token, batch.ttl);
+                inner
+                    .record("insert keys", batch.keys, token, Record::Done, ttl)
+                    .await
+            })
+            .await?;
+            Ok(outcomes
+                .into_iter()
+                .map(|o| match o {
+                    Outcome::Ours | Outcome::TooLong => Inserted::New,
+                    Outcome::Held { .. } => Inserted::Present,
+                })
+                .collect())
+        })
+    }
+
+    fn remove(&self, keys: Vec<Vec<u8>>) -> StoreFuture<()> {
+        let inner = Arc::clone(&self.inner);
+        Box::pin(async move {
+            if keys.is_empty() {
+                return Ok(());
+            }
+            within(inner.timeout, inner.remove(keys)).await
+        })
+    }
+
+    fn as_claim_store(&self) -> Option<&dyn ClaimStore> {
+        Some(self)
+    }
+}
+
+impl ClaimStore for MySqlStore {
+    fn claim(&self, batch: ClaimBatch) -> StoreFuture<Vec<Claimed>> {
+        let inner = Arc::clone(&self.inner);
+        Box::pin(async move {
+            if batch.keys.is_empty() {
+                return Ok(Vec::new());
+            }
+            let timeout = inner.timeout;
+            let outcomes = within(timeout, async {
+                let (token, lease) = (batch.token, batch.lease);
+                inner
+                    .record("claim keys", batch.keys, token, Record::InFlight, lease)
+                    .await
+            })
+            .await?;
+            Ok(outcomes
+                .into_iter()
+                .map(|o| match o {
+                    Outcome::Ours | Outcome::TooLong => Claimed::Mine,
+                    Outcome::Held { done: true } => Claimed::Done,
+                    Outcome::Held { done: false } => Claimed::InFlight,
+                })
+                .collect())
+        })
+    }
+
+    fn commit(&self, keys: Vec<HeldKey>, ttl: Duration) -> StoreFuture<Vec<bool>> {
+        let inner = Arc::clone(&self.inner);
+        Box::pin(async move {
+            if keys.is_empty() {
+                return Ok(Vec::new());
+            }
+            within(inner.timeout, inner.commit(keys, ttl)).await
+        })
+    }
+
+    fn release(&self, keys: Vec<HeldKey>) -> StoreFuture<()> {
+        let inner = Arc::clone(&self.inner);
+        Box::pin(async move {
+            if keys.is_empty() {
+                return Ok(());
+            }
+            within(inner.timeout, inner.release(keys)).await
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keys_are_sorted_and_cut_into_chunks() {
+        let keys: Vec<Vec<u8>> = (0..2_500u32)
+            .rev()
+            .map(|i| i.to_be_bytes().to_vec())
+            .collect();
+        let mut answers = vec![Outcome::Ours; keys.len()];
+        let sorted = sorted_keys(&keys, |i| (&keys[i], ()), &mut answers).unwrap();
+        assert!(sorted.windows(2).all(|w| w[0].1 < w[1].1));
+        let sizes: Vec<usize> = chunks(&sorted).map(<[_]>::len).collect();
+        assert_eq!(sizes, [1000, 1000, 500]);
+        // Long keys: cut by bytes, at least one key per chunk.
+        let long: Vec<Vec<u8>> = (0..400u32).map(|i| vec![(i % 251) as u8; 1000]).collect();
+        let mut answers = vec![Outcome::Ours; long.len()];
+        let sorted = sorted_keys(&long, |i| (&long[i], ()), &mut answers).unwrap();
+        let chunked: Vec<_> = chunks(&sorted).collect();
+        assert!(
+            chunked
+                .iter()
+                .all(|c| c.len() <= KEY_BYTES_PER_STATEMENT / 1000)
+        );
+        assert_eq!(chunked.iter().map(|c| c.len()).sum::<usize>(), 400);
+        let found = find("x", chunked[0], chunked[0][3].1).unwrap();
+        assert_eq!(found, chunked[0][3].0);
+    }
+
+    #[test]
+    fn keys_too_long_are_set_aside() {
+        let keys = vec![vec![1; MAX_KEY_LEN + 1], b"ok".to_vec()];
+        let mut answers = vec![Outcome::Ours; 2];
+        let sorted = sorted_keys(&keys, |i| (&keys[i], ()), &mut answers).unwrap();
+        assert_eq!(sorted.len(), 1);
+        assert_eq!(answers, [Outcome::TooLong, Outcome::Ours]);
+        let only_long = vec![vec![1; MAX_KEY_LEN + 1]];
+        let mut answers = vec![Outcome::Ours; 1];
+        let e = sorted_keys(&only_long, |i| (&only_long[i], ()), &mut answers).unwrap_err();
+        assert!(
+            matches!(e, StoreError::KeyTooLong { len, max } if len == MAX_KEY_LEN + 1 && max == MAX_KEY_LEN)
+        );
+    }
+
+    #[test]
+    fn commits_are_grouped_by_token() {
+        let (a, b) = (Token::from_u128(1), Token::from_u128(2));
+        let chunk: Vec<(usize, &[u8], Token)> = vec![(0, b"k1", a), (1, b"k2", b), (2, b"k3", a)];
+        let groups = by_token(&chunk);
+        assert_eq!(groups.len(), 2);
+        assert_eq!(groups[0], (a, vec![&b"k1"[..], b"k3"]));
+        assert_eq!(groups[1], (b, vec![&b"k2"[..]]));
+    }
+}
