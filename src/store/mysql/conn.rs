@@ -4,7 +4,7 @@
 use std::sync::{Mutex, PoisonError};
 use std::time::Duration;
 
-use sqlx::mysql::{MySqlConnection, MySqlDatabaseError, MySqlRow};
+use sqlx::mysql::{MySqlArguments, MySqlConnection, MySqlDatabaseError, MySqlRow};
 use sqlx::pool::PoolConnection;
 use sqlx::{Connection as _, Executor as _, MySql, MySqlPool};
 use tokio::time::Instant;
@@ -132,17 +132,36 @@ pub(super) async fn acquire(
     }
 }
 
-/// Runs `sql` (one or more statements, text protocol) on a connection of `pool`, with its
-/// rows. `transaction`: the statements open a transaction, which an error leaves open; it is
-/// rolled back before the connection goes back to the pool. A deadlock runs it again, up to
-/// [`MAX_ATTEMPTS`] times; a connection found broken, once more on a new one (every call of
-/// the store can be repeated: tokens make it so).
+/// One step of a call: a round trip.
+pub(super) enum Step<'a> {
+    /// One or more statements, through the text protocol.
+    Text(&'a str),
+    /// A prepared statement (prepared once per connection, then cached) and its parameters.
+    Prepared(&'a str, MySqlArguments),
+}
+
+/// How a call's steps stand to transactions.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum Tx {
+    /// Each statement commits by itself.
+    None,
+    /// The text holds its own `BEGIN` … `COMMIT`.
+    Inline,
+    /// The steps run between a `BEGIN` and a `COMMIT` of their own (a round trip each).
+    Wrap,
+}
+
+/// Runs `steps` on a connection of `pool`, with their rows. An error inside a transaction
+/// leaves it open: it is rolled back before the connection goes back to the pool. A deadlock
+/// runs the whole call again, up to [`MAX_ATTEMPTS`] times; a connection found broken before
+/// it answered anything of the call, once more on a new one (every call of the store can be
+/// repeated: tokens make it so).
 pub(super) async fn run(
     pool: &MySqlPool,
     probe: &Probe,
     op: &'static str,
-    sql: &str,
-    transaction: bool,
+    steps: &[Step<'_>],
+    tx: Tx,
     timeout: Duration,
 ) -> Result<Vec<MySqlRow>, StoreError> {
     let mut attempt = 0;
@@ -150,22 +169,24 @@ pub(super) async fn run(
     loop {
         attempt += 1;
         let mut held = acquire(pool, probe, timeout).await?;
-        match held.conn().fetch_all(sqlx::raw_sql(sql)).await {
+        match run_steps(held.conn(), steps, tx).await {
             Ok(rows) => {
                 held.give_back();
                 return Ok(rows);
             }
-            Err(e) => {
+            Err((e, answered)) => {
                 let deadlock = error_number(&e) == Some(code::DEADLOCK);
-                settle(held, &e, transaction).await;
+                settle(held, &e, tx != Tx::None).await;
                 if deadlock && attempt < MAX_ATTEMPTS {
                     // InnoDB rolled the whole transaction back: run it again, after a pause
                     // that grows (1, 2, 4, 8 ms) so that the other transaction finishes.
                     tokio::time::sleep(Duration::from_millis(1 << (attempt - 1))).await;
                     continue;
                 }
-                if matches!(e, sqlx::Error::Io(_)) && !resent {
-                    // An idle connection that the server closed (or a server restarted).
+                if matches!(e, sqlx::Error::Io(_)) && !answered && !resent {
+                    // Broken before it answered anything of this call: an idle connection
+                    // that the server closed, or a server restarted. (One that broke while
+                    // the call ran, such as a killed connection, fails the call.)
                     resent = true;
                     continue;
                 }
@@ -173,6 +194,40 @@ pub(super) async fn run(
             }
         }
     }
+}
+
+/// The steps, in a transaction of their own with [`Tx::Wrap`]. An error comes with whether
+/// the connection had answered a step of this call before it.
+async fn run_steps(
+    conn: &mut MySqlConnection,
+    steps: &[Step<'_>],
+    tx: Tx,
+) -> Result<Vec<MySqlRow>, (sqlx::Error, bool)> {
+    let mut answered = false;
+    if tx == Tx::Wrap {
+        conn.execute(sqlx::raw_sql("BEGIN"))
+            .await
+            .map_err(|e| (e, answered))?;
+        answered = true;
+    }
+    let mut rows = Vec::new();
+    for step in steps {
+        let found = match step {
+            Step::Text(sql) => conn.fetch_all(sqlx::raw_sql(sql)).await,
+            Step::Prepared(sql, args) => {
+                let query = sqlx::query_with::<MySql, _>(sql, args.clone()).persistent(true);
+                conn.fetch_all(query).await
+            }
+        };
+        rows.extend(found.map_err(|e| (e, answered))?);
+        answered = true;
+    }
+    if tx == Tx::Wrap {
+        conn.execute(sqlx::raw_sql("COMMIT"))
+            .await
+            .map_err(|e| (e, answered))?;
+    }
+    Ok(rows)
 }
 
 /// After an error: a server's error leaves the connection usable, with our transaction

@@ -1,14 +1,17 @@
-//! The SQL text the MySQL store sends: every statement of a call in one string (one round trip
-//! through the text protocol), keys, tokens and the namespace as hexadecimal literals, so
-//! nothing of the data is ever parsed as SQL and no statement has to be prepared per batch
-//! size.
+//! The SQL the MySQL store sends. Inserts and claims (the hot path) are prepared statements
+//! of a few fixed sizes, their keys sent as parameters (the binary protocol: the server parses
+//! no key). Commits, releases and removals put every statement of a call in one string (one
+//! round trip through the text protocol), with keys, tokens and the namespace as hexadecimal
+//! literals, so nothing of the data is ever parsed as SQL.
 //!
 //! Only syntax that MySQL 8 and MariaDB 10.5+ both accept: `X'…'` literals,
 //! `UTC_TIMESTAMP(6) + INTERVAL n MICROSECOND`, `INSERT … ON DUPLICATE KEY UPDATE` without
 //! `VALUES()` (deprecated in MySQL 8.0.20) nor a row alias (not in MariaDB), `IF()`,
 //! `SELECT … FOR UPDATE`, `DELETE … LIMIT`.
 
+use std::collections::HashMap;
 use std::fmt::Write as _;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use crate::store::Token;
@@ -100,15 +103,48 @@ pub(super) struct Sql {
     table: Box<str>,
     /// The namespace as a literal.
     namespace: Box<str>,
+    /// The prepared statements' text, per kind and size, built once.
+    shapes: Arc<Mutex<HashMap<(Kind, usize), Arc<str>>>>,
 }
 
 /// What a row becomes when a batch records it: done (insert) or in flight (claim).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub(super) enum Record {
     /// `Store::insert`: done, for the ttl.
     Done,
     /// `ClaimStore::claim`: in flight, for the lease.
     InFlight,
+}
+
+impl Record {
+    /// The `done` column it writes.
+    fn done(self) -> u8 {
+        match self {
+            Record::Done => 1,
+            Record::InFlight => 0,
+        }
+    }
+}
+
+/// A prepared statement's kind, for the cache of shapes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+enum Kind {
+    Insert(Record),
+    Select(Record),
+}
+
+/// The chunk sizes that statements are prepared for: a chunk is padded to the next (by
+/// repeating its last key), so that a connection prepares at most a few dozen statements
+/// whatever the batch sizes. The largest is the most keys per statement.
+pub(super) const SHAPES: [usize; 12] = [1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 768, 1000];
+
+/// The smallest shape that holds `n` keys (`n` at most the largest shape).
+pub(super) fn shape_for(n: usize) -> usize {
+    SHAPES
+        .iter()
+        .copied()
+        .find(|&s| s >= n)
+        .unwrap_or(SHAPES[SHAPES.len() - 1])
 }
 
 impl Sql {
@@ -118,6 +154,7 @@ impl Sql {
         Sql {
             table: table.quoted.clone(),
             namespace: ns.into(),
+            shapes: Arc::default(),
         }
     }
 
@@ -139,57 +176,68 @@ impl Sql {
         512 + keys * (2 * self.namespace.len() + 80) + 4 * key_bytes
     }
 
-    /// Records the absent (or expired) keys of one chunk, in one transaction, and reads back
-    /// those that did not end up as this request recorded them: a row that holds another
-    /// token, or this token in the other state. `keys` must be sorted (locks are taken in
-    /// key order, so two batches never deadlock on each other).
-    ///
-    /// Each key gets a row `(namespace, k, token, done, now + ttl)` unless it has a live row
-    /// (`expires_at > now`); a live row is left as it is, whoever holds it.
-    pub(super) fn record(
-        &self,
-        keys: &[&[u8]],
-        token: Token,
-        record: Record,
-        ttl: Duration,
-    ) -> String {
-        let done = match record {
-            Record::Done => 1,
-            Record::InFlight => 0,
-        };
-        let bytes = keys.iter().map(|k| k.len()).sum();
-        let mut sql = String::with_capacity(self.estimate(keys.len(), bytes));
-        let mut token_literal = String::with_capacity(36);
-        push_hex(&mut token_literal, &token.to_bytes());
-        let expiry = format!("{NOW} + INTERVAL {} MICROSECOND", micros(ttl));
-        sql.push_str("BEGIN;\n");
-        // The expiry is computed once per statement: a variable of the session, read per row.
-        let _ = writeln!(sql, "SET @stream_dedup_expires = {expiry};");
-        self.insert_rows(
-            &mut sql,
-            keys,
-            &token_literal,
-            done,
-            "@stream_dedup_expires",
-        );
-        // A row is taken only when expired; the condition reads `expires_at`, written last,
-        // so the assignments agree whether MariaDB evaluates them in order or simultaneously.
-        let _ = write!(
-            sql,
-            " ON DUPLICATE KEY UPDATE \
-             token = IF(expires_at <= {NOW}, {token_literal}, token), \
-             done = IF(expires_at <= {NOW}, {done}, done), \
-             expires_at = IF(expires_at <= {NOW}, @stream_dedup_expires, expires_at);\n"
-        );
-        let _ = write!(sql, "SELECT k, done FROM {} WHERE namespace = ", self.table);
-        sql.push_str(&self.namespace);
-        sql.push_str(" AND k IN ");
-        push_list(&mut sql, keys);
-        let _ = write!(
-            sql,
-            " AND NOT (token = {token_literal} AND done = {done}) FOR UPDATE;\nCOMMIT"
-        );
-        sql
+    /// Records the absent (or expired) keys of one chunk of `n` keys (a size of
+    /// [`SHAPES`]: the statement is prepared once per shape and connection, then only its
+    /// parameters are sent): `INSERT … ON DUPLICATE KEY UPDATE` with parameters (namespace,
+    /// key, token, µs to expiry) per row, then the token and the µs again. Each key gets a
+    /// row `(namespace, k, token, done, now + ttl)` unless it has a live row (`expires_at >
+    /// now`); a live row is left as it is, whoever holds it. The keys must be sorted (locks
+    /// are taken in key order, so two batches never deadlock on each other); a chunk shorter
+    /// than its shape repeats its last key, which changes nothing.
+    pub(super) fn record_insert(&self, record: Record, n: usize) -> Arc<str> {
+        self.shape(Kind::Insert(record), n, || {
+            let done = record.done();
+            let mut sql = format!(
+                "INSERT INTO {} (namespace, k, token, done, expires_at) VALUES ",
+                self.table
+            );
+            let row = format!("(?, ?, ?, {done}, {NOW} + INTERVAL ? MICROSECOND)");
+            sql.reserve(n * (row.len() + 1) + 256);
+            for i in 0..n {
+                if i > 0 {
+                    sql.push(',');
+                }
+                sql.push_str(&row);
+            }
+            // A row is taken only when expired; the condition reads `expires_at`, written
+            // last, so the assignments agree whether MariaDB evaluates them in order or
+            // simultaneously.
+            let _ = write!(
+                sql,
+                " ON DUPLICATE KEY UPDATE \
+                 token = IF(expires_at <= {NOW}, ?, token), \
+                 done = IF(expires_at <= {NOW}, {done}, done), \
+                 expires_at = IF(expires_at <= {NOW}, {NOW} + INTERVAL ? MICROSECOND, expires_at)"
+            );
+            sql
+        })
+    }
+
+    /// Reads back, in the same transaction and under the locks the insert took, the rows of
+    /// a chunk of `n` keys that did not end up as this request wrote them (another token, or
+    /// this token in the other state). Parameters: the namespace, the keys, the token.
+    pub(super) fn record_select(&self, record: Record, n: usize) -> Arc<str> {
+        self.shape(Kind::Select(record), n, || {
+            let mut sql = format!(
+                "SELECT k, done FROM {} WHERE namespace = ? AND k IN (",
+                self.table
+            );
+            for i in 0..n {
+                sql.push_str(if i == 0 { "?" } else { ",?" });
+            }
+            let _ = write!(
+                sql,
+                ") AND NOT (token = ? AND done = {}) FOR UPDATE",
+                record.done()
+            );
+            sql
+        })
+    }
+
+    /// The statement of `kind` for `n` keys, built once.
+    fn shape(&self, kind: Kind, n: usize, build: impl FnOnce() -> String) -> Arc<str> {
+        let mut shapes = self.shapes.lock().unwrap_or_else(PoisonError::into_inner);
+        Arc::clone(shapes.entry((kind, n)).or_insert_with(|| build().into()))
     }
 
     /// Marks keys done for `ttl`, per group of keys held by one token: a row held by the
@@ -222,9 +270,9 @@ impl Sql {
                  done = IF(token = {t} OR expires_at <= {NOW}, 1, done), \
                  token = IF(token = {t} OR expires_at <= {NOW}, {t}, token), \
                  expires_at = IF(token = {t} OR expires_at <= {NOW}, \
-                 @stream_dedup_expires, expires_at);\n"
+                 @stream_dedup_expires, expires_at);"
             );
-            let _ = write!(sql, "SELECT k FROM {} WHERE namespace = ", self.table);
+            let _ = write!(sql, "\nSELECT k FROM {} WHERE namespace = ", self.table);
             sql.push_str(&self.namespace);
             sql.push_str(" AND k IN ");
             push_list(&mut sql, keys);
@@ -334,6 +382,15 @@ mod tests {
     }
 
     #[test]
+    fn chunks_are_padded_to_a_few_shapes() {
+        assert_eq!(shape_for(1), 1);
+        assert_eq!(shape_for(3), 4);
+        assert_eq!(shape_for(513), 768);
+        assert_eq!(shape_for(1000), 1000);
+        assert!(SHAPES.windows(2).all(|w| w[0] < w[1]));
+    }
+
+    #[test]
     fn durations_are_rounded_up_and_bounded() {
         assert_eq!(micros(Duration::ZERO), 1);
         assert_eq!(micros(Duration::from_nanos(1_001)), 2);
@@ -347,9 +404,20 @@ mod tests {
         let sql = Sql::new(&table, b"ns");
         let keys: [&[u8]; 2] = [b"a", b""];
         let token = Token::from_u128(1);
-        let s = sql.record(&keys, token, Record::InFlight, Duration::from_secs(1));
-        assert!(s.starts_with("BEGIN;\n") && s.ends_with("COMMIT"), "{s}");
-        assert!(s.contains("(X'6e73',X'61',X'00000000000000000000000000000001',0,"));
+        let s = sql.record_insert(Record::InFlight, 2);
+        assert!(s.starts_with("INSERT INTO `t` (namespace, k, token, done, expires_at) VALUES (?, ?, ?, 0, UTC_TIMESTAMP(6) + INTERVAL ? MICROSECOND),(?, "), "{s}");
+        assert_eq!(s.matches('?').count(), 2 * 4 + 2);
+        assert!(Arc::ptr_eq(&s, &sql.record_insert(Record::InFlight, 2)));
+        let s = sql.record_select(Record::Done, 3);
+        assert!(
+            s.ends_with("k IN (?,?,?) AND NOT (token = ? AND done = 1) FOR UPDATE"),
+            "{s}"
+        );
+        let s = sql.commit(&[(token, keys.to_vec())], Duration::from_secs(1));
+        assert!(
+            s.contains("(X'6e73',X'61',X'00000000000000000000000000000001',1,"),
+            "{s}"
+        );
         assert!(s.contains("k IN (X'61',X'')"), "{s}");
         assert!(s.contains("INTERVAL 1000000 MICROSECOND"), "{s}");
         let s = sql.release(&[(token, keys.to_vec())]);
