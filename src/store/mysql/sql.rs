@@ -104,7 +104,7 @@ pub(super) struct Sql {
     /// The namespace as a literal.
     namespace: Box<str>,
     /// The prepared statements' text, per kind and size, built once.
-    shapes: Arc<Mutex<HashMap<(Kind, usize), Arc<str>>>>,
+    shapes: Arc<Mutex<Shapes>>,
 }
 
 /// What a row becomes when a batch records it: done (insert) or in flight (claim).
@@ -132,6 +132,9 @@ enum Kind {
     Insert(Record),
     Select(Record),
 }
+
+/// Statement texts by kind and size.
+type Shapes = HashMap<(Kind, usize), Arc<str>>;
 
 /// The chunk sizes that statements are prepared for: a chunk is padded to the next (by
 /// repeating its last key), so that a connection prepares at most a few dozen statements
