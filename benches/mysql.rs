@@ -197,32 +197,6 @@ fn bench(c: &mut Criterion) {
         });
     });
 
-    group.bench_function("TEMP text INSERT IGNORE batch=1000", |b| {
-        b.iter_custom(|iters| {
-            rt.block_on(async {
-                let mut took = Duration::ZERO;
-                for _ in 0..iters {
-                    let ns = namespace();
-                    let start = Instant::now();
-                    for chunk in keys.chunks(1_000) {
-                        let hx = |b: &[u8]| format!("X'{}'", b.iter().map(|x| format!("{x:02x}")).collect::<String>());
-                        let mut s = format!("INSERT IGNORE INTO {TABLE} (namespace, k, token, done, expires_at) VALUES ");
-                        let n = hx(ns.as_bytes());
-                        let t = hx(&token);
-                        for (i, k) in chunk.iter().enumerate() {
-                            if i > 0 { s.push(','); }
-                            s.push_str(&format!("({n},{},{t},1,UTC_TIMESTAMP(6) + INTERVAL 300000000 MICROSECOND)", hx(k)));
-                        }
-                        black_box(pool.execute(sqlx::raw_sql(&s)).await.unwrap());
-                    }
-                    took += start.elapsed();
-                    clean(&pool, &ns).await;
-                }
-                took
-            })
-        });
-    });
-
     group.throughput(Throughput::Elements(PER_KEY as u64));
     group.bench_function("plain INSERT IGNORE per key", |b| {
         b.iter_custom(|iters| {
