@@ -196,8 +196,9 @@ impl fmt::Debug for MySqlStore {
 
 impl MySqlStore {
     /// Connects to the server at `url` (`mysql://user:password@host:port/database`, see
-    /// sqlx's [`MySqlConnectOptions`]) with the default settings, creates the table if it is
-    /// missing, and keeps this store's keys under `namespace`.
+    /// sqlx's [`MySqlConnectOptions`](sqlx::mysql::MySqlConnectOptions)) with the default
+    /// settings, creates the table if it is missing, and keeps this store's keys under
+    /// `namespace`.
     ///
     /// Shorthand for
     /// [`MySqlStore::builder(namespace).connect(url)`](MySqlStoreBuilder::connect).
