@@ -1047,6 +1047,13 @@ fn auto_traits() {
     handle::<stream_dedup::store::MySqlStoreBuilder>();
 }
 
+/// `commit_in`'s future is `Send` (a consumer awaits it on a multi-threaded runtime).
+#[allow(dead_code)]
+fn commit_in_is_send(store: &MySqlStore, conn: &mut MySqlConnection) {
+    fn send<T: Send>(_: T) {}
+    send(store.commit_in(conn, b"k", Token::new(), TTL));
+}
+
 /// The store's own limits are checked where they are given.
 #[test]
 #[should_panic(expected = "a table name is")]
