@@ -378,6 +378,8 @@ async fn a_killed_connection_fails_the_call_and_the_next_works() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let id = id.expect("the store's statement waits for the lock");
+    // Killed while it runs (not at once, which would read as a connection found broken).
+    tokio::time::sleep(Duration::from_millis(100)).await;
     app.execute(format!("KILL {id}").as_str()).await.unwrap();
     let error = call.await.unwrap().expect_err("its connection was killed");
     assert!(
@@ -526,7 +528,8 @@ async fn expired_keys_are_purged_in_the_background() {
         .insert(InsertBatch::new(live.clone(), TTL))
         .await
         .unwrap();
-    assert_eq!(rows_in(&url, &table).await, 2_510);
+    // (The purge may have begun: the first keys' ttl may be over on a busy machine.)
+    assert!(rows_in(&url, &table).await <= 2_510);
     tokio::time::sleep(short).await;
     // Absent at once, whether or not the purge ran yet.
     let again = store
@@ -575,7 +578,7 @@ async fn expired_keys_are_purged_in_the_background() {
         .unwrap();
 }
 
-/// A call whose last reply is lost (the server committed it; the client timed out): a retry with the
+/// A call whose reply is lost (the server committed it; the client timed out): a retry with the
 /// same token answers as the first attempt would have, never a false duplicate; anybody
 /// else sees the keys taken. The same for claims and commits.
 #[tokio::test]
@@ -605,8 +608,15 @@ async fn a_call_applied_after_its_timeout_is_recognised_by_its_token() {
     let keys: Vec<Vec<u8>> = (0..300).map(key).collect();
     let token = Token::new();
     let batch = InsertBatch::new(keys.clone(), TTL).with_token(token);
-    // The reply to the COMMIT is lost: the server applied the call, the client never knows.
-    proxy.hold_replies_from_commit();
+    // A call of the same size first: its statement is prepared on the connection, so the
+    // next call is one request (an insert commits by itself; a commit is `BEGIN` … `COMMIT`
+    // in one request).
+    let warm = (5_000..5_300).map(key).collect();
+    store.insert(InsertBatch::new(warm, TTL)).await.unwrap();
+    // sqlx pings a connection given back to the pool: let that finish first.
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    // The reply is lost: the server applied the call, the client never knows.
+    proxy.hold_replies_from_next_request();
     let start = Instant::now();
     let error = store.insert(batch.clone()).await.unwrap_err();
     assert!(
@@ -626,9 +636,12 @@ async fn a_call_applied_after_its_timeout_is_recognised_by_its_token() {
 
     // Claims and commits likewise.
     let ckeys: Vec<Vec<u8>> = (1_000..1_100).map(key).collect();
+    let warm = (6_000..6_100).map(key).collect();
+    store.claim(ClaimBatch::new(warm, TTL)).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(100)).await;
     let claim = ClaimBatch::new(ckeys.clone(), TTL);
     let ctoken = claim.token;
-    proxy.hold_replies_from_commit();
+    proxy.hold_replies_from_next_request();
     assert!(matches!(
         store.claim(claim.clone()).await,
         Err(StoreError::Timeout(_))
@@ -637,7 +650,8 @@ async fn a_call_applied_after_its_timeout_is_recognised_by_its_token() {
     let retry = store.claim(claim).await.unwrap();
     assert_eq!(count(&retry, Claimed::Mine), 100);
     let held: Vec<(Vec<u8>, Token)> = ckeys.iter().map(|k| (k.clone(), ctoken)).collect();
-    proxy.hold_replies_from_commit();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    proxy.hold_replies_from_next_request();
     assert!(matches!(
         store.commit(held.clone(), TTL).await,
         Err(StoreError::Timeout(_))

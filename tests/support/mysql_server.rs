@@ -168,7 +168,7 @@ impl Drop for MySqlServer {
 pub struct Proxy {
     port: u16,
     hold: Arc<AtomicBool>,
-    /// Set `hold` once the client sends a `COMMIT`.
+    /// Set `hold` once the client sends its next request.
     arm: Arc<AtomicBool>,
 }
 
@@ -194,8 +194,7 @@ impl Proxy {
                             Ok(0) | Err(_) => break,
                             Ok(n) => n,
                         };
-                        let commit = buf[..n].windows(6).any(|w| w == b"COMMIT");
-                        if commit && armed.swap(false, Ordering::SeqCst) {
+                        if armed.swap(false, Ordering::SeqCst) {
                             to_hold.store(true, Ordering::SeqCst);
                         }
                         if sw.write_all(&buf[..n]).await.is_err() {
@@ -236,9 +235,9 @@ impl Proxy {
         self.hold.store(hold, Ordering::SeqCst);
     }
 
-    /// Swallows the server's bytes from the next `COMMIT` the client sends on: the server
-    /// commits, its reply is lost.
-    pub fn hold_replies_from_commit(&self) {
+    /// Swallows the server's bytes from the client's next request on: the server runs it,
+    /// its reply is lost.
+    pub fn hold_replies_from_next_request(&self) {
         self.arm.store(true, Ordering::SeqCst);
     }
 }

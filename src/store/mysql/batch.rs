@@ -67,7 +67,8 @@ impl Inner {
         steps: &[Step<'_>],
         tx: Tx,
     ) -> Result<Vec<MySqlRow>, StoreError> {
-        conn::run(&self.pool, &self.probe, op, steps, tx, self.timeout).await
+        let ran = conn::run(&self.pool, &self.probe, op, steps, tx, self.timeout).await?;
+        Ok(ran.rows)
     }
 
     /// Records `keys` (absent or expired ones) as `record` for `ttl` with `token`; answers
@@ -105,21 +106,40 @@ impl Inner {
                 add(&mut insert, us)?;
             }
             add(&mut insert, &token_bytes[..])?;
+            add(&mut insert, &token_bytes[..])?;
             add(&mut insert, us)?;
             let mut select = MySqlArguments::default();
+            add(&mut select, &token_bytes[..])?;
             add(&mut select, namespace)?;
             for key in keys() {
                 add(&mut select, key)?;
             }
-            add(&mut select, &token_bytes[..])?;
+            // The upsert alone decides every key, atomically per key, and commits by itself;
+            // when it met a live row of another request, the rows are read back to tell which.
             let steps = [
                 Step::Prepared(&self.sql.record_insert(record, n), insert),
-                Step::Prepared(&self.sql.record_select(record, n), select),
+                Step::ReadBackIfMarked(&self.sql.record_select(record, n), select),
             ];
-            for row in self.run(op, &steps, Tx::Wrap).await? {
-                let (k, done) = read_row(op, &row, true)?;
+            let ran = conn::run(&self.pool, &self.probe, op, &steps, Tx::None, self.timeout);
+            let ran = ran.await?;
+            if !ran.read_back {
+                continue;
+            }
+            // Ours are the rows with this token in this state: the upsert wrote them. Any
+            // other key is not ours, also one whose row is gone since (removed, or expired
+            // and purged): the conservative answer.
+            for &(at, _, ()) in chunk {
+                answers[at] = Outcome::Held { done: false };
+            }
+            for row in &ran.rows {
+                let (k, done) = read_row(op, row, true)?;
+                let mine: bool = row.try_get(2).map_err(|e| StoreError::backend(op, e))?;
                 let at = find(op, chunk, &k)?;
-                answers[at] = Outcome::Held { done };
+                answers[at] = if mine {
+                    Outcome::Ours
+                } else {
+                    Outcome::Held { done }
+                };
             }
         }
         Ok(answers)

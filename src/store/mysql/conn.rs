@@ -16,6 +16,11 @@ pub(super) const MAX_ATTEMPTS: u32 = 5;
 /// How long a call waits for a connection from the pool before it checks, with a connection
 /// of its own, whether the server can be reached at all.
 const PROBE_AFTER: Duration = Duration::from_millis(50);
+/// A connection that breaks sooner than this after a call sent its first statement is taken
+/// for one that was dead already (closed by the server while idle, a server restarted), and
+/// the call is sent once more on a new one; one that breaks later (a killed statement) fails
+/// the call.
+const FOUND_BROKEN_WITHIN: Duration = Duration::from_millis(50);
 /// How long a probe's answer is believed (calls that wait meanwhile share it).
 const PROBE_FRESH: Duration = Duration::from_millis(250);
 
@@ -138,6 +143,18 @@ pub(super) enum Step<'a> {
     Text(&'a str),
     /// A prepared statement (prepared once per connection, then cached) and its parameters.
     Prepared(&'a str, MySqlArguments),
+    /// A prepared statement run only if the step before it answered an insert id other than
+    /// 0 (a row of the upsert set `LAST_INSERT_ID(1)`).
+    ReadBackIfMarked(&'a str, MySqlArguments),
+}
+
+/// What a call's steps answered.
+#[derive(Debug, Default)]
+pub(super) struct Ran {
+    /// The rows of every step, in order.
+    pub(super) rows: Vec<MySqlRow>,
+    /// Whether a [`Step::ReadBackIfMarked`] ran.
+    pub(super) read_back: bool,
 }
 
 /// How a call's steps stand to transactions.
@@ -153,9 +170,9 @@ pub(super) enum Tx {
 
 /// Runs `steps` on a connection of `pool`, with their rows. An error inside a transaction
 /// leaves it open: it is rolled back before the connection goes back to the pool. A deadlock
-/// runs the whole call again, up to [`MAX_ATTEMPTS`] times; a connection found broken before
-/// it answered anything of the call, once more on a new one (every call of the store can be
-/// repeated: tokens make it so).
+/// runs the whole call again, up to [`MAX_ATTEMPTS`] times; a connection found broken at once
+/// (within [`FOUND_BROKEN_WITHIN`], before it answered anything of the call), once more on a
+/// new one (every call of the store can be repeated: tokens make it so).
 pub(super) async fn run(
     pool: &MySqlPool,
     probe: &Probe,
@@ -163,16 +180,17 @@ pub(super) async fn run(
     steps: &[Step<'_>],
     tx: Tx,
     timeout: Duration,
-) -> Result<Vec<MySqlRow>, StoreError> {
+) -> Result<Ran, StoreError> {
     let mut attempt = 0;
     let mut resent = false;
     loop {
         attempt += 1;
         let mut held = acquire(pool, probe, timeout).await?;
+        let sent = Instant::now();
         match run_steps(held.conn(), steps, tx).await {
-            Ok(rows) => {
+            Ok(ran) => {
                 held.give_back();
-                return Ok(rows);
+                return Ok(ran);
             }
             Err((e, answered)) => {
                 let deadlock = error_number(&e) == Some(code::DEADLOCK);
@@ -183,10 +201,11 @@ pub(super) async fn run(
                     tokio::time::sleep(Duration::from_millis(1 << (attempt - 1))).await;
                     continue;
                 }
-                if matches!(e, sqlx::Error::Io(_)) && !answered && !resent {
-                    // Broken before it answered anything of this call: an idle connection
-                    // that the server closed, or a server restarted. (One that broke while
-                    // the call ran, such as a killed connection, fails the call.)
+                let at_once = sent.elapsed() < FOUND_BROKEN_WITHIN;
+                if matches!(e, sqlx::Error::Io(_)) && !answered && at_once && !resent {
+                    // Broken before it answered anything of this call, at once: an idle
+                    // connection that the server closed, or a server restarted. (One that
+                    // broke while the call ran, such as a killed connection, fails the call.)
                     resent = true;
                     continue;
                 }
@@ -202,7 +221,7 @@ async fn run_steps(
     conn: &mut MySqlConnection,
     steps: &[Step<'_>],
     tx: Tx,
-) -> Result<Vec<MySqlRow>, (sqlx::Error, bool)> {
+) -> Result<Ran, (sqlx::Error, bool)> {
     let mut answered = false;
     if tx == Tx::Wrap {
         conn.execute(sqlx::raw_sql("BEGIN"))
@@ -210,16 +229,28 @@ async fn run_steps(
             .map_err(|e| (e, answered))?;
         answered = true;
     }
-    let mut rows = Vec::new();
+    let mut ran = Ran::default();
+    let mut marked = false;
     for step in steps {
         let found = match step {
             Step::Text(sql) => conn.fetch_all(sqlx::raw_sql(sql)).await,
             Step::Prepared(sql, args) => {
                 let query = sqlx::query_with::<MySql, _>(sql, args.clone()).persistent(true);
+                conn.execute(query).await.map(|done| {
+                    marked = done.last_insert_id() != 0;
+                    Vec::new()
+                })
+            }
+            Step::ReadBackIfMarked(sql, args) => {
+                if !marked {
+                    continue;
+                }
+                ran.read_back = true;
+                let query = sqlx::query_with::<MySql, _>(sql, args.clone()).persistent(true);
                 conn.fetch_all(query).await
             }
         };
-        rows.extend(found.map_err(|e| (e, answered))?);
+        ran.rows.extend(found.map_err(|e| (e, answered))?);
         answered = true;
     }
     if tx == Tx::Wrap {
@@ -227,7 +258,7 @@ async fn run_steps(
             .await
             .map_err(|e| (e, answered))?;
     }
-    Ok(rows)
+    Ok(ran)
 }
 
 /// After an error: a server's error leaves the connection usable, with our transaction

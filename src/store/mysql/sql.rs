@@ -182,7 +182,7 @@ impl Sql {
     /// Records the absent (or expired) keys of one chunk of `n` keys (a size of
     /// [`SHAPES`]: the statement is prepared once per shape and connection, then only its
     /// parameters are sent): `INSERT … ON DUPLICATE KEY UPDATE` with parameters (namespace,
-    /// key, token, µs to expiry) per row, then the token and the µs again. Each key gets a
+    /// key, token, µs to expiry) per row, then the token twice and the µs again. Each key gets a
     /// row `(namespace, k, token, done, now + ttl)` unless it has a live row (`expires_at >
     /// now`); a live row is left as it is, whoever holds it. The keys must be sorted (locks
     /// are taken in key order, so two batches never deadlock on each other); a chunk shorter
@@ -202,37 +202,39 @@ impl Sql {
                 }
                 sql.push_str(&row);
             }
-            // A row is taken only when expired; the condition reads `expires_at`, written
+            // A row is taken only when expired; the conditions read `expires_at`, written
             // last, so the assignments agree whether MariaDB evaluates them in order or
-            // simultaneously.
+            // simultaneously. A live row that is not this request's (another token, or the
+            // other state) is left as it is, and sets `LAST_INSERT_ID(1)`: the statement's
+            // reply then carries 1 as its insert id (0 when no row did), and only then are the
+            // rows read back.
             let _ = write!(
                 sql,
                 " ON DUPLICATE KEY UPDATE \
                  token = IF(expires_at <= {NOW}, ?, token), \
-                 done = IF(expires_at <= {NOW}, {done}, done), \
+                 done = IF(expires_at <= {NOW}, {done}, \
+                 IF(token = ? AND done = {done}, done, done + 0 * LAST_INSERT_ID(1))), \
                  expires_at = IF(expires_at <= {NOW}, {NOW} + INTERVAL ? MICROSECOND, expires_at)"
             );
             sql
         })
     }
 
-    /// Reads back, in the same transaction and under the locks the insert took, the rows of
-    /// a chunk of `n` keys that did not end up as this request wrote them (another token, or
-    /// this token in the other state). Parameters: the namespace, the keys, the token.
+    /// Reads back the rows of a chunk of `n` keys after an upsert that flagged a live row of
+    /// another request: each row's key, `done`, and whether it holds this request's token in
+    /// the state it wrote (then the upsert wrote it: nobody else writes this token).
+    /// Parameters: the token, the namespace, the keys.
     pub(super) fn record_select(&self, record: Record, n: usize) -> Arc<str> {
         self.shape(Kind::Select(record), n, || {
             let mut sql = format!(
-                "SELECT k, done FROM {} WHERE namespace = ? AND k IN (",
+                "SELECT k, done, token = ? AND done = {} FROM {} WHERE namespace = ? AND k IN (",
+                record.done(),
                 self.table
             );
             for i in 0..n {
                 sql.push_str(if i == 0 { "?" } else { ",?" });
             }
-            let _ = write!(
-                sql,
-                ") AND NOT (token = ? AND done = {}) FOR UPDATE",
-                record.done()
-            );
+            sql.push(')');
             sql
         })
     }
@@ -409,13 +411,15 @@ mod tests {
         let token = Token::from_u128(1);
         let s = sql.record_insert(Record::InFlight, 2);
         assert!(s.starts_with("INSERT INTO `t` (namespace, k, token, done, expires_at) VALUES (?, ?, ?, 0, UTC_TIMESTAMP(6) + INTERVAL ? MICROSECOND),(?, "), "{s}");
-        assert_eq!(s.matches('?').count(), 2 * 4 + 2);
+        assert_eq!(s.matches('?').count(), 2 * 4 + 3);
+        assert!(s.contains("LAST_INSERT_ID(1)"), "{s}");
         assert!(Arc::ptr_eq(&s, &sql.record_insert(Record::InFlight, 2)));
         let s = sql.record_select(Record::Done, 3);
         assert!(
-            s.ends_with("k IN (?,?,?) AND NOT (token = ? AND done = 1) FOR UPDATE"),
+            s.starts_with("SELECT k, done, token = ? AND done = 1 FROM `t`"),
             "{s}"
         );
+        assert!(s.ends_with("k IN (?,?,?)"), "{s}");
         let s = sql.commit(&[(token, keys.to_vec())], Duration::from_secs(1));
         assert!(
             s.contains("(X'6e73',X'61',X'00000000000000000000000000000001',1,"),
