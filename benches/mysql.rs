@@ -2,13 +2,16 @@
 //! (skipped with a message when it is unset), in tables of its own (`stream_dedup_bench`,
 //! `stream_dedup_bench_effects`).
 //!
-//! Workload: 36-byte keys (UUID-shaped, seeded), 10% of them repeats of a key seen 1,000–11,000
-//! items earlier (a redelivery, never in the same batch). Every iteration runs in a fresh
-//! namespace and deletes its rows afterwards, outside the timing.
+//! Workloads: 36-byte keys (UUID-shaped, seeded), either all new (`new keys`: what a store
+//! behind the in-memory window mostly sees) or 10% of them repeats of a key seen 1,000–11,000
+//! items earlier (`10% repeats`: a redelivery, never in the same batch, but in almost every
+//! batch). Every iteration runs in a fresh namespace and deletes its rows afterwards, outside
+//! the timing.
 //!
 //! Group `mysql insert` (20,000 keys per iteration, one call at a time):
-//! - `store batch=1000`: `MySqlStore::insert` in batches of 1,000 (a transaction each: the
-//!   upsert, the read-back of the keys that were not new, the commit: one round trip).
+//! - `store batch=1000`: `MySqlStore::insert` in batches of 1,000: the prepared upsert, and —
+//!   in a batch that met a key of another request, so in almost every batch of `10% repeats`
+//!   — the read-back of the batch's rows.
 //! - `plain INSERT IGNORE batch=1000`: what a consumer writes with sqlx alone: a multi-row
 //!   `INSERT IGNORE` of 1,000 rows with bound parameters (a prepared statement, cached),
 //!   autocommitted. It answers only how many rows were new, not which.
@@ -53,12 +56,13 @@ impl Rng {
     }
 }
 
-/// The workload: 36-byte keys, 10% repeats from 1,000–11,000 items back.
-fn workload(n: usize) -> Vec<Vec<u8>> {
-    let mut rng = Rng(0x5eed);
+/// The workload: 36-byte keys; with `repeats`, 10% of them repeat a key from 1,000–11,000
+/// items back.
+fn workload(n: usize, repeats: bool) -> Vec<Vec<u8>> {
+    let mut rng = Rng(if repeats { 0x5eed } else { 0xf00d });
     let mut keys: Vec<Vec<u8>> = Vec::with_capacity(n);
     for i in 0..n {
-        if i >= 11_000 && rng.next() % 10 == 0 {
+        if repeats && i >= 11_000 && rng.next() % 10 == 0 {
             let back = 1_000 + usize::try_from(rng.next() % 10_000).unwrap();
             keys.push(keys[i - back].clone());
         } else {
@@ -127,7 +131,8 @@ fn bench(c: &mut Criterion) {
         .enable_all()
         .build()
         .unwrap();
-    let keys = workload(KEYS);
+    let keys = workload(KEYS, true);
+    let unique = workload(KEYS, false);
     let store = rt
         .block_on(
             MySqlStore::builder("bench")
@@ -155,7 +160,7 @@ fn bench(c: &mut Criterion) {
     group.measurement_time(Duration::from_secs(10));
     group.throughput(Throughput::Elements(KEYS as u64));
 
-    group.bench_function("store batch=1000", |b| {
+    group.bench_function("store batch=1000, 10% repeats", |b| {
         b.iter_custom(|iters| {
             rt.block_on(async {
                 let mut took = Duration::ZERO;
@@ -179,7 +184,7 @@ fn bench(c: &mut Criterion) {
         });
     });
 
-    group.bench_function("plain INSERT IGNORE batch=1000", |b| {
+    group.bench_function("plain INSERT IGNORE batch=1000, 10% repeats", |b| {
         b.iter_custom(|iters| {
             rt.block_on(async {
                 let mut took = Duration::ZERO;
@@ -187,6 +192,48 @@ fn bench(c: &mut Criterion) {
                     let ns = namespace();
                     let start = Instant::now();
                     for chunk in keys.chunks(1_000) {
+                        black_box(insert_ignore(&pool, &ns, chunk, &token).await);
+                    }
+                    took += start.elapsed();
+                    clean(&pool, &ns).await;
+                }
+                took
+            })
+        });
+    });
+
+    group.bench_function("store batch=1000, new keys", |b| {
+        b.iter_custom(|iters| {
+            rt.block_on(async {
+                let mut took = Duration::ZERO;
+                for _ in 0..iters {
+                    let ns = namespace();
+                    let store = MySqlStore::builder(&ns)
+                        .table(TABLE)
+                        .timeout(Duration::from_secs(30))
+                        .no_background_purge()
+                        .pool(store.pool().clone());
+                    let start = Instant::now();
+                    for chunk in unique.chunks(1_000) {
+                        let batch = InsertBatch::new(chunk.to_vec(), TTL);
+                        black_box(store.insert(batch).await.expect("insert"));
+                    }
+                    took += start.elapsed();
+                    clean(&pool, &ns).await;
+                }
+                took
+            })
+        });
+    });
+
+    group.bench_function("plain INSERT IGNORE batch=1000, new keys", |b| {
+        b.iter_custom(|iters| {
+            rt.block_on(async {
+                let mut took = Duration::ZERO;
+                for _ in 0..iters {
+                    let ns = namespace();
+                    let start = Instant::now();
+                    for chunk in unique.chunks(1_000) {
                         black_box(insert_ignore(&pool, &ns, chunk, &token).await);
                     }
                     took += start.elapsed();
