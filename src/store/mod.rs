@@ -9,6 +9,7 @@
 //! | `EmbeddedStore` | one process that must remember keys across restarts: a local directory (fjall), buckets by expiry time, a durable commit per batch; claims with leases that survive a restart | `embedded` |
 //! | [`MemoryStore`] | tests, and as the reference for the others | (always) |
 //! | `PostgresStore` | consumers whose business data lives in PostgreSQL: one table, one statement per batch (`INSERT … SELECT unnest(…) ON CONFLICT`), token-checked claims, expired rows purged in bounded batches in the background | `postgres` |
+//! | `MySqlStore` | consumers whose data lives in MySQL 8 / MariaDB: a table, one transaction per batch (multi-row `INSERT … ON DUPLICATE KEY UPDATE`, then a `SELECT … FOR UPDATE`), claims, and `commit_in` to mark a key done inside the application's own transaction | `mysql` |
 //! | `RedisStore` | many consumers on many machines: Redis ≥ 7.0 or Redis Cluster, `SET key token NX GET PX ttl` pipelined per batch | `redis` |
 //!
 //! Implement [`Store`] for your own database: the contract is in its docs, and the crate's
@@ -19,6 +20,8 @@
 mod embedded;
 mod key;
 mod memory;
+#[cfg(feature = "mysql")]
+mod mysql;
 #[cfg(feature = "postgres")]
 mod postgres;
 #[cfg(feature = "redis")]
@@ -38,6 +41,9 @@ use std::time::Duration;
 pub use self::embedded::EmbeddedStore;
 pub use self::key::StoreKey;
 pub use self::memory::MemoryStore;
+#[cfg(feature = "mysql")]
+#[cfg_attr(docsrs, doc(cfg(feature = "mysql")))]
+pub use self::mysql::{MySqlStore, MySqlStoreBuilder};
 #[cfg(feature = "postgres")]
 #[cfg_attr(docsrs, doc(cfg(feature = "postgres")))]
 pub use self::postgres::{PostgresStore, PostgresStoreBuilder};

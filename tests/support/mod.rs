@@ -3,5 +3,7 @@
 
 pub mod faulty;
 pub mod jetstream;
+#[cfg(feature = "mysql")]
+pub mod mysql_server;
 pub mod postgres;
 pub mod redis_server;
