@@ -65,8 +65,11 @@ async fn make(namespace: String) -> Option<TestStore> {
     })
 }
 
+// The suite needs the `testing` feature (the package of this crate leaves it to the caller).
 // Expiry stamps are exact to the millisecond; a little slack for a slow machine.
+#[cfg(feature = "testing")]
 stream_dedup::store_suite!(make, expiry = Duration::from_millis(20));
+#[cfg(feature = "testing")]
 stream_dedup::claim_suite!(make, expiry = Duration::from_millis(20));
 
 const TTL: Duration = Duration::from_secs(600);

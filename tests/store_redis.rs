@@ -31,7 +31,10 @@ async fn make(namespace: String) -> Option<RedisStore> {
     Some(store)
 }
 
+// The suite needs the `testing` feature (the package of this crate leaves it to the caller).
+#[cfg(feature = "testing")]
 stream_dedup::store_suite!(make, expiry = Duration::from_millis(50));
+#[cfg(feature = "testing")]
 stream_dedup::claim_suite!(make, expiry = Duration::from_millis(50));
 
 const TTL: Duration = Duration::from_secs(120);
