@@ -19,6 +19,7 @@ use tempfile::TempDir;
 
 /// A store with its own temporary directory, removed when the last clone is dropped.
 #[derive(Clone, Debug)]
+#[cfg_attr(not(feature = "testing"), allow(dead_code))] // for the suite only
 struct TestStore {
     store: EmbeddedStore,
     _dir: Arc<TempDir>,
@@ -56,6 +57,7 @@ impl ClaimStore for TestStore {
     }
 }
 
+#[cfg_attr(not(feature = "testing"), allow(dead_code))] // for the suite only
 async fn make(namespace: String) -> Option<TestStore> {
     let dir = TempDir::new().expect("temp dir");
     let store = EmbeddedStore::open(dir.path().join("store"), &namespace).expect("open");

@@ -20,6 +20,7 @@ use stream_dedup::store::{
 use support::redis_server::{self, RedisCluster, RedisServer};
 
 /// The store for the suite, or `None` without a server.
+#[cfg_attr(not(feature = "testing"), allow(dead_code))] // for the suite only
 async fn make(namespace: String) -> Option<RedisStore> {
     let url = std::env::var("STREAM_DEDUP_REDIS_URL").ok()?;
     // Generous: the suite runs in parallel with the other tests on a small machine.
