@@ -19,6 +19,7 @@ use tempfile::TempDir;
 
 /// A store with its own temporary directory, removed when the last clone is dropped.
 #[derive(Clone, Debug)]
+#[cfg_attr(not(feature = "testing"), allow(dead_code))] // for the suite only
 struct TestStore {
     store: EmbeddedStore,
     _dir: Arc<TempDir>,
@@ -60,6 +61,7 @@ impl ClaimStore for TestStore {
     }
 }
 
+#[cfg_attr(not(feature = "testing"), allow(dead_code))] // for the suite only
 async fn make(namespace: String) -> Option<TestStore> {
     let dir = TempDir::new().expect("temp dir");
     let store = EmbeddedStore::open(dir.path().join("store"), &namespace).expect("open");
@@ -69,8 +71,11 @@ async fn make(namespace: String) -> Option<TestStore> {
     })
 }
 
+// The suite needs the `testing` feature (the package of this crate leaves it to the caller).
 // Expiry stamps are exact to the millisecond; a little slack for a slow machine.
+#[cfg(feature = "testing")]
 stream_dedup::store_suite!(make, expiry = Duration::from_millis(20));
+#[cfg(feature = "testing")]
 stream_dedup::claim_suite!(make, expiry = Duration::from_millis(20));
 
 const TTL: Duration = Duration::from_secs(600);

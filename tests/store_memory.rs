@@ -1,4 +1,5 @@
 //! The store suite against [`MemoryStore`].
+#![cfg(feature = "testing")]
 
 mod support;
 

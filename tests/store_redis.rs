@@ -23,6 +23,7 @@ use stream_dedup::{DedupStreamExt, FailurePolicy, TryDedupStreamExt, Window};
 use support::redis_server::{self, RedisCluster, RedisServer};
 
 /// The store for the suite, or `None` without a server.
+#[cfg_attr(not(feature = "testing"), allow(dead_code))] // for the suite only
 async fn make(namespace: String) -> Option<RedisStore> {
     let url = std::env::var("STREAM_DEDUP_REDIS_URL").ok()?;
     // Generous: the suite runs in parallel with the other tests on a small machine.
@@ -34,7 +35,10 @@ async fn make(namespace: String) -> Option<RedisStore> {
     Some(store)
 }
 
+// The suite needs the `testing` feature (the package of this crate leaves it to the caller).
+#[cfg(feature = "testing")]
 stream_dedup::store_suite!(make, expiry = Duration::from_millis(50));
+#[cfg(feature = "testing")]
 stream_dedup::claim_suite!(make, expiry = Duration::from_millis(50));
 
 const TTL: Duration = Duration::from_secs(120);
