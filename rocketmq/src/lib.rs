@@ -11,7 +11,7 @@
 //! ```no_run
 //! use std::time::Duration;
 //! use futures::StreamExt;
-//! use rocketmq_client_rust::DefaultMQPushConsumer;
+//! use rocketmq_client_rust::{DefaultMQPushConsumer, MQPushConsumer};
 //! use stream_dedup::store::RedisStore;
 //! use stream_dedup::{DedupStreamExt, Window};
 //! use stream_dedup_rocketmq::{ClientHost, ConsumerOptions, Delivery};

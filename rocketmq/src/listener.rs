@@ -284,7 +284,10 @@ mod tests {
             [ConsumeSuccess, ReconsumeLater, ReconsumeLater]
         );
         let stats = deliveries.stats();
-        assert_eq!((stats.delivered, stats.succeeded, stats.reconsumed), (3, 1, 2));
+        assert_eq!(
+            (stats.delivered, stats.succeeded, stats.reconsumed),
+            (3, 1, 2)
+        );
     }
 
     #[tokio::test]
@@ -297,7 +300,10 @@ mod tests {
         });
         deliveries.next().await.expect("a").ack();
         deliveries.next().await.expect("b").ack();
-        assert_eq!(all.await.expect("the call"), ConsumeConcurrentlyStatus::ConsumeSuccess);
+        assert_eq!(
+            all.await.expect("the call"),
+            ConsumeConcurrentlyStatus::ConsumeSuccess
+        );
 
         let one_nacked = tokio::spawn({
             let listener = listener.clone();
@@ -327,7 +333,10 @@ mod tests {
         let d = deliveries.next().await.expect("a delivery");
         assert_eq!(d.keys(), Some("next"));
         assert!(d.ack());
-        assert_eq!(next.await.expect("the call"), ConsumeConcurrentlyStatus::ConsumeSuccess);
+        assert_eq!(
+            next.await.expect("the call"),
+            ConsumeConcurrentlyStatus::ConsumeSuccess
+        );
         assert_eq!(deliveries.stats().skipped, 1);
     }
 
