@@ -5,7 +5,8 @@
 #   .ci/rocketmq.sh install        install the pinned name server and broker if missing
 #   eval "$(.ci/rocketmq.sh start)" install if missing, start both in a temp directory, wait
 #                                  for them, and export STREAM_DEDUP_ROCKETMQ_NAMESRV and
-#                                  STREAM_DEDUP_ROCKETMQ_DIR
+#                                  STREAM_DEDUP_ROCKETMQ_DIR (ports from 9876 and 10911 up,
+#                                  the first free ones)
 #   .ci/rocketmq.sh stop DIR       stop the servers started in DIR (by their pids), delete DIR
 #
 # The servers are the Rust implementation's (crates rocketmq-namesrv and rocketmq-broker),

@@ -40,6 +40,7 @@ use rocketmq_model::common::message::message_single::Message;
 use stream_dedup::store::RedisStore;
 use stream_dedup::{DedupStreamExt, Window};
 use stream_dedup_rocketmq::{ClientHost, ConsumerOptions, Delivery};
+use tokio::sync::oneshot;
 use tokio::time::{Instant, sleep};
 
 const ORDERS: usize = 200;
@@ -150,7 +151,10 @@ async fn consume(
         .lease(Duration::from_secs(60))
         .store(store);
     let (s, d, h) = (seen.clone(), seen.clone(), seen.clone());
+    let (end, ended) = oneshot::channel::<()>();
     let claims = deliveries
+        // Until the consumer has shut down (its runtime may hold the listener until it stops).
+        .take_until(ended)
         .inspect(move |delivery: &Delivery| {
             let mut s = s.lock().expect("not poisoned");
             s.deliveries += 1;
@@ -230,7 +234,7 @@ async fn consume(
         }
     }
     consumer.shutdown().await;
-    drop(consumer); // the listener: the stream ends
+    let _ = end.send(());
     let _ = tokio::time::timeout(Duration::from_secs(30), processing).await;
 
     let s = seen.lock().expect("not poisoned");

@@ -17,6 +17,7 @@ use rocketmq_model::common::message::message_single::Message;
 use stream_dedup::store::RedisStore;
 use stream_dedup::{DedupStreamExt, Window};
 use stream_dedup_rocketmq::{ClientHost, ConsumerOptions, Delivery, ListenerStats, StatsHandle};
+use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 use tokio::time::{Instant, sleep};
 
@@ -163,6 +164,8 @@ pub struct Consumer {
     consumer: DefaultMQPushConsumer,
     task: JoinHandle<()>,
     stats: StatsHandle,
+    /// Ends the stream (the client may hold its listener until its runtime stops).
+    end: oneshot::Sender<()>,
 }
 
 impl Consumer {
@@ -186,9 +189,12 @@ impl Consumer {
             .expect("subscribe");
         consumer.register_message_listener_concurrently(listener);
 
+        let (end, ended) = oneshot::channel::<()>();
         let recorded = {
             let ledger = ledger.clone();
-            deliveries.inspect(move |d: &Delivery| ledger.delivered(key(d), d.reconsume_times()))
+            deliveries
+                .take_until(ended)
+                .inspect(move |d: &Delivery| ledger.delivered(key(d), d.reconsume_times()))
         };
         let (window, store) = setup.window().await;
         let task = match setup.mode {
@@ -248,6 +254,7 @@ impl Consumer {
             consumer,
             task,
             stats,
+            end,
         }
     }
 
@@ -263,9 +270,10 @@ impl Consumer {
             mut consumer,
             task,
             stats,
+            end,
         } = self;
         consumer.shutdown().await;
-        drop(consumer); // drops the listener: the stream ends
+        let _ = end.send(());
         let _ = tokio::time::timeout(Duration::from_secs(30), task).await;
         host.shutdown().await;
         stats.get()
