@@ -54,6 +54,19 @@ wait_for() {
   return 1
 }
 
+# A log without its colour codes.
+plain() { sed 's/\x1b\[[0-9;]*m//g' "$1"; }
+
+# Waits up to $2 seconds for the broker log $1 to report the broker ready (registered).
+ready() {
+  local i
+  for i in $(seq $(($2 * 10))); do
+    plain "$1" | grep -q 'rocketmq\.broker\.lifecycle.*state="ready"' && return 0
+    sleep 0.1
+  done
+  return 1
+}
+
 start() {
   install
   local dir namesrv_port broker_port started
@@ -104,7 +117,7 @@ EOF
     >"$dir/namesrv.log" 2>&1 &
   echo $! >"$dir/namesrv.pid"
   if ! wait_for "$namesrv_port" 30 "$(cat "$dir/namesrv.pid")"; then
-    log "the name server did not start; its log:"; tail -20 "$dir/namesrv.log" >&2
+    log "the name server did not start; its log:"; plain "$dir/namesrv.log" | tail -20 >&2
     stop "$dir"; return 1
   fi
 
@@ -113,7 +126,13 @@ EOF
     >"$dir/broker.log" 2>&1 &
   echo $! >"$dir/broker.pid"
   if ! wait_for "$broker_port" 60 "$(cat "$dir/broker.pid")"; then
-    log "the broker did not start; its log:"; tail -20 "$dir/broker.log" >&2
+    log "the broker did not start; its log:"; plain "$dir/broker.log" | tail -20 >&2
+    stop "$dir"; return 1
+  fi
+  # Listening comes before the broker has registered with the name server (until then a
+  # client finds no route): wait for its "ready" lifecycle event.
+  if ! ready "$dir/broker.log" 30; then
+    log "the broker did not report ready within 30 s; its log:"; plain "$dir/broker.log" | tail -20 >&2
     stop "$dir"; return 1
   fi
   log "name server 127.0.0.1:$namesrv_port, broker 127.0.0.1:$broker_port, in $dir" \

@@ -144,6 +144,10 @@ impl Ledger {
             }
         } else if state.deliveries > 1 {
             counts.replays += 1;
+            // A replay means that the queue moved (or its consumer died): the client drops the
+            // answers for a queue it no longer owns, so the copies that earlier answers asked
+            // for may never come. This copy stands for them.
+            state.expected.clear();
         } else {
             counts.first += 1;
         }
