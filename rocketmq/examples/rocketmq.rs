@@ -16,7 +16,9 @@
 //!   an ack timeout of 5 s) makes the listener answer `ReconsumeLater` while it still runs:
 //!   the copy comes back 10 s later, is **held back** (its key is in flight: answered
 //!   `ReconsumeLater` again, never acked), and comes back once more 30 s later, when the
-//!   original has committed: a **duplicate**, acked as a success;
+//!   original has committed: a **duplicate**, acked as a success; two slow orders (50 and
+//!   150) also fail after their copy was held back: their original's failure is not sent
+//!   back (the listener gave it up already), and the held-back copy is the one that is paid;
 //! - every effect is applied before its claim commits, and acked after: **exactly once**.
 //!
 //! The run takes about a minute (RocketMQ's retry delays: 10 s, then 30 s). It prints what it

@@ -57,7 +57,7 @@
 //!   business data (`{order}/payment`). It survives every redelivery; the `msg_id` does not (a
 //!   message that goes through the retry topic comes back with a new one).
 //! - **Mode**: claims (`claim_by_key`). RocketMQ redelivers in three ways, and marking a key
-//!   on emit (`dedup_by_key`) turns two of them into losses:
+//!   on emit (`dedup_by_key`) loses messages in each:
 //!   - a message answered `ReconsumeLater` (a failed handler) comes back after its retry
 //!     delay: on emit its key is already marked, and the retry is dropped as a duplicate;
 //!   - a message whose handler outlasts the ack timeout, or the client's `consume_timeout`,
@@ -66,12 +66,14 @@
 //!     chance to process it;
 //!   - offsets are persisted every few seconds (`persist_consumer_offset_interval`, 5 s), so a
 //!     consumer killed, or a queue moved to another consumer by a rebalance, replays what was
-//!     consumed since: duplicates, and copies whose original is still in flight.
+//!     consumed since: duplicates, and copies whose original is still in flight (or died with
+//!     its consumer: on emit its key is marked, and the replay is dropped).
 //! - **Duplicates** (`on_duplicate`: the key is done): ack them, or they come back.
 //! - **Held-back copies** (`on_held_back`: the original is in flight): nack them, never ack:
 //!   if the original fails, the copy is what gets processed.
-//! - **Lease**: above the ack timeout (a claim's lease is not renewed while its handler runs),
-//!   and short enough that a killed consumer's keys free up within a few retry delays.
+//! - **Lease**: above the slowest handler (a copy that arrives after the lease ran out is
+//!   processed alongside its original), and short enough that a killed consumer's keys free up
+//!   within a few retry delays (10 s, 30 s, 1 min, …).
 
 #![forbid(unsafe_code)]
 #![warn(

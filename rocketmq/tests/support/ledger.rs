@@ -316,7 +316,7 @@ impl fmt::Display for Report {
         )?;
         writeln!(
             f,
-            "    replayed (offsets not persisted)                 {}",
+            "    replayed (offset not persisted: killed, moved)   {}",
             c.replays
         )?;
         writeln!(f, "  duplicates dropped (acked)  {}", c.duplicates)?;
