@@ -1,7 +1,7 @@
 //! The store conformance suite: one test per behaviour of the [`Store`] and [`ClaimStore`]
 //! contracts, written once and run for every backend — this crate's and yours.
 //!
-//! [`store_suite!`](crate::store_suite)(crate::store_suite) and [`claim_suite!`](crate::claim_suite)(crate::claim_suite) expand to one
+//! [`store_suite!`](crate::store_suite) and [`claim_suite!`](crate::claim_suite) expand to one
 //! `#[tokio::test]` per behaviour (your test crate needs `tokio` with its `macros` and
 //! `rt-multi-thread` features). `make` is an `async fn(namespace: String) -> Option<S>` that
 //! builds a store under a namespace unique to the test; `None` means the backend is not
@@ -18,6 +18,18 @@
 //!
 //! stream_dedup::store_suite!(make, expiry = Duration::from_millis(50));
 //! stream_dedup::claim_suite!(make, expiry = Duration::from_millis(50));
+//! ```
+//!
+//! An attribute before `make` goes on every test of the suite: for a backend that needs a
+//! server, mark the tests ignored where it is not configured, so that they do not pass
+//! without running (`my_server` being a `cfg` your build script sets from the environment):
+//!
+//! ```ignore
+//! stream_dedup::store_suite!(
+//!     #[cfg_attr(not(my_server), ignore = "set MY_SERVER_URL")]
+//!     make,
+//!     expiry = Duration::from_millis(50)
+//! );
 //! ```
 //!
 //! The functions are public too, to run one behaviour on its own. They panic (assert) when
@@ -208,13 +220,14 @@ pub async fn large_batch<S: Store>(store: S) {
 /// building block of [`store_suite!`](crate::store_suite) and [`claim_suite!`](crate::claim_suite).
 #[macro_export]
 macro_rules! store_suite_cases {
-    ($make:path, $($name:ident => |$s:ident| $body:expr;)*) => {
+    (#[$attr:meta] $make:path, $($name:ident => |$s:ident| $body:expr;)*) => {
         fn ns(test: &str) -> String {
             format!("suite-{test}-{}-{}", std::process::id(), $crate::store::Token::new())
         }
 
         $(
             #[tokio::test]
+            #[$attr]
             async fn $name() {
                 let Some($s) = $make(ns(stringify!($name))).await else {
                     eprintln!("skipped: {} (store not configured)", stringify!($name));
@@ -232,12 +245,15 @@ macro_rules! store_suite_cases {
 #[macro_export]
 macro_rules! store_suite {
     ($make:path, expiry = $expiry:expr) => {
+        $crate::store_suite!(#[cfg_attr(any(), ignore)] $make, expiry = $expiry);
+    };
+    (#[$attr:meta] $make:path, expiry = $expiry:expr) => {
         mod store_suite_tests {
             use super::*;
             use $crate::testing as suite;
 
             $crate::store_suite_cases! {
-                $make,
+                #[$attr] $make,
                 new_then_present => |s| suite::new_then_present(s);
                 retry_with_same_token_is_new => |s| suite::retry_with_same_token_is_new(s);
                 remove_forgets => |s| suite::remove_forgets(s);
@@ -249,6 +265,7 @@ macro_rules! store_suite {
             }
 
             #[tokio::test]
+            #[$attr]
             async fn namespaces_are_isolated() {
                 let name = ns("namespaces");
                 let (Some(a), Some(b)) = (
@@ -411,12 +428,15 @@ pub async fn concurrent_claims_agree<S: ClaimStore + Clone>(store: S) {
 #[macro_export]
 macro_rules! claim_suite {
     ($make:path, expiry = $expiry:expr) => {
+        $crate::claim_suite!(#[cfg_attr(any(), ignore)] $make, expiry = $expiry);
+    };
+    (#[$attr:meta] $make:path, expiry = $expiry:expr) => {
         mod claim_suite_tests {
             use super::*;
             use $crate::testing as suite;
 
             $crate::store_suite_cases! {
-                $make,
+                #[$attr] $make,
                 claim_states => |s| suite::claim_states(s);
                 claim_retry_with_same_token_is_mine => |s| suite::claim_retry_with_same_token_is_mine(s);
                 release_frees_only_its_own_keys => |s| suite::release_frees_only_its_own_keys(s);

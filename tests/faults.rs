@@ -126,6 +126,7 @@ async fn read_ahead_is_taken_back_embedded() {
 
 #[cfg(feature = "redis")]
 #[tokio::test]
+#[cfg_attr(not(server_redis), ignore = "set STREAM_DEDUP_REDIS_URL")]
 async fn read_ahead_is_taken_back_on_redis() {
     if let Some(store) = redis("read-ahead").await {
         read_ahead_is_taken_back(store, Duration::from_millis(200)).await;

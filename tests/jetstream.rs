@@ -581,6 +581,10 @@ async fn mark_on_emit_loses_messages<S: ClaimStore + Clone>(env: &Env, store: S)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+#[cfg_attr(
+    not(all(server_nats, server_postgres)),
+    ignore = "set STREAM_DEDUP_NATS_URL and STREAM_DEDUP_POSTGRES_URL"
+)]
 async fn claims_with_memory_store() {
     let Some(env) = Env::from_env("claims_with_memory_store") else {
         return;
@@ -589,6 +593,10 @@ async fn claims_with_memory_store() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+#[cfg_attr(
+    not(all(server_nats, server_postgres)),
+    ignore = "set STREAM_DEDUP_NATS_URL and STREAM_DEDUP_POSTGRES_URL"
+)]
 async fn mark_on_emit_with_memory_store() {
     let Some(env) = Env::from_env("mark_on_emit_with_memory_store") else {
         return;
@@ -612,6 +620,10 @@ async fn redis_store(test: &str) -> Option<(stream_dedup::store::RedisStore, Str
 
 #[cfg(feature = "redis")]
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+#[cfg_attr(
+    not(all(server_redis, server_nats, server_postgres)),
+    ignore = "set STREAM_DEDUP_REDIS_URL and STREAM_DEDUP_NATS_URL and STREAM_DEDUP_POSTGRES_URL"
+)]
 async fn claims_with_redis_store() {
     let Some(env) = Env::from_env("claims_with_redis_store") else {
         return;
@@ -625,6 +637,10 @@ async fn claims_with_redis_store() {
 
 #[cfg(feature = "redis")]
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+#[cfg_attr(
+    not(all(server_redis, server_nats, server_postgres)),
+    ignore = "set STREAM_DEDUP_REDIS_URL and STREAM_DEDUP_NATS_URL and STREAM_DEDUP_POSTGRES_URL"
+)]
 async fn mark_on_emit_with_redis_store() {
     let Some(env) = Env::from_env("mark_on_emit_with_redis_store") else {
         return;

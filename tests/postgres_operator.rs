@@ -32,6 +32,7 @@ async fn connect(url: &str, namespace: &str) -> PostgresStore {
 /// The operator, end to end: a stream of 20,000 keys read twice by two processes one after
 /// the other; the second accepts nothing.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(not(server_postgres), ignore = "set STREAM_DEDUP_POSTGRES_URL")]
 async fn the_operator_remembers_across_a_restart() {
     let Some(url) = pg::url("the_operator_remembers_across_a_restart") else {
         return;
@@ -78,6 +79,7 @@ fn uuid_keys(n: usize, seed: u64) -> Vec<String> {
 /// One stream with redeliveries, split at random between two consumers with operators and
 /// pools of their own: every key accepted exactly once overall.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(not(server_postgres), ignore = "set STREAM_DEDUP_POSTGRES_URL")]
 async fn two_consumers_accept_each_key_once() {
     let Some(url) = pg::url("two_consumers_accept_each_key_once") else {
         return;
@@ -119,6 +121,7 @@ async fn two_consumers_accept_each_key_once() {
 
 /// Two consumers with claims, committing what they process: each key processed once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(not(server_postgres), ignore = "set STREAM_DEDUP_POSTGRES_URL")]
 async fn two_consumers_with_claims_process_each_key_once() {
     let Some(url) = pg::url("two_consumers_with_claims_process_each_key_once") else {
         return;

@@ -57,6 +57,7 @@ fn uuid_keys(n: usize, seed: u64) -> Vec<String> {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(not(server_redis), ignore = "set STREAM_DEDUP_REDIS_URL")]
 async fn a_restart_remembers_every_key() {
     let Some(url) = redis_server::url("a_restart_remembers_every_key") else {
         return;
@@ -85,6 +86,7 @@ async fn a_restart_remembers_every_key() {
 /// One stream with redeliveries, split at random between two consumers with operators and
 /// connections of their own: every key accepted exactly once overall.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(not(server_redis), ignore = "set STREAM_DEDUP_REDIS_URL")]
 async fn two_consumers_accept_each_key_once() {
     let Some(url) = redis_server::url("two_consumers_accept_each_key_once") else {
         return;
@@ -119,6 +121,7 @@ async fn two_consumers_accept_each_key_once() {
 /// Redis is killed mid-stream and restarted. Fail open: every item is delivered, the counter
 /// says how many passed unchecked, and once Redis is back duplicates are dropped again.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(not(server_redis_bin), ignore = "set STREAM_DEDUP_REDIS_SERVER")]
 async fn redis_killed_mid_stream_fail_open() {
     let Some(bin) = redis_server::server_binary("redis_killed_mid_stream_fail_open") else {
         return;
@@ -217,6 +220,7 @@ impl From<StoreError> for AppError {
 /// Fail closed: while Redis is down the error reaches the consumer in place of each item, and
 /// nothing is dropped silently; the redeliveries are accepted once Redis is back.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(not(server_redis_bin), ignore = "set STREAM_DEDUP_REDIS_SERVER")]
 async fn redis_killed_mid_stream_fail_closed() {
     let Some(bin) = redis_server::server_binary("redis_killed_mid_stream_fail_closed") else {
         return;
@@ -278,6 +282,7 @@ async fn redis_killed_mid_stream_fail_closed() {
 
 /// Redis Cluster (three test-owned nodes): two consumers, every key accepted exactly once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(not(server_redis_bin), ignore = "set STREAM_DEDUP_REDIS_SERVER")]
 async fn cluster_two_consumers_exactly_once() {
     let Some(bin) = redis_server::server_binary("cluster_two_consumers_exactly_once") else {
         return;

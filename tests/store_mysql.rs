@@ -42,8 +42,16 @@ async fn make(namespace: String) -> Option<MySqlStore> {
     Some(store)
 }
 
-stream_dedup::store_suite!(make, expiry = Duration::from_millis(50));
-stream_dedup::claim_suite!(make, expiry = Duration::from_millis(50));
+stream_dedup::store_suite!(
+    #[cfg_attr(not(server_mysql), ignore = "set STREAM_DEDUP_MYSQL_URL")]
+    make,
+    expiry = Duration::from_millis(50)
+);
+stream_dedup::claim_suite!(
+    #[cfg_attr(not(server_mysql), ignore = "set STREAM_DEDUP_MYSQL_URL")]
+    make,
+    expiry = Duration::from_millis(50)
+);
 
 /// A namespace unique to this test and run.
 fn namespace(test: &str) -> String {
@@ -96,6 +104,7 @@ async fn row(
 /// Keys are rows `(namespace, k, token, done, expires_at)`, binary-safe, with the ttl on the
 /// server's clock; a claim writes `done = 0` for the lease, its commit `done = 1` for the ttl.
 #[tokio::test]
+#[cfg_attr(not(server_mysql), ignore = "set STREAM_DEDUP_MYSQL_URL")]
 async fn row_layout() {
     let Some((url, store, ns)) = shared("row_layout").await else {
         return;
@@ -127,6 +136,7 @@ async fn row_layout() {
 
 /// 20,000 keys through one store, the store dropped, a new one connected: all present.
 #[tokio::test]
+#[cfg_attr(not(server_mysql), ignore = "set STREAM_DEDUP_MYSQL_URL")]
 async fn restart_forgets_nothing() {
     let Some((url, store, ns)) = shared("restart_forgets_nothing").await else {
         return;
@@ -163,6 +173,7 @@ fn uuid_keys(n: usize, seed: u64) -> Vec<String> {
 /// One stream with redeliveries, split at random between two consumers with operators and
 /// pools of their own: every key accepted exactly once overall.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(not(server_mysql), ignore = "set STREAM_DEDUP_MYSQL_URL")]
 async fn two_consumers_through_the_operator_accept_each_key_once() {
     let Some(url) = mysql_server::url("two_consumers_through_the_operator_accept_each_key_once")
     else {
@@ -206,6 +217,7 @@ async fn two_consumers_through_the_operator_accept_each_key_once() {
 /// after round (inserts and claims): no call fails (no deadlock reaches a caller), and each
 /// key has exactly one winner.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(not(server_mysql), ignore = "set STREAM_DEDUP_MYSQL_URL")]
 async fn batches_in_other_orders_never_deadlock() {
     let Some((url, store, ns)) = shared("batches_in_other_orders_never_deadlock").await else {
         return;
@@ -265,6 +277,7 @@ async fn deadlocks(conn: &mut MySqlConnection) -> u64 {
 /// InnoDB rolls the store's lighter transaction back, the store runs it again, and the call
 /// answers as if nothing had happened.
 #[tokio::test]
+#[cfg_attr(not(server_mysql), ignore = "set STREAM_DEDUP_MYSQL_URL")]
 async fn a_deadlock_is_retried() {
     let Some((url, store, ns)) = shared("a_deadlock_is_retried").await else {
         return;
@@ -327,6 +340,7 @@ async fn a_deadlock_is_retried() {
 /// The connection of a store's call is killed (`KILL`) while the call waits for a lock: the
 /// call fails with an error (no panic, no hang), nothing of it stays, and the next call works.
 #[tokio::test]
+#[cfg_attr(not(server_mysql), ignore = "set STREAM_DEDUP_MYSQL_URL")]
 async fn a_killed_connection_fails_the_call_and_the_next_works() {
     let Some(url) = mysql_server::url("a_killed_connection_fails_the_call_and_the_next_works")
     else {
@@ -405,6 +419,7 @@ async fn a_killed_connection_fails_the_call_and_the_next_works() {
 /// batch with other keys, a long key answers as unchecked (new, not recorded) and the others
 /// as usual.
 #[tokio::test]
+#[cfg_attr(not(server_mysql), ignore = "set STREAM_DEDUP_MYSQL_URL")]
 async fn bad_keys() {
     let Some((url, store, ns)) = shared("bad_keys").await else {
         return;
@@ -504,6 +519,7 @@ async fn rows_in(url: &str, table: &str) -> i64 {
 /// Expired keys count as absent at once and are deleted by the background purge in bounded
 /// batches; live keys stay. The purge ends with the store's last clone.
 #[tokio::test]
+#[cfg_attr(not(server_mysql), ignore = "set STREAM_DEDUP_MYSQL_URL")]
 async fn expired_keys_are_purged_in_the_background() {
     let Some(url) = mysql_server::url("expired_keys_are_purged_in_the_background") else {
         return;
@@ -582,6 +598,7 @@ async fn expired_keys_are_purged_in_the_background() {
 /// same token answers as the first attempt would have, never a false duplicate; anybody
 /// else sees the keys taken. The same for claims and commits.
 #[tokio::test]
+#[cfg_attr(not(server_mysql), ignore = "set STREAM_DEDUP_MYSQL_URL")]
 async fn a_call_applied_after_its_timeout_is_recognised_by_its_token() {
     let Some(url) =
         mysql_server::url("a_call_applied_after_its_timeout_is_recognised_by_its_token")
@@ -668,6 +685,7 @@ async fn a_call_applied_after_its_timeout_is_recognised_by_its_token() {
 /// ran out and was taken is refused and leaves the other claim's row alone; a key with no row
 /// (a claim that failed open) is committed.
 #[tokio::test]
+#[cfg_attr(not(server_mysql), ignore = "set STREAM_DEDUP_MYSQL_URL")]
 async fn commit_in_follows_the_transaction() {
     let Some((url, store, ns)) = shared("commit_in_follows_the_transaction").await else {
         return;
@@ -788,6 +806,7 @@ async fn commit_in_follows_the_transaction() {
 /// Several consumers start at once on a table that does not exist: each creates it if
 /// missing, none fails; a table of that name with other columns is refused as corrupt.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(not(server_mysql), ignore = "set STREAM_DEDUP_MYSQL_URL")]
 async fn concurrent_starts_create_the_table_once() {
     let Some(url) = mysql_server::url("concurrent_starts_create_the_table_once") else {
         return;
@@ -844,6 +863,7 @@ async fn concurrent_starts_create_the_table_once() {
 /// A store on the application's own pool creates the table with its first call, and works
 /// like any other.
 #[tokio::test]
+#[cfg_attr(not(server_mysql), ignore = "set STREAM_DEDUP_MYSQL_URL")]
 async fn a_store_on_the_applications_pool() {
     let Some(url) = mysql_server::url("a_store_on_the_applications_pool") else {
         return;
@@ -894,6 +914,7 @@ async fn a_store_on_the_applications_pool() {
 /// What a key costs in the table and its index: 100,000 36-byte keys, then
 /// `data_length + index_length` after `ANALYZE TABLE` (printed; the docs quote it).
 #[tokio::test]
+#[cfg_attr(not(server_mysql), ignore = "set STREAM_DEDUP_MYSQL_URL")]
 async fn what_a_key_costs() {
     let Some(url) = mysql_server::url("what_a_key_costs") else {
         return;
@@ -954,6 +975,7 @@ async fn what_a_key_costs() {
 /// clear error within the timeout (`Unavailable`, the source naming the refused connection),
 /// no panic; once it is back the first call works, and the keys written before are there.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(not(server_mysql_bin), ignore = "set STREAM_DEDUP_MYSQL_SERVER")]
 async fn a_stopped_server_fails_calls_then_recovers() {
     let Some(bin) = mysql_server::server_binary("a_stopped_server_fails_calls_then_recovers")
     else {
@@ -1034,6 +1056,7 @@ async fn bad_url_is_an_error() {
 }
 
 #[tokio::test]
+#[cfg_attr(not(server_mysql), ignore = "set STREAM_DEDUP_MYSQL_URL")]
 async fn debug_shows_no_credentials() {
     let Some(url) = mysql_server::url("debug_shows_no_credentials") else {
         return;

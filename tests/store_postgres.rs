@@ -40,8 +40,16 @@ async fn make(namespace: String) -> Option<TestStore> {
     Some(TestStore::new(store, &url))
 }
 
-stream_dedup::store_suite!(make, expiry = Duration::from_millis(50));
-stream_dedup::claim_suite!(make, expiry = Duration::from_millis(50));
+stream_dedup::store_suite!(
+    #[cfg_attr(not(server_postgres), ignore = "set STREAM_DEDUP_POSTGRES_URL")]
+    make,
+    expiry = Duration::from_millis(50)
+);
+stream_dedup::claim_suite!(
+    #[cfg_attr(not(server_postgres), ignore = "set STREAM_DEDUP_POSTGRES_URL")]
+    make,
+    expiry = Duration::from_millis(50)
+);
 
 const TTL: Duration = Duration::from_secs(120);
 
@@ -65,6 +73,7 @@ fn count<T: PartialEq>(answers: &[T], which: T) -> usize {
 /// Keys, tokens, claims in flight and done keys are in the table: a store connected again
 /// (a new process) sees them all.
 #[tokio::test]
+#[cfg_attr(not(server_postgres), ignore = "set STREAM_DEDUP_POSTGRES_URL")]
 async fn a_restart_remembers_keys_and_claims() {
     let Some(url) = pg::url("a_restart_remembers_keys_and_claims") else {
         return;
@@ -105,6 +114,7 @@ async fn a_restart_remembers_keys_and_claims() {
 /// Eight consumers claim (and insert) the same 500 keys at once, each in its own order: no
 /// deadlock (every call succeeds), and exactly one owner per key.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(not(server_postgres), ignore = "set STREAM_DEDUP_POSTGRES_URL")]
 async fn batches_with_the_same_keys_in_other_orders_never_deadlock() {
     let Some(url) = pg::url("batches_with_the_same_keys_in_other_orders_never_deadlock") else {
         return;
@@ -158,6 +168,7 @@ async fn batches_with_the_same_keys_in_other_orders_never_deadlock() {
 /// killed too), with no panic; nothing of the killed statements was applied, and the next call
 /// works.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(not(server_postgres), ignore = "set STREAM_DEDUP_POSTGRES_URL")]
 async fn a_connection_killed_mid_batch_fails_the_call_and_the_next_one_works() {
     let Some(url) = pg::url("a_connection_killed_mid_batch_fails_the_call_and_the_next_one_works")
     else {
@@ -300,6 +311,7 @@ async fn a_stopped_server_is_unavailable_then_back() {
 /// more fails that call with `KeyTooLong` before anything is sent; through the operator with
 /// that limit, a long key fails alone and the rest of its batch is decided by the store.
 #[tokio::test]
+#[cfg_attr(not(server_postgres), ignore = "set STREAM_DEDUP_POSTGRES_URL")]
 async fn bad_keys() {
     let Some(url) = pg::url("bad_keys") else {
         return;
@@ -378,6 +390,7 @@ async fn bad_keys() {
 /// waited for a locked row) was applied once the lock went: its retry with the same token is
 /// answered `New` for its keys, and anybody else's `Present`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(not(server_postgres), ignore = "set STREAM_DEDUP_POSTGRES_URL")]
 async fn a_call_applied_after_it_timed_out_is_recognised_by_its_token() {
     let Some(url) = pg::url("a_call_applied_after_it_timed_out_is_recognised_by_its_token") else {
         return;
@@ -435,6 +448,7 @@ async fn a_call_applied_after_it_timed_out_is_recognised_by_its_token() {
 /// The store's rows, as other tools see them: the namespace, the key's bytes, the token as a
 /// uuid, done or in flight, an expiry by the server's clock.
 #[tokio::test]
+#[cfg_attr(not(server_postgres), ignore = "set STREAM_DEDUP_POSTGRES_URL")]
 async fn row_layout() {
     let Some(url) = pg::url("row_layout") else {
         return;
@@ -462,6 +476,7 @@ async fn row_layout() {
 }
 
 #[tokio::test]
+#[cfg_attr(not(server_postgres), ignore = "set STREAM_DEDUP_POSTGRES_URL")]
 async fn debug_shows_no_credentials() {
     let Some(url) = pg::url("debug_shows_no_credentials") else {
         return;
@@ -492,6 +507,7 @@ async fn debug_shows_no_credentials() {
 /// Six consumers start at once on a table that does not exist yet: each creates it or finds
 /// it, none fails. A table of that name without the store's columns is refused as corrupt.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(not(server_postgres), ignore = "set STREAM_DEDUP_POSTGRES_URL")]
 async fn consumers_starting_at_once_create_the_table_once() {
     let Some(url) = pg::url("consumers_starting_at_once_create_the_table_once") else {
         return;
@@ -554,6 +570,7 @@ async fn consumers_starting_at_once_create_the_table_once() {
 /// Expired rows count as absent at once and are deleted by the background purge in bounded
 /// batches; the purge stops with the store's last clone.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(not(server_postgres), ignore = "set STREAM_DEDUP_POSTGRES_URL")]
 async fn expiry_and_the_purge() {
     let Some(url) = pg::url("expiry_and_the_purge") else {
         return;
@@ -638,6 +655,7 @@ async fn expiry_and_the_purge() {
 /// Commits and releases of keys held under several tokens, with a key named twice: answers
 /// per key in order, never an error from the database.
 #[tokio::test]
+#[cfg_attr(not(server_postgres), ignore = "set STREAM_DEDUP_POSTGRES_URL")]
 async fn commits_answer_every_key_in_order() {
     let Some(url) = pg::url("commits_answer_every_key_in_order") else {
         return;

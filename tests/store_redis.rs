@@ -37,9 +37,17 @@ async fn make(namespace: String) -> Option<RedisStore> {
 
 // The suite needs the `testing` feature (the package of this crate leaves it to the caller).
 #[cfg(feature = "testing")]
-stream_dedup::store_suite!(make, expiry = Duration::from_millis(50));
+stream_dedup::store_suite!(
+    #[cfg_attr(not(server_redis), ignore = "set STREAM_DEDUP_REDIS_URL")]
+    make,
+    expiry = Duration::from_millis(50)
+);
 #[cfg(feature = "testing")]
-stream_dedup::claim_suite!(make, expiry = Duration::from_millis(50));
+stream_dedup::claim_suite!(
+    #[cfg_attr(not(server_redis), ignore = "set STREAM_DEDUP_REDIS_URL")]
+    make,
+    expiry = Duration::from_millis(50)
+);
 
 const TTL: Duration = Duration::from_secs(120);
 
@@ -67,6 +75,7 @@ async fn connect(url: &str, namespace: &str) -> RedisStore {
 /// Commits and releases of more keys than one script call takes (they go in chunks): every key
 /// gets its own answer, in order, and a claim that lost its key is told so.
 #[tokio::test]
+#[cfg_attr(not(server_redis), ignore = "set STREAM_DEDUP_REDIS_URL")]
 async fn large_commits_answer_every_key_in_order() {
     let Some(url) = redis_server::url("large_commits_answer_every_key_in_order") else {
         return;
@@ -118,6 +127,7 @@ async fn large_commits_answer_every_key_in_order() {
 }
 
 #[tokio::test]
+#[cfg_attr(not(server_redis), ignore = "set STREAM_DEDUP_REDIS_URL")]
 async fn debug_shows_no_credentials() {
     let Some(url) = redis_server::url("debug_shows_no_credentials") else {
         return;
@@ -137,6 +147,7 @@ async fn debug_shows_no_credentials() {
 
 /// Keys are `{namespace}:{key bytes}`, binary-safe, holding the token, with the ttl.
 #[tokio::test]
+#[cfg_attr(not(server_redis), ignore = "set STREAM_DEDUP_REDIS_URL")]
 async fn key_layout() {
     let Some(url) = redis_server::url("key_layout") else {
         return;
@@ -198,6 +209,7 @@ async fn read_raw(
 /// expiry, not the refused commit's. One commit call mixes keys of several claim batches
 /// (tokens) and answers each.
 #[tokio::test]
+#[cfg_attr(not(server_redis), ignore = "set STREAM_DEDUP_REDIS_URL")]
 async fn refused_commits_leave_the_holders_key_as_it_was() {
     let Some((store, ns, mut conn)) =
         store_and_raw("refused_commits_leave_the_holders_key_as_it_was").await
@@ -286,6 +298,7 @@ async fn refused_commits_leave_the_holders_key_as_it_was() {
 /// is refused and its release leaves the new holder alone. A committed key keeps its claim's
 /// expiry and answers `Done`.
 #[tokio::test]
+#[cfg_attr(not(server_redis), ignore = "set STREAM_DEDUP_REDIS_URL")]
 async fn a_lease_that_ran_out_is_taken_by_the_next_claim() {
     let Some((store, ns, mut conn)) =
         store_and_raw("a_lease_that_ran_out_is_taken_by_the_next_claim").await
@@ -374,6 +387,7 @@ async fn a_lease_that_ran_out_is_taken_by_the_next_claim() {
 /// A ttl beyond Redis's longest expiry is cut short, never the lease: a claim made a moment
 /// ago is not taken by the next one.
 #[tokio::test]
+#[cfg_attr(not(server_redis), ignore = "set STREAM_DEDUP_REDIS_URL")]
 async fn an_endless_ttl_keeps_the_lease() {
     let Some((store, _ns, _conn)) = store_and_raw("an_endless_ttl_keeps_the_lease").await else {
         return;
@@ -390,6 +404,7 @@ async fn an_endless_ttl_keeps_the_lease() {
 /// expiry, and never taken over: its lease cannot be read, so it runs to the key's expiry), a
 /// key that is not a string (untouched), and the other keys of the call still commit.
 #[tokio::test]
+#[cfg_attr(not(server_redis), ignore = "set STREAM_DEDUP_REDIS_URL")]
 async fn commits_survive_foreign_values() {
     let Some((store, ns, mut conn)) = store_and_raw("commits_survive_foreign_values").await else {
         return;
@@ -454,6 +469,7 @@ async fn commits_survive_foreign_values() {
 
 /// 100,000 keys through one store, the store dropped, a new one connected: all present.
 #[tokio::test]
+#[cfg_attr(not(server_redis), ignore = "set STREAM_DEDUP_REDIS_URL")]
 async fn restart_forgets_nothing() {
     let Some(url) = redis_server::url("restart_forgets_nothing") else {
         return;
@@ -483,6 +499,7 @@ async fn restart_forgets_nothing() {
 /// Two stores (two connections, one namespace) inserting overlapping keys at the same time:
 /// every key is new exactly once overall.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(not(server_redis), ignore = "set STREAM_DEDUP_REDIS_URL")]
 async fn two_consumers_agree() {
     let Some(url) = redis_server::url("two_consumers_agree") else {
         return;
@@ -520,6 +537,7 @@ async fn two_consumers_agree() {
 /// Redis killed and restarted on the same port: calls fail with a clear error within the
 /// timeout (no hang, no panic), then succeed again once it is back.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(not(server_redis_bin), ignore = "set STREAM_DEDUP_REDIS_SERVER")]
 async fn killed_server_fails_fast_then_recovers() {
     let Some(bin) = redis_server::server_binary("killed_server_fails_fast_then_recovers") else {
         return;
@@ -611,6 +629,7 @@ async fn close_clients(url: &str) {
 /// A connection that Redis closed (idle clients closed, a proxy restarted) is replaced within
 /// the call that finds it broken: no call fails.
 #[tokio::test]
+#[cfg_attr(not(server_redis_bin), ignore = "set STREAM_DEDUP_REDIS_SERVER")]
 async fn closed_connection_is_replaced_within_the_call() {
     let Some(bin) = redis_server::server_binary("closed_connection_is_replaced_within_the_call")
     else {
@@ -636,6 +655,7 @@ async fn closed_connection_is_replaced_within_the_call() {
 /// each succeed on the first call after Redis closed the store's connection, and the answers
 /// are those of a single call (a resent commit compares the token, so it is still "mine").
 #[tokio::test]
+#[cfg_attr(not(server_redis_bin), ignore = "set STREAM_DEDUP_REDIS_SERVER")]
 async fn closed_connection_is_replaced_for_claim_scripts() {
     let Some(bin) = redis_server::server_binary("closed_connection_is_replaced_for_claim_scripts")
     else {
@@ -678,6 +698,7 @@ async fn closed_connection_is_replaced_for_claim_scripts() {
 /// A hung Redis (SIGSTOP): the call times out; Redis applies it once resumed, and a retry with
 /// the same token answers `New` for those keys, while anybody else sees them `Present`.
 #[tokio::test]
+#[cfg_attr(not(server_redis_bin), ignore = "set STREAM_DEDUP_REDIS_SERVER")]
 async fn hung_server_times_out_and_retry_is_new() {
     let Some(bin) = redis_server::server_binary("hung_server_times_out_and_retry_is_new") else {
         return;
@@ -743,6 +764,7 @@ async fn hung_server_times_out_and_retry_is_new() {
 /// removes too; and a stale slot map (slots moved behind the store's back) still answers
 /// right.
 #[tokio::test]
+#[cfg_attr(not(server_redis_bin), ignore = "set STREAM_DEDUP_REDIS_SERVER")]
 async fn cluster_exactly_once() {
     let Some(bin) = redis_server::server_binary("cluster_exactly_once") else {
         return;
@@ -956,6 +978,7 @@ fn assert_said_once(e: &dyn std::error::Error) {
 /// one too (`WRONGPASS`), and neither error nor `Debug` shows the password; the right one
 /// connects.
 #[tokio::test]
+#[cfg_attr(not(server_redis_bin), ignore = "set STREAM_DEDUP_REDIS_SERVER")]
 async fn a_server_that_needs_a_password_fails_at_connect() {
     let Some(bin) = redis_server::server_binary("a_server_that_needs_a_password_fails_at_connect")
     else {
@@ -1019,6 +1042,7 @@ async fn a_server_that_needs_a_password_fails_at_connect() {
 /// `connect_cluster` to a Redis without cluster mode says so. A namespace with a hash tag
 /// keeps all its keys on one node.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(not(server_redis_bin), ignore = "set STREAM_DEDUP_REDIS_SERVER")]
 async fn a_cluster_node_needs_connect_cluster() {
     let Some(bin) = redis_server::server_binary("a_cluster_node_needs_connect_cluster") else {
         return;
@@ -1085,6 +1109,7 @@ async fn a_cluster_node_needs_connect_cluster() {
 /// A Redis Cluster that needs a password: `connect_cluster` without one fails at connect
 /// (`NOAUTH`), with a wrong one too; the right one connects and works.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(not(server_redis_bin), ignore = "set STREAM_DEDUP_REDIS_SERVER")]
 async fn a_cluster_that_needs_a_password_fails_at_connect() {
     let Some(bin) = redis_server::server_binary("a_cluster_that_needs_a_password_fails_at_connect")
     else {
@@ -1151,6 +1176,7 @@ async fn a_tls_url_without_tls_support_names_the_feature() {
 /// TLS handshake (not as a URL that does not parse).
 #[cfg(feature = "redis-tls")]
 #[tokio::test]
+#[cfg_attr(not(server_redis_bin), ignore = "set STREAM_DEDUP_REDIS_SERVER")]
 async fn a_tls_url_to_a_plain_server_fails_the_handshake() {
     let Some(bin) = redis_server::server_binary("a_tls_url_to_a_plain_server_fails_the_handshake")
     else {
@@ -1179,6 +1205,10 @@ async fn a_tls_url_to_a_plain_server_fails_the_handshake() {
 /// naming TLS and the certificate.
 #[cfg(feature = "redis-tls")]
 #[tokio::test]
+#[cfg_attr(
+    not(all(server_redis, server_redis_bin)),
+    ignore = "set STREAM_DEDUP_REDIS_URL and STREAM_DEDUP_REDIS_SERVER"
+)]
 async fn a_store_over_tls() {
     let Some(bin) = redis_server::server_binary("a_store_over_tls") else {
         return;
@@ -1221,6 +1251,7 @@ async fn a_store_over_tls() {
 /// A server that accepts the connection and never answers: `connect` fails within its limit,
 /// naming the server, as unavailable.
 #[tokio::test]
+#[cfg_attr(not(server_redis_bin), ignore = "set STREAM_DEDUP_REDIS_SERVER")]
 async fn a_hung_server_fails_at_connect_naming_it() {
     let Some(bin) = redis_server::server_binary("a_hung_server_fails_at_connect_naming_it") else {
         return;
@@ -1249,6 +1280,7 @@ async fn a_hung_server_fails_at_connect_naming_it() {
 /// Namespaces cannot collide: one with a `:` is refused (namespace `n:b` + key `k` was the
 /// Redis key of namespace `n` + key `b:k`); other namespaces keep their keys apart.
 #[tokio::test]
+#[cfg_attr(not(server_redis), ignore = "set STREAM_DEDUP_REDIS_URL")]
 async fn namespaces_cannot_collide() {
     // Refused before any connection is tried.
     for bad in ["a:b", "", "a b", "orders{eu", "{}"] {
@@ -1288,6 +1320,7 @@ async fn namespaces_cannot_collide() {
 /// The builder's key limit is the store's: reported by `max_key_len`, and a call with a longer
 /// key fails with `KeyTooLong`. The default is Redis's limit less the namespace and `:`.
 #[tokio::test]
+#[cfg_attr(not(server_redis), ignore = "set STREAM_DEDUP_REDIS_URL")]
 async fn the_builders_key_limit_is_the_stores() {
     let Some(url) = redis_server::url("the_builders_key_limit_is_the_stores") else {
         return;
@@ -1343,6 +1376,7 @@ async fn store_with_short_keys(url: &str, test: &str) -> RedisStore {
 /// over the window's larger one, the item gets the failure policy, and the other keys of its
 /// batch are recorded in Redis (another consumer finds them).
 #[tokio::test]
+#[cfg_attr(not(server_redis), ignore = "set STREAM_DEDUP_REDIS_URL")]
 async fn a_key_over_the_stores_limit_fails_alone_in_dedup_by_key() {
     let Some(url) = redis_server::url("a_key_over_the_stores_limit_fails_alone_in_dedup_by_key")
     else {
@@ -1396,6 +1430,7 @@ async fn a_key_over_the_stores_limit_fails_alone_in_dedup_by_key() {
 /// Through `claim_by_key`, a key over the store's limit fails alone: the other claims of its
 /// batch are made and commit, and another consumer finds them done.
 #[tokio::test]
+#[cfg_attr(not(server_redis), ignore = "set STREAM_DEDUP_REDIS_URL")]
 async fn a_key_over_the_stores_limit_fails_alone_in_claim_by_key() {
     let Some(url) = redis_server::url("a_key_over_the_stores_limit_fails_alone_in_claim_by_key")
     else {

@@ -89,6 +89,10 @@ fn assert_exactly_once(report: &Report) {
 /// comes back after its delay level (3 + the times it came back already: 10 s, then 30 s).
 /// One order in 10 fails once, one in 20 twice.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(
+    not(all(server_rocketmq, server_redis)),
+    ignore = "set STREAM_DEDUP_ROCKETMQ_NAMESRV and STREAM_DEDUP_REDIS_URL"
+)]
 async fn reconsume_later_comes_back_after_its_delay_level() {
     let Some((namesrv, redis)) =
         support::servers("reconsume_later_comes_back_after_its_delay_level")
@@ -140,6 +144,10 @@ async fn reconsume_later_comes_back_after_its_delay_level() {
 /// original failed: the client no longer sends that failure back, so the copy is the only
 /// chance). Four slow orders, two of which fail after their copy arrived.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(
+    not(all(server_rocketmq, server_redis)),
+    ignore = "set STREAM_DEDUP_ROCKETMQ_NAMESRV and STREAM_DEDUP_REDIS_URL"
+)]
 async fn a_copy_sent_back_by_the_consume_timeout_is_held_back_while_the_original_runs() {
     let Some((namesrv, redis)) = support::servers(
         "a_copy_sent_back_by_the_consume_timeout_is_held_back_while_the_original_runs",
@@ -209,6 +217,10 @@ const CHILD_ENV: &str = "STREAM_DEDUP_ROCKETMQ_TEST_CHILD";
 /// them; on emit their keys are marked: the replays are dropped and acked, and they are
 /// lost).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(
+    not(all(server_rocketmq, server_redis)),
+    ignore = "set STREAM_DEDUP_ROCKETMQ_NAMESRV and STREAM_DEDUP_REDIS_URL"
+)]
 async fn a_consumer_killed_before_its_offsets_were_persisted_is_replayed() {
     let Some((namesrv, redis)) =
         support::servers("a_consumer_killed_before_its_offsets_were_persisted_is_replayed")
@@ -365,6 +377,10 @@ async fn killed_consumer_process() {
 /// again by the second from their last persisted offset: copies of messages the first one
 /// had in flight (held back) or had done (duplicates). One order in 25 fails once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(
+    not(all(server_rocketmq, server_redis)),
+    ignore = "set STREAM_DEDUP_ROCKETMQ_NAMESRV and STREAM_DEDUP_REDIS_URL"
+)]
 async fn a_second_consumer_joining_rebalances_the_queues() {
     let Some((namesrv, redis)) =
         support::servers("a_second_consumer_joining_rebalances_the_queues")
