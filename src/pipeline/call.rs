@@ -49,12 +49,14 @@ impl Backend {
     }
 
     /// Takes back `keys` (each still held by its token) in the background: see
-    /// [`run_detached`].
+    /// [`run_detached`]. It gets the call timeout, but at least [`TAKE_BACK_TIMEOUT`]: nobody
+    /// waits for it, and one given up leaves its keys marked for their ttl (a busy store that
+    /// answers a little late must still take them back).
     pub(crate) fn take_back(&self, keys: Vec<HeldKey>, timeout: Duration) {
         if keys.is_empty() {
             return;
         }
-        run_detached(self.store().take_back(keys), timeout);
+        run_detached(self.store().take_back(keys), timeout.max(TAKE_BACK_TIMEOUT));
     }
 
     fn call(&self, ttl: Duration, keys: Vec<Vec<u8>>, token: Token) -> StoreCall {
@@ -110,6 +112,9 @@ pub(crate) fn run_detached(call: StoreFuture<()>, timeout: Duration) {
         });
     }
 }
+
+/// The least time a take-back is given before it is abandoned (see [`Backend::take_back`]).
+pub(crate) const TAKE_BACK_TIMEOUT: Duration = Duration::from_secs(5);
 
 type StoreCall = Pin<Box<dyn Future<Output = Result<Vec<Answer>, StoreError>> + Send>>;
 
