@@ -1,8 +1,10 @@
 //! A NATS JetStream pull consumer that drops redelivered messages with claims.
 //!
-//! The consumer has a short `ack_wait`, so the broker redelivers: a handler slower than
-//! `ack_wait` gets a second copy while it still runs (held back: not processed, not acked),
-//! and a message whose ACK was lost comes back after it was processed (a duplicate: acked and
+//! The consumer has a short `ack_wait` (1 s), so the broker redelivers what is not acked in
+//! time. Slow handlers take three times that; each tells the broker it is still working with
+//! an `AckKind::Progress` on every beat of its claim's keep-alive (`Claim::heartbeat`), so it
+//! is never redelivered, while the claims' lease stays short (2 s, renewed in the background).
+//! A message whose ACK was lost comes back after it was processed (a duplicate: acked and
 //! dropped). A key is marked done only when its claim commits, after the processing, so a
 //! handler that fails never turns the redelivery into a "duplicate": nothing is lost.
 //!
@@ -23,7 +25,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_nats::jetstream::consumer::{AckPolicy, PullConsumer, pull};
-use async_nats::jetstream::{self, Message, stream};
+use async_nats::jetstream::{self, AckKind, Message, stream};
 use futures::{StreamExt, TryStreamExt};
 use stream_dedup::store::RedisStore;
 use stream_dedup::{TryDedupStreamExt, Window};
@@ -34,8 +36,8 @@ const MESSAGES: usize = 300;
 const ACK_WAIT: Duration = Duration::from_secs(1);
 /// Deliveries of a message before the broker gives up on it.
 const MAX_DELIVER: i64 = 10;
-/// How long a slow handler takes: longer than `ACK_WAIT`.
-const SLOW: Duration = Duration::from_millis(1_500);
+/// How long a slow handler takes: three times `ACK_WAIT`.
+const SLOW: Duration = Duration::from_secs(3);
 
 #[tokio::main]
 async fn main() {
@@ -87,6 +89,10 @@ struct Counts {
     held_back: AtomicU64,
     lost_acks: AtomicU64,
     slow: AtomicU64,
+    /// Progress acks sent by slow handlers.
+    progress: AtomicU64,
+    /// Redeliveries of the slow handlers' messages.
+    slow_redelivered: AtomicU64,
 }
 
 async fn run(
@@ -127,9 +133,10 @@ async fn run(
 
     let window = Window::max_keys(100_000)
         .ttl(Duration::from_secs(3_600))
-        // A claim whose consumer died (no release) frees its key after the lease: above the
-        // slowest handler, below ack_wait × max_deliver (10 s), or the broker gives up first.
-        .lease(Duration::from_secs(5))
+        // A claim whose consumer died (no release) frees its key after the lease. Keep-alive
+        // (on by default) renews the leases of open claims every third of it, so it can be
+        // short whatever the handler's time: below ack_wait × max_deliver (10 s).
+        .lease(Duration::from_secs(2))
         .store(store);
 
     let counts = Arc::new(Counts::default());
@@ -144,6 +151,9 @@ async fn run(
             c.deliveries.fetch_add(1, Relaxed);
             if m.info().is_ok_and(|info| info.delivered > 1) {
                 c.redeliveries.fetch_add(1, Relaxed);
+                if faults(&String::from_utf8_lossy(&m.payload)).0 {
+                    c.slow_redelivered.fetch_add(1, Relaxed);
+                }
             }
         })
         // The business key is the payload. The key function must not fail: taking the
@@ -158,7 +168,8 @@ async fn run(
             });
         })
         // The key is in flight (the original is still being processed): do NOT ack. If the
-        // original fails, the broker's next delivery is the one that gets processed.
+        // original fails, the broker's next delivery is the one that gets processed. (With
+        // progress acks, the slow handlers' messages are not redelivered while they run.)
         .on_held_back(move |_m: Message| {
             h.held_back.fetch_add(1, Relaxed);
         });
@@ -190,9 +201,24 @@ async fn run(
                 let first = claim.info().is_ok_and(|info| info.delivered == 1);
                 let (slow, lose_ack) = faults(&key);
                 if first && slow {
-                    // Slower than ack_wait: the broker redelivers meanwhile (held back).
+                    // Three times slower than ack_wait: on every beat of keep-alive (a third
+                    // of the lease), tell the broker the handler is still working, or it
+                    // redelivers meanwhile.
                     counts.slow.fetch_add(1, Relaxed);
-                    tokio::time::sleep(SLOW).await;
+                    let mut beat = claim.heartbeat();
+                    let work = tokio::time::sleep(SLOW);
+                    tokio::pin!(work);
+                    loop {
+                        tokio::select! {
+                            () = &mut work => break,
+                            Some(()) = beat.tick() => {
+                                if let Err(e) = claim.ack_with(AckKind::Progress).await {
+                                    eprintln!("progress ack failed: {e}");
+                                }
+                                counts.progress.fetch_add(1, Relaxed);
+                            }
+                        }
+                    }
                 }
                 // Process the order (here: count it).
                 *processed.lock().unwrap().entry(key).or_default() += 1;
@@ -217,8 +243,11 @@ async fn run(
     let processed = processed.lock().unwrap();
     let once = processed.values().filter(|n| **n == 1).count();
     println!(
-        "simulated: {} slow handlers (past ack_wait), {} lost ACKs",
+        "simulated: {} slow handlers ({SLOW:?}, 3 × ack_wait; {} progress acks sent, \
+         redelivered {} times), {} lost ACKs",
         counts.slow.load(Relaxed),
+        counts.progress.load(Relaxed),
+        counts.slow_redelivered.load(Relaxed),
         counts.lost_acks.load(Relaxed)
     );
     println!(
@@ -240,7 +269,7 @@ async fn run(
 }
 
 /// The simulated faults of an order's first delivery, from its key: about 1 in 16 is slow,
-/// 1 in 10 loses its ACK.
+/// 1 in 10 loses its ACK (never both: one needs an even hash, the other an odd one).
 fn faults(key: &str) -> (bool, bool) {
     // FNV-1a: a stable hash, so every run has the same faults.
     let h = key.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
