@@ -48,12 +48,21 @@ async fn a_parked_copy_becomes_a_duplicate_when_its_original_commits() {
     };
     assert_eq!((*first, *second), (1, 2));
     assert!(soon(&mut verdicts).await.is_none(), "the copy must wait");
+    // Something else settles first (2's commit): the copy of 1 waits on, not counted again.
+    second.commit().await.unwrap();
+    assert!(soon(&mut verdicts).await.is_none(), "the copy must wait");
     first.commit().await.unwrap();
     assert!(matches!(
         soon(&mut verdicts).await,
         Some(Verdict::Duplicate(1))
     ));
-    second.commit().await.unwrap();
+    let stats = verdicts.stats();
+    assert_eq!(
+        stats.held_back(),
+        1,
+        "held back once, however long it waited"
+    );
+    assert_eq!(stats.duplicates(), 1);
 }
 
 /// Parked: released, the copy is processed as a new claim (the broker need not redeliver).

@@ -194,3 +194,29 @@ async fn keep_alive_ends_with_the_operator_and_its_claims() {
         .await;
     assert_eq!(out, [1]);
 }
+
+/// A commit that reaches the store before a keep-alive round (the store then refuses to renew
+/// a key that is done) does not make its claim lost: nothing is counted lost, and the commit
+/// succeeds.
+#[tokio::test(start_paused = true)]
+async fn a_commit_that_beats_a_renewal_is_not_a_lost_lease() {
+    use stream_dedup::store::ClaimStore;
+    let store = MemoryStore::new();
+    let mut first = stream::iter([7u32]).claim_by_key(|k| *k, window(true).store(store.clone()));
+    let claim = first.next().await.expect("claimed");
+    let stats = first.stats();
+    // The claim's commit, as the store sees it, lands before the next round.
+    let done = store
+        .commit(vec![(7u32.to_be_bytes().to_vec(), claim.token())], TTL)
+        .await
+        .expect("commit");
+    assert_eq!(done, [true]);
+    // Two rounds, within the lease: each refused, neither counts it lost.
+    for _ in 0..2 {
+        tokio::time::sleep(LEASE / 3 + Duration::from_millis(1)).await;
+        assert_eq!(stats.leases_lost(), 0);
+        assert!(!claim.is_lost());
+    }
+    claim.commit().await.expect("the commit succeeds");
+    assert_eq!(stats.leases_lost(), 0);
+}

@@ -376,8 +376,20 @@ where
         }
         loop {
             // Parked copies go back in once something settled (their originals' keys).
+            // A copy whose key is still in flight here stays parked: it would only be held
+            // back (and counted) again.
             if !this.parked.is_empty() && this.gate.poll_settled(cx) {
-                this.refeed.extend(this.parked.drain(..));
+                let (gate, key_of) = (&*this.gate, &mut *this.key_of);
+                for item in std::mem::take(this.parked) {
+                    let waits = key_of
+                        .key_of(&item)
+                        .is_some_and(|key| gate.still_in_flight(&key));
+                    if waits {
+                        this.parked.push_back(item);
+                    } else {
+                        this.refeed.push_back(item);
+                    }
+                }
             }
             let parked = this.parked.len();
             let dropped = match this.store.as_deref_mut() {

@@ -374,8 +374,9 @@ impl<K: Hash + Eq> ClaimCore<K> {
 
     /// One round of keep-alive: renews the lease of every key this operator holds in flight
     /// (open claims, and claims read ahead), in memory and in the store (one batched,
-    /// token-checked call). A key the store says another claim holds is lost: freed here, so
-    /// that its claim knows and its commit fails.
+    /// token-checked call). A key the store no longer renews keeps the rest of its lease here
+    /// (its commit may have raced the round); if the store still refuses it once that lease has
+    /// run out, it is lost: freed here, so that its claim knows and its commit fails.
     pub(super) async fn renew_open_claims(&self) {
         let now = Instant::now();
         // Every key this operator holds, also one whose lease ran out here (the store was
@@ -409,10 +410,16 @@ impl<K: Hash + Eq> ClaimCore<K> {
                 if mine {
                     held.get_mut().1 = end;
                     renewed += 1;
-                } else {
+                } else if held.get().1 <= now {
+                    // Not renewed, and its lease here has run out: lost.
                     held.remove();
                     lost += 1;
                 }
+                // Otherwise not renewed, but not lost yet: the claim's own commit may have
+                // reached the store before this round (the key is done by its token), or
+                // the key went free there and nobody took it (its commit still succeeds).
+                // Its lease here runs out unless a later round renews it; if another claim
+                // did take it, that round finds it lost.
             }
             drop(state);
             self.recorder.kept_alive(renewed, lost);
@@ -560,5 +567,14 @@ impl<K: Hash + Eq + Send + Sync + 'static> Gate<K> for ClaimGate<K> {
         // A copy waits: keep-alive's rounds ask about it again even with no claim open here.
         self.core.ensure_keeper();
         self.core.poll_changed(&mut self.seen, cx)
+    }
+
+    fn still_in_flight(&self, key: &K) -> bool {
+        let now = Instant::now();
+        self.core
+            .lock()
+            .in_flight
+            .get(key)
+            .is_some_and(|&(_, end)| end > now)
     }
 }

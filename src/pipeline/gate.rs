@@ -66,6 +66,11 @@ pub(crate) trait Gate<K> {
     /// commit, a release, a keep-alive round); else registers `cx`'s waker for it. Mark on emit
     /// never waits for one.
     fn poll_settled(&mut self, cx: &mut Context<'_>) -> bool;
+    /// Whether a copy of `key` parked to wait still has to: its key is still in flight under
+    /// a claim of this operator (so it is not decided, nor counted, again yet).
+    fn still_in_flight(&self, _key: &K) -> bool {
+        false
+    }
 }
 
 /// Mark on emit: the window records a key as its item is accepted.
