@@ -431,7 +431,9 @@ async fn a_failing_effect_or_commit_releases_the_key() {
 /// Set in a consumer process: its settings (see [`Consumer::from_env`]).
 const CONSUMER_ENV: &str = "STREAM_DEDUP_EO_CONSUMER";
 /// Keys, and copies of each delivered to each consumer in each run (interleaved at random).
-const KEYS: usize = 120;
+/// Run `r` delivers the first `(r + 1) * KEYS / CRASH_RUNS` keys: new ones, and the earlier
+/// runs' again (their acks lost); the runs after the crash runs deliver them all.
+const KEYS: usize = 200;
 const COPIES: usize = 3;
 /// Short, so that a dead consumer's claims are taken over quickly.
 const LEASE: Duration = Duration::from_millis(800);
@@ -479,6 +481,8 @@ struct Consumer {
     effects: String,
     id: i32,
     seed: u64,
+    /// Deliver keys `0..keys`.
+    keys: usize,
     /// Kill itself at this claim (1-based), at `point`.
     crash: Option<(usize, Point)>,
     /// Keep-alive off, and some handlers stall past the lease (a processing timeout).
@@ -491,7 +495,7 @@ impl Consumer {
             .crash
             .map_or((0, 0), |(n, p)| (n, POINTS.iter().position(|&q| q == p).unwrap()));
         format!(
-            "{};{};{};{};{};{};{};{};{}",
+            "{};{};{};{};{};{};{};{};{};{}",
             matches!(self.mode, Mode::Naive) as u8,
             self.namespace,
             self.keys_table,
@@ -500,7 +504,8 @@ impl Consumer {
             self.seed,
             after,
             point,
-            self.stall as u8
+            self.stall as u8,
+            self.keys
         )
     }
 
@@ -522,6 +527,7 @@ impl Consumer {
             seed: f[5].parse().unwrap(),
             crash: (after > 0).then(|| (after, POINTS[f[7].parse::<usize>().unwrap()])),
             stall: f[8] == "1",
+            keys: f[9].parse().unwrap(),
         })
     }
 
@@ -548,7 +554,7 @@ impl Consumer {
             .await
             .expect("connect");
         let pool = store.pool().clone();
-        let mut deliveries: Vec<String> = (0..KEYS)
+        let mut deliveries: Vec<String> = (0..self.keys)
             .flat_map(|k| std::iter::repeat_n(format!("key-{k:04}"), COPIES))
             .collect();
         deliveries.shuffle(&mut rng);
@@ -574,7 +580,13 @@ impl Consumer {
         let (mut claimed, mut lost, mut failed) = (0usize, 0u32, 0u32);
         while let Some(claim) = claims.next().await {
             claimed += 1;
-            let crash = |point| self.crash == Some((claimed, point));
+            let crash = |point| {
+                let here = self.crash == Some((claimed, point));
+                if here {
+                    eprintln!("EO-CRASH {point:?}");
+                }
+                here
+            };
             if crash(Point::BeforeEffect) {
                 die();
             }
@@ -592,8 +604,9 @@ impl Consumer {
             if crash(Point::InTx) {
                 die();
             }
-            if self.stall && rng.random_bool(0.04) {
+            if self.stall && rng.random_bool(0.1) {
                 // Past the lease: another consumer may take the key meanwhile.
+                eprintln!("EO-STALL");
                 tokio::time::sleep(LEASE * 3 / 2).await;
             }
             if crash(Point::DuringCommit) {
@@ -608,6 +621,7 @@ impl Consumer {
                     Ok(_) => {}
                     Err(e) => {
                         if matches!(e.error(), StoreError::LeaseLost) {
+                            eprintln!("EO-LOST");
                             lost += 1;
                         } else {
                             failed += 1;
@@ -627,6 +641,7 @@ impl Consumer {
                         Ok(_) => {}
                         Err(e) => {
                             if matches!(e.error(), StoreError::LeaseLost) {
+                                eprintln!("EO-LOST");
                                 lost += 1;
                             } else {
                                 failed += 1;
@@ -665,14 +680,19 @@ struct Outcome {
     missing: usize,
     /// Consumers killed (by themselves or by the test).
     kills: usize,
+    /// Handlers that stalled past their lease.
+    stalls: u64,
     /// Commits that found their lease lost (and rolled back, with `commit_with`).
     leases_lost: u64,
+    /// Where consumers killed themselves, and how often.
+    crashes: std::collections::BTreeMap<String, usize>,
     runs: usize,
 }
 
-/// The crash runs of one mode: `CRASH_RUNS` runs of two consumers, in which one kills itself
-/// at a point (each point in turn, for each consumer) and the other is killed by the test at
-/// a random moment (if it is still running),
+/// The crash runs of one mode: `CRASH_RUNS` runs of three consumers, in which consumer 0 or 1
+/// kills itself at a point (each point in turn, for each of them), the other is killed by the
+/// test at a random moment (if it is still running), and consumer 2 stalls past its lease now
+/// and then (keep-alive off),
 /// then runs without crashes until every key is done.
 fn crash_runs(url: &str, mode: Mode, test: &str) -> Outcome {
     let rt = tokio::runtime::Builder::new_current_thread()
@@ -697,14 +717,15 @@ fn crash_runs(url: &str, mode: Mode, test: &str) -> Outcome {
     let exe = std::env::current_exe().expect("the test binary");
     let mut outcome = Outcome::default();
 
-    let done = |scratch: &Scratch| -> usize {
+    let done = |scratch: &Scratch, keys: usize| -> usize {
         rt.block_on(async {
             let mut conn = pg::connection(url).await;
             // The table exists once a consumer has connected.
             let count: Result<i64, _> = sqlx::query_scalar(&format!(
-                "SELECT count(*) FROM {keys_table} WHERE namespace = $1 AND done"
+                "SELECT count(*) FROM {keys_table} WHERE namespace = $1 AND done AND key < $2"
             ))
             .bind(&scratch.namespace)
+            .bind(format!("key-{keys:04}").into_bytes())
             .fetch_one(&mut conn)
             .await;
             count.map_or(0, |c| c as usize)
@@ -713,8 +734,13 @@ fn crash_runs(url: &str, mode: Mode, test: &str) -> Outcome {
 
     let mut run = 0u64;
     loop {
-        let remaining = KEYS - done(&scratch);
         let crashing = run < CRASH_RUNS;
+        let keys = if crashing {
+            (run as usize + 1) * KEYS / CRASH_RUNS as usize
+        } else {
+            KEYS
+        };
+        let remaining = keys - done(&scratch, keys);
         if !crashing && remaining == 0 {
             break;
         }
@@ -727,9 +753,10 @@ fn crash_runs(url: &str, mode: Mode, test: &str) -> Outcome {
                 effects: scratch.effects.clone(),
                 id,
                 seed,
+                keys,
                 crash,
-                // Consumer 1 stalls past its lease now and then, with keep-alive off.
-                stall: id == 1,
+                // Consumer 2 stalls past its lease now and then, with keep-alive off.
+                stall: id == 2,
             };
             let log: PathBuf = logs.path().join(format!("run-{run}-consumer-{id}.log"));
             let child = Command::new(&exe)
@@ -746,13 +773,13 @@ fn crash_runs(url: &str, mode: Mode, test: &str) -> Outcome {
         let victim = ((run / 5) % 2) as i32;
         let mut children = Vec::new();
         let mut killed_at = None;
-        for id in 0..2 {
+        for id in 0..3 {
             let crash = (crashing && id == victim).then(|| {
-                let after = rng.random_range(1..=(remaining / 4).max(1));
+                let after = rng.random_range(1..=(remaining / 5).max(1));
                 (after, POINTS[run as usize % POINTS.len()])
             });
-            if crashing && id != victim {
-                killed_at = Some(Instant::now() + Duration::from_millis(rng.random_range(100..1_500)));
+            if crashing && id == 1 - victim {
+                killed_at = Some(Instant::now() + Duration::from_millis(rng.random_range(30..500)));
             }
             children.push(spawn(id, crash, rng.random()));
         }
@@ -780,15 +807,16 @@ fn crash_runs(url: &str, mode: Mode, test: &str) -> Outcome {
         for (status, (_, log)) in statuses.iter().zip(&children) {
             let status = status.unwrap();
             let log = std::fs::read_to_string(log).unwrap_or_default();
+            outcome.leases_lost += log.lines().filter(|l| *l == "EO-LOST").count() as u64;
+            outcome.stalls += log.lines().filter(|l| *l == "EO-STALL").count() as u64;
             if status.signal() == Some(9) {
                 outcome.kills += 1;
+                for line in log.lines().filter(|l| l.starts_with("EO-CRASH ")) {
+                    *outcome.crashes.entry(line[9..].to_owned()).or_default() += 1;
+                }
                 continue;
             }
             assert!(status.success(), "a consumer failed ({status}):\n{log}");
-            for line in log.lines().filter(|l| l.starts_with("EO-STATS")) {
-                let lost = line.split("lease_lost=").nth(1).unwrap();
-                outcome.leases_lost += lost.split(' ').next().unwrap().parse::<u64>().unwrap();
-            }
         }
         run += 1;
         outcome.runs += 1;
@@ -819,7 +847,11 @@ fn crash_anywhere_commit_with_applies_each_effect_once() {
         return;
     };
     let outcome = crash_runs(&url, Mode::CommitWith, TEST);
-    assert!(outcome.kills >= CRASH_RUNS as usize / 2, "{outcome:?}");
+    // Not vacuous: consumers died at every point.
+    for point in POINTS {
+        let point = format!("{point:?}");
+        assert!(outcome.crashes.contains_key(&point), "no crash at {point}: {outcome:?}");
+    }
     assert_eq!(outcome.missing, 0, "an effect is missing: {outcome:?}");
     assert_eq!(outcome.doubled, 0, "an effect was applied twice: {outcome:?}");
 }
@@ -838,6 +870,7 @@ fn crash_between_commits_doubles_effects_without_commit_with() {
         return;
     };
     let outcome = crash_runs(&url, Mode::Naive, TEST);
+    assert!(outcome.crashes.contains_key("AfterCommit"), "{outcome:?}");
     assert_eq!(outcome.missing, 0, "an effect is missing: {outcome:?}");
     assert!(outcome.doubled >= 1, "no effect was doubled: {outcome:?}");
 }
