@@ -312,7 +312,6 @@ fn bench(c: &mut Criterion) {
     });
 }
 
-
 /// How a bench of `postgres commit_with` ends each message's transaction.
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Ending {

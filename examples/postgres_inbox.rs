@@ -137,7 +137,10 @@ async fn inbox(
         let (pool, payments) = (pool.clone(), payments.to_owned());
         let (counts, flaky, queue) = (Arc::clone(&counts), Arc::clone(&flaky), queue.to_owned());
         consumers.push(tokio::spawn(async move {
-            consume(id, channel, &queue, store, &pool, &payments, &counts, &flaky).await
+            consume(
+                id, channel, &queue, store, &pool, &payments, &counts, &flaky,
+            )
+            .await
         }));
     }
     for consumer in consumers {

@@ -295,10 +295,7 @@ async fn a_lost_lease_rolls_the_effect_back() {
     );
     let claim_b = next(&mut b).await;
 
-    let error = claim_a
-        .commit_with(tx_a)
-        .await
-        .expect_err("the key is B's");
+    let error = claim_a.commit_with(tx_a).await.expect_err("the key is B's");
     assert!(
         matches!(error.error(), StoreError::LeaseLost),
         "{:?}",
@@ -392,12 +389,22 @@ async fn a_failing_effect_or_commit_releases_the_key() {
     let claim = next(&mut claims).await;
     let mut tx = pool.begin().await.unwrap();
     write_effect(&mut tx, &fx.effects, &claim, 1).await.unwrap();
-    let bad = sqlx::query(&format!("INSERT INTO {} (key, consumer) VALUES (NULL, 1)", fx.effects))
-        .execute(&mut *tx)
-        .await;
+    let bad = sqlx::query(&format!(
+        "INSERT INTO {} (key, consumer) VALUES (NULL, 1)",
+        fx.effects
+    ))
+    .execute(&mut *tx)
+    .await;
     assert!(bad.is_err());
-    let error = claim.commit_with(tx).await.expect_err("an aborted transaction");
-    assert!(matches!(error.error(), StoreError::Backend { .. }), "{:?}", error.error());
+    let error = claim
+        .commit_with(tx)
+        .await
+        .expect_err("an aborted transaction");
+    assert!(
+        matches!(error.error(), StoreError::Backend { .. }),
+        "{:?}",
+        error.error()
+    );
     assert_eq!(error.into_item(), "order-4");
     assert!(fx.effects().await.is_empty());
 
@@ -491,9 +498,9 @@ struct Consumer {
 
 impl Consumer {
     fn to_env(&self) -> String {
-        let (after, point) = self
-            .crash
-            .map_or((0, 0), |(n, p)| (n, POINTS.iter().position(|&q| q == p).unwrap()));
+        let (after, point) = self.crash.map_or((0, 0), |(n, p)| {
+            (n, POINTS.iter().position(|&q| q == p).unwrap())
+        });
         format!(
             "{};{};{};{};{};{};{};{};{};{}",
             matches!(self.mode, Mode::Naive) as u8,
@@ -744,7 +751,10 @@ fn crash_runs(url: &str, mode: Mode, test: &str) -> Outcome {
         if !crashing && remaining == 0 {
             break;
         }
-        assert!(run < CRASH_RUNS + 12, "keys still not done after {run} runs");
+        assert!(
+            run < CRASH_RUNS + 12,
+            "keys still not done after {run} runs"
+        );
         let spawn = |id: i32, crash: Option<(usize, Point)>, seed: u64| {
             let consumer = Consumer {
                 mode,
@@ -850,10 +860,16 @@ fn crash_anywhere_commit_with_applies_each_effect_once() {
     // Not vacuous: consumers died at every point.
     for point in POINTS {
         let point = format!("{point:?}");
-        assert!(outcome.crashes.contains_key(&point), "no crash at {point}: {outcome:?}");
+        assert!(
+            outcome.crashes.contains_key(&point),
+            "no crash at {point}: {outcome:?}"
+        );
     }
     assert_eq!(outcome.missing, 0, "an effect is missing: {outcome:?}");
-    assert_eq!(outcome.doubled, 0, "an effect was applied twice: {outcome:?}");
+    assert_eq!(
+        outcome.doubled, 0,
+        "an effect was applied twice: {outcome:?}"
+    );
 }
 
 /// The same runs with the effect's transaction committed, then the claim: a consumer that
