@@ -438,14 +438,17 @@ async fn a_failing_effect_or_commit_releases_the_key() {
 /// Set in a consumer process: its settings (see [`Consumer::from_env`]).
 const CONSUMER_ENV: &str = "STREAM_DEDUP_EO_CONSUMER";
 /// Keys, and copies of each delivered to each consumer in each run (interleaved at random).
-/// Run `r` delivers the first `(r + 1) * KEYS / CRASH_RUNS` keys: new ones, and the earlier
+/// Crash run `r` delivers the first `(r + 1) * NEW_KEYS` keys: new ones, and the earlier
 /// runs' again (their acks lost); the runs after the crash runs deliver them all.
-const KEYS: usize = 200;
+const NEW_KEYS: usize = 20;
 const COPIES: usize = 3;
 /// Short, so that a dead consumer's claims are taken over quickly.
 const LEASE: Duration = Duration::from_millis(800);
-/// Runs in which consumers crash (then runs without crashes until every key is done).
+/// Runs in which consumers crash: each point twice, then the points that did not happen
+/// (a consumer may get fewer claims than its crash was set at) again, up to
+/// `MAX_CRASH_RUNS`. Then runs without crashes until every key is done.
 const CRASH_RUNS: u64 = 10;
+const MAX_CRASH_RUNS: u64 = 30;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Mode {
@@ -685,6 +688,8 @@ struct Outcome {
     doubled: usize,
     /// Keys with no effect row.
     missing: usize,
+    /// Keys delivered.
+    keys: usize,
     /// Consumers killed (by themselves or by the test).
     kills: usize,
     /// Handlers that stalled past their lease.
@@ -725,6 +730,9 @@ fn crash_runs(url: &str, mode: Mode, test: &str) -> Outcome {
     let mut outcome = Outcome::default();
 
     let done = |scratch: &Scratch, keys: usize| -> usize {
+        if keys == 0 {
+            return 0;
+        }
         rt.block_on(async {
             let mut conn = pg::connection(url).await;
             // The table exists once a consumer has connected.
@@ -740,21 +748,34 @@ fn crash_runs(url: &str, mode: Mode, test: &str) -> Outcome {
     };
 
     let mut run = 0u64;
+    let (mut crashing, mut keys) = (true, 0);
     loop {
-        let crashing = run < CRASH_RUNS;
-        let keys = if crashing {
-            (run as usize + 1) * KEYS / CRASH_RUNS as usize
-        } else {
-            KEYS
-        };
+        let pending: Vec<Point> = POINTS
+            .into_iter()
+            .filter(|p| !outcome.crashes.contains_key(&format!("{p:?}")))
+            .collect();
+        crashing = crashing && (run < CRASH_RUNS || (!pending.is_empty() && run < MAX_CRASH_RUNS));
+        if crashing {
+            keys += NEW_KEYS;
+        }
         let remaining = keys - done(&scratch, keys);
         if !crashing && remaining == 0 {
             break;
         }
         assert!(
-            run < CRASH_RUNS + 12,
+            run < MAX_CRASH_RUNS + 12,
             "keys still not done after {run} runs"
         );
+        // Each point in turn, for each consumer once; then the points still pending.
+        let (victim, point) = if run < CRASH_RUNS {
+            ((run / 5) % 2, POINTS[run as usize % POINTS.len()])
+        } else {
+            (
+                run % 2,
+                pending.first().copied().unwrap_or(Point::AfterCommit),
+            )
+        };
+        let victim = victim as i32;
         let spawn = |id: i32, crash: Option<(usize, Point)>, seed: u64| {
             let consumer = Consumer {
                 mode,
@@ -779,14 +800,12 @@ fn crash_runs(url: &str, mode: Mode, test: &str) -> Outcome {
                 .expect("start a consumer");
             (child, log)
         };
-        // Each point in turn, for each consumer once.
-        let victim = ((run / 5) % 2) as i32;
         let mut children = Vec::new();
         let mut killed_at = None;
         for id in 0..3 {
             let crash = (crashing && id == victim).then(|| {
                 let after = rng.random_range(1..=(remaining / 5).max(1));
-                (after, POINTS[run as usize % POINTS.len()])
+                (after, point)
             });
             if crashing && id == 1 - victim {
                 killed_at = Some(Instant::now() + Duration::from_millis(rng.random_range(30..500)));
@@ -838,7 +857,8 @@ fn crash_runs(url: &str, mode: Mode, test: &str) -> Outcome {
         *per_key.entry(key.clone()).or_default() += 1;
     }
     outcome.doubled = per_key.values().filter(|&&n| n > 1).count();
-    outcome.missing = KEYS - per_key.len();
+    outcome.keys = keys;
+    outcome.missing = keys - per_key.len();
     eprintln!("{test}: {outcome:?} ({} effect rows)", effects.len());
     drop(scratch);
     outcome
