@@ -18,6 +18,16 @@
 //!   commit_in`: the same with the key committed inside it (`PostgresStore::commit_in`; the
 //!   keys are claimed beforehand, outside the timing). 1,000 transactions on one connection.
 //!
+//! Group `postgres commit_with`, what a consumer of the inbox pattern runs per message, 1,000
+//! messages one after the other on the store's pool (claims taken beforehand by a
+//! `claim_by_key` operator, outside the timing):
+//!
+//! - `tx effect`: `BEGIN`, one effect row, `COMMIT` — the plain alternative, without the key.
+//! - `tx effect + commit_with`: the same transaction, the claim committed inside it with
+//!   `Claim::commit_with` (the issue's bar: at least 80% of `tx effect`).
+//! - `tx effect, then commit`: the effect's transaction, then `Claim::commit` awaited (the
+//!   two steps `commit_with` replaces; for reference).
+//!
 //! ```text
 //! STREAM_DEDUP_POSTGRES_URL=postgres://postgres@127.0.0.1:5432/test \
 //!     cargo bench --features postgres --bench postgres
@@ -28,10 +38,12 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
+use futures::{StreamExt, stream};
 use stream_dedup::sqlx::{self, Connection, PgConnection};
 use stream_dedup::store::{
     ClaimBatch, ClaimStore, Claimed, InsertBatch, Inserted, PostgresStore, Store, Token,
 };
+use stream_dedup::{Claim, DedupStreamExt, Window};
 
 const KEYS: usize = 20_000;
 const PER_KEY: usize = 2_000;
@@ -288,6 +300,8 @@ fn bench(c: &mut Criterion) {
     }
     group.finish();
 
+    commit_with_group(c, &rt, &url, &keys[..TRANSACTIONS], &mut admin);
+
     rt.block_on(async {
         for table in [TABLE, EFFECTS] {
             sqlx::query(&format!("DROP TABLE IF EXISTS {table}"))
@@ -296,6 +310,108 @@ fn bench(c: &mut Criterion) {
                 .unwrap();
         }
     });
+}
+
+/// How a bench of `postgres commit_with` ends each message's transaction.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Ending {
+    /// `COMMIT`, the key left alone.
+    EffectOnly,
+    /// `Claim::commit_with(tx)`.
+    CommitWith,
+    /// `COMMIT`, then `Claim::commit()` awaited.
+    ThenCommit,
+}
+
+/// 1,000 claims on `keys`, from a `claim_by_key` operator of its own on `store` (so that no
+/// key is done in its memory), held open; keep-alive off, the lease long enough.
+async fn claims(store: &PostgresStore, keys: &[Vec<u8>]) -> Vec<Claim<Vec<u8>>> {
+    let window = Window::max_keys(10_000)
+        .ttl(TTL)
+        .lease(TTL)
+        .keep_alive(false)
+        .store(store.clone())
+        .batch_size(1_000)
+        .timeout(Duration::from_secs(10));
+    let claims: Vec<Claim<Vec<u8>>> = stream::iter(keys.to_vec())
+        .claim_by_key(|k: &Vec<u8>| k.clone(), window)
+        .collect()
+        .await;
+    assert_eq!(claims.len(), keys.len(), "every key claimed");
+    claims
+}
+
+fn commit_with_group(
+    c: &mut Criterion,
+    rt: &tokio::runtime::Runtime,
+    url: &str,
+    keys: &[Vec<u8>],
+    admin: &mut PgConnection,
+) {
+    let mut group = c.benchmark_group("postgres commit_with");
+    group.sample_size(10);
+    group.warm_up_time(Duration::from_secs(1));
+    group.measurement_time(Duration::from_secs(10));
+    group.throughput(Throughput::Elements(keys.len() as u64));
+    let effect = format!("INSERT INTO {EFFECTS} (key, amount) VALUES ($1, $2)");
+    for (name, ending) in [
+        ("tx effect", Ending::EffectOnly),
+        ("tx effect + commit_with", Ending::CommitWith),
+        ("tx effect, then commit", Ending::ThenCommit),
+    ] {
+        group.bench_function(name, |b| {
+            b.iter_custom(|iters| {
+                rt.block_on(async {
+                    let ns = namespace();
+                    let store = store(url, &ns).await;
+                    let pool = store.pool().clone();
+                    let mut total = Duration::ZERO;
+                    for _ in 0..iters {
+                        // The plain alternative has no claims: only its transactions run.
+                        let mut claims = match ending {
+                            Ending::EffectOnly => Vec::new(),
+                            _ => claims(&store, keys).await,
+                        }
+                        .into_iter();
+                        let start = Instant::now();
+                        for (i, key) in keys.iter().enumerate() {
+                            let mut tx = pool.begin().await.expect("begin");
+                            sqlx::query(&effect)
+                                .bind(key)
+                                .bind(i as i64)
+                                .execute(&mut *tx)
+                                .await
+                                .expect("effect");
+                            if ending == Ending::EffectOnly {
+                                tx.commit().await.expect("commit");
+                                continue;
+                            }
+                            let claim = claims.next().expect("a claim per key");
+                            debug_assert_eq!(&*claim, key);
+                            match ending {
+                                Ending::EffectOnly => unreachable!(),
+                                Ending::CommitWith => {
+                                    black_box(claim.commit_with(tx).await.expect("commit_with"));
+                                }
+                                Ending::ThenCommit => {
+                                    tx.commit().await.expect("commit");
+                                    black_box(claim.commit().await.expect("commit the claim"));
+                                }
+                            }
+                        }
+                        total += start.elapsed();
+                        clean(admin, &ns).await;
+                        sqlx::query(&format!("TRUNCATE {EFFECTS}"))
+                            .execute(&mut *admin)
+                            .await
+                            .unwrap();
+                    }
+                    total
+                })
+            });
+        });
+    }
+    group.finish();
 }
 
 criterion_group!(benches, bench);
