@@ -1,0 +1,211 @@
+//! Exactly-once effects with MySQL / MariaDB: [`Claim::commit_with`] on a
+//! `sqlx::Transaction<'_, MySql>` marks the key done inside the transaction that wrote the
+//! effect, so the two commit or roll back together (the crash test of `tests/exactly_once.rs`
+//! proves the same on PostgreSQL, where the code path above the store is the same).
+//!
+//! Needs the `mysql` feature and `STREAM_DEDUP_MYSQL_URL` (e.g.
+//! `mysql://root@127.0.0.1:3306/test`). Each test works in a namespace and an effects table of
+//! its own and drops them at the end.
+#![cfg(feature = "mysql")]
+
+mod support;
+
+use std::pin::pin;
+use std::time::Duration;
+
+use futures::{StreamExt, stream};
+use stream_dedup::sqlx::{self, MySql, Transaction};
+use stream_dedup::store::{MemoryStore, MySqlStore, StoreError, Token};
+use stream_dedup::{DedupStreamExt, Window};
+use support::mysql_server;
+
+const TTL: Duration = Duration::from_secs(600);
+
+/// A namespace and an effects table of this test (`k varchar, consumer int`, no unique key).
+struct Scratch {
+    url: String,
+    namespace: String,
+    effects: String,
+}
+
+impl Scratch {
+    async fn new(url: &str, test: &str) -> Scratch {
+        let tag = Token::new().to_string().replace('-', "");
+        let scratch = Scratch {
+            url: url.to_owned(),
+            namespace: format!("{test}-{tag}"),
+            effects: format!("eo_effects_{}", &tag[..16]),
+        };
+        let mut conn = mysql_server::admin(url).await;
+        sqlx::raw_sql(&format!(
+            "CREATE TABLE {} (k VARCHAR(64) NOT NULL, consumer INT NOT NULL)",
+            scratch.effects
+        ))
+        .execute(&mut conn)
+        .await
+        .expect("create the effects table");
+        scratch
+    }
+
+    async fn store(&self) -> MySqlStore {
+        MySqlStore::builder(&self.namespace)
+            .timeout(Duration::from_secs(5))
+            .connect(&self.url)
+            .await
+            .expect("connect")
+    }
+
+    /// The effects written, in order.
+    async fn effects(&self) -> Vec<(String, i32)> {
+        let mut conn = mysql_server::admin(&self.url).await;
+        sqlx::query_as(&format!(
+            "SELECT k, consumer FROM {} ORDER BY k, consumer",
+            self.effects
+        ))
+        .fetch_all(&mut conn)
+        .await
+        .expect("read the effects")
+    }
+
+    async fn drop_all(self) {
+        let mut conn = mysql_server::admin(&self.url).await;
+        sqlx::raw_sql(&format!("DROP TABLE IF EXISTS {}", self.effects))
+            .execute(&mut conn)
+            .await
+            .expect("drop the effects table");
+        mysql_server::delete_namespace(&self.url, "stream_dedup_keys", &self.namespace).await;
+    }
+}
+
+/// The effect: one row, written in `tx`.
+async fn write_effect(
+    tx: &mut Transaction<'_, MySql>,
+    effects: &str,
+    key: &str,
+    consumer: i32,
+) -> Result<(), sqlx::Error> {
+    sqlx::query(&format!(
+        "INSERT INTO {effects} (k, consumer) VALUES (?, ?)"
+    ))
+    .bind(key)
+    .bind(consumer)
+    .execute(&mut **tx)
+    .await
+    .map(drop)
+}
+
+/// The effect and the key commit together; a redelivery to another consumer is a duplicate.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(not(server_mysql), ignore = "set STREAM_DEDUP_MYSQL_URL")]
+async fn commit_with_commits_the_effect_and_the_key_together() {
+    let Some(url) = mysql_server::url("commit_with_commits_the_effect_and_the_key_together") else {
+        return;
+    };
+    let fx = Scratch::new(&url, "eo-my-happy").await;
+    let store = fx.store().await;
+    let w = |store| Window::max_keys(100).ttl(TTL).store(store);
+    let mut claims = pin!(
+        stream::iter(["order-1".to_owned()]).claim_by_key(|m: &String| m.clone(), w(store.clone()))
+    );
+    let claim = claims.next().await.expect("claimed");
+    let mut tx = store.pool().begin().await.expect("begin");
+    write_effect(&mut tx, &fx.effects, &claim, 1)
+        .await
+        .expect("effect");
+    let item = claim.commit_with(tx).await.expect("commit_with");
+    assert_eq!(item, "order-1");
+    assert_eq!(fx.effects().await, [("order-1".to_owned(), 1)]);
+
+    let other = stream::iter(["order-1".to_owned()])
+        .claim_by_key(|m: &String| m.clone(), w(fx.store().await));
+    let stats = other.stats();
+    assert_eq!(other.count().await, 0, "the redelivery is a duplicate");
+    assert_eq!(stats.duplicates(), 1);
+    fx.drop_all().await;
+}
+
+/// A claim whose lease ran out and whose key another consumer took: `commit_with` rolls the
+/// effect back and answers `LeaseLost` with the item; the other consumer's commit stands.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(not(server_mysql), ignore = "set STREAM_DEDUP_MYSQL_URL")]
+async fn a_lost_lease_rolls_the_effect_back() {
+    let Some(url) = mysql_server::url("a_lost_lease_rolls_the_effect_back") else {
+        return;
+    };
+    let fx = Scratch::new(&url, "eo-my-lease").await;
+    let lease = Duration::from_millis(500);
+    let short = |store| {
+        Window::max_keys(100)
+            .ttl(TTL)
+            .lease(lease)
+            .keep_alive(false)
+            .store(store)
+    };
+    let store_a = fx.store().await;
+    let mut a = pin!(
+        stream::iter(["order-7".to_owned()])
+            .claim_by_key(|m: &String| m.clone(), short(store_a.clone()))
+    );
+    let claim_a = a.next().await.expect("claimed");
+    let mut tx_a = store_a.pool().begin().await.unwrap();
+    write_effect(&mut tx_a, &fx.effects, &claim_a, 1)
+        .await
+        .unwrap();
+
+    tokio::time::sleep(lease + Duration::from_millis(300)).await;
+    let store_b = fx.store().await;
+    let mut b = pin!(
+        stream::iter(["order-7".to_owned()])
+            .claim_by_key(|m: &String| m.clone(), short(store_b.clone()))
+    );
+    let claim_b = b.next().await.expect("the key is free again");
+
+    let error = claim_a.commit_with(tx_a).await.expect_err("the key is B's");
+    assert!(
+        matches!(error.error(), StoreError::LeaseLost),
+        "{:?}",
+        error.error()
+    );
+    assert_eq!(error.into_item(), "order-7");
+    assert!(fx.effects().await.is_empty(), "A's effect was rolled back");
+
+    let mut tx_b = store_b.pool().begin().await.unwrap();
+    write_effect(&mut tx_b, &fx.effects, &claim_b, 2)
+        .await
+        .unwrap();
+    claim_b.commit_with(tx_b).await.expect("B still holds it");
+    assert_eq!(fx.effects().await, [("order-7".to_owned(), 2)]);
+    fx.drop_all().await;
+}
+
+/// A claim of a window on another store, given a MySQL transaction: refused with
+/// `NotTransactional`, the transaction (and its effect) rolled back, the key released.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(not(server_mysql), ignore = "set STREAM_DEDUP_MYSQL_URL")]
+async fn a_transaction_of_another_store_is_refused() {
+    let Some(url) = mysql_server::url("a_transaction_of_another_store_is_refused") else {
+        return;
+    };
+    let fx = Scratch::new(&url, "eo-my-other").await;
+    let pool = fx.store().await.pool().clone();
+    let memory = MemoryStore::new();
+    let w = || Window::max_keys(100).ttl(TTL).store(memory.clone());
+    let mut claims =
+        pin!(stream::iter(["order-9".to_owned()]).claim_by_key(|m: &String| m.clone(), w()));
+    let claim = claims.next().await.expect("claimed");
+    let mut tx = pool.begin().await.unwrap();
+    write_effect(&mut tx, &fx.effects, &claim, 1).await.unwrap();
+    let error = claim.commit_with(tx).await.expect_err("not this store");
+    assert!(
+        matches!(error.error(), StoreError::NotTransactional(_)),
+        "{:?}",
+        error.error()
+    );
+    assert!(fx.effects().await.is_empty(), "the effect was rolled back");
+    let again: Vec<_> = stream::iter(["order-9".to_owned()])
+        .claim_by_key(|m: &String| m.clone(), w())
+        .collect()
+        .await;
+    assert_eq!(again.len(), 1, "the key was released");
+    fx.drop_all().await;
+}
