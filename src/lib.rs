@@ -99,6 +99,7 @@ mod claim;
 mod ext;
 mod fingerprint;
 mod hook;
+mod logging;
 mod pipeline;
 pub mod stats;
 pub mod store;
