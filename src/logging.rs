@@ -158,6 +158,13 @@ pub(crate) enum Kind {
 
 const KINDS: usize = 7;
 
+impl Kind {
+    /// The `kind` field of its events.
+    fn name(self) -> &'static str {
+        KIND_NAMES[self as usize]
+    }
+}
+
 /// One operator's events: its origin, and a limiter per kind of warning. Shared by the
 /// operator's driver and its claims' committer; touched only when something failed (a
 /// success reads one flag).
@@ -205,13 +212,7 @@ impl Log {
 
     /// A check (a store call of the driver) failed for good: `unchecked` of its items passed
     /// on unchecked (fail open), `failed` were withheld (fail closed).
-    pub(crate) fn check_failed(
-        &self,
-        kind: Kind,
-        t: Tally,
-        open: bool,
-        error: &dyn fmt::Display,
-    ) {
+    pub(crate) fn check_failed(&self, kind: Kind, t: Tally, open: bool, error: &dyn fmt::Display) {
         let Some(t) = self.fail(kind, t) else {
             return;
         };
@@ -228,6 +229,7 @@ impl Log {
         op_event!(
             warn,
             &self.origin,
+            kind = kind.name(),
             calls = t.calls,
             keys = t.keys,
             unchecked = t.unchecked,
@@ -243,11 +245,12 @@ impl Log {
             op_event!(
                 info,
                 &self.origin,
+                kind = kind.name(),
                 calls = t.calls,
                 keys = t.keys,
                 unchecked = t.unchecked,
                 failed = t.failed,
-                "the store answers again (counts: failures not logged yet)"
+                "the store answers again (the counts: failures since the last warning)"
             );
         }
     }
@@ -265,9 +268,7 @@ impl Log {
         };
         let what = match kind {
             Kind::Commit => "commits failed: their claims are released, and fail",
-            Kind::CommitLost => {
-                "commits refused: the lease ran out and another claim took the key"
-            }
+            Kind::CommitLost => "commits refused: the lease ran out and another claim took the key",
             Kind::Release => "releases failed: the keys stay in flight until their lease ends",
             Kind::Renew => "keep-alive failed: the leases of open claims were not renewed",
             Kind::RenewLost => {
@@ -279,12 +280,20 @@ impl Log {
             Some(error) => op_event!(
                 warn,
                 &self.origin,
+                kind = kind.name(),
                 calls = t.calls,
                 keys = t.keys,
                 error = %error,
                 "{what}"
             ),
-            None => op_event!(warn, &self.origin, calls = t.calls, keys = t.keys, "{what}"),
+            None => op_event!(
+                warn,
+                &self.origin,
+                kind = kind.name(),
+                calls = t.calls,
+                keys = t.keys,
+                "{what}"
+            ),
         }
     }
 }
@@ -303,7 +312,7 @@ impl Drop for Log {
                     unchecked = t.unchecked,
                     failed = t.failed,
                     kind = KIND_NAMES[i],
-                    "failures not logged yet, as the operator ends"
+                    "failures since the last warning, as the operator ends"
                 );
             }
         }

@@ -97,7 +97,9 @@ impl<K> Committer<K> {
         let renewed = self.renew_in_store(open, lease).await;
         match &renewed {
             Ok(_) => self.log.answered(Kind::Renew),
-            Err(e) => self.log.claims_failed(Kind::Renew, open.len() as u64, Some(e)),
+            Err(e) => self
+                .log
+                .claims_failed(Kind::Renew, open.len() as u64, Some(e)),
         }
         renewed
     }
@@ -258,7 +260,12 @@ impl<K: Hash + Eq + Send + 'static> Task<K> {
             }
             if !releases.is_empty() {
                 let log = Arc::clone(&task.log);
-                batches.spawn(release(Arc::clone(&task.store), task.timeout, releases, log));
+                batches.spawn(release(
+                    Arc::clone(&task.store),
+                    task.timeout,
+                    releases,
+                    log,
+                ));
             }
         }
         while batches.join_next().await.is_some() {}

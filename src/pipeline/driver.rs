@@ -95,8 +95,8 @@ struct Request<K> {
     encoded: Vec<Vec<u8>>,
     waiters: Vec<Waiter>,
     call: Call,
-    /// When the call started (for the batch's debug event).
-    started: Instant,
+    /// When the call started, if its debug event will be logged.
+    started: Option<Instant>,
 }
 
 /// The store path's state, owned by one operator.
@@ -454,10 +454,10 @@ impl<T, K: Hash + Eq, E> Driver<T, K, E> {
     }
 
     /// The debug event of a store call that answered.
-    fn log_answers(&self, answers: &[Answer], started: Instant) {
-        if !tracing::enabled!(target: crate::logging::TARGET, tracing::Level::DEBUG) {
+    fn log_answers(&self, answers: &[Answer], started: Option<Instant>) {
+        let Some(started) = started else {
             return;
-        }
+        };
         let (mut new, mut present, mut in_flight) = (0u64, 0u64, 0u64);
         for a in answers {
             match a {
@@ -590,7 +590,8 @@ impl<T, K: Hash + Eq, E> Driver<T, K, E> {
             keys: batch.keys,
             encoded: batch.encoded,
             waiters: batch.waiters,
-            started: Instant::now(),
+            started: tracing::enabled!(target: crate::logging::TARGET, tracing::Level::DEBUG)
+                .then(Instant::now),
         });
         self.next_request += 1;
     }
