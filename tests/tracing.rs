@@ -459,3 +459,83 @@ async fn redis_killed_mid_stream() {
     assert_eq!(counted, stats.unchecked());
     check_fields(&capture.events(), "redis-orders", "RedisStore");
 }
+
+/// PostgreSQL: a connection killed while its statement runs is replaced, the statement sent
+/// again, and the warning names the store and its namespace (never a key).
+#[cfg(feature = "postgres")]
+#[tokio::test]
+async fn a_postgres_connection_replaced_is_warned_about() {
+    use stream_dedup::sqlx::{self, Connection};
+    use stream_dedup::store::{ClaimBatch, ClaimStore, InsertBatch, PostgresStore, Token};
+    use support::postgres as pg;
+
+    let Some(url) = pg::url("a_postgres_connection_replaced_is_warned_about") else {
+        return;
+    };
+    let (capture, _guard) = capture();
+    let ns = pg::namespace("tracing");
+    let app = format!("sd-tracing-{}", Token::new());
+    let sep = if url.contains('?') { '&' } else { '?' };
+    let store = PostgresStore::builder(&ns)
+        .statement_timeout(Duration::from_secs(5))
+        .max_connections(2)
+        .connect(&format!("{url}{sep}application_name={app}"))
+        .await
+        .expect("connect");
+    // A row that another transaction locks: the store's statement waits for it, and is killed
+    // while it waits.
+    let blocker = key(0).into_bytes();
+    store
+        .insert(InsertBatch::new(vec![blocker.clone()], TTL))
+        .await
+        .unwrap();
+    let mut locker = pg::connection(&url).await;
+    let mut tx = locker.begin().await.unwrap();
+    sqlx::query("SELECT 1 FROM stream_dedup_keys WHERE namespace = $1 AND key = $2 FOR UPDATE")
+        .bind(&ns)
+        .bind(&blocker)
+        .execute(&mut *tx)
+        .await
+        .unwrap();
+    let call = tokio::spawn({
+        let store = store.clone();
+        let keys = vec![blocker.clone(), key(1).into_bytes()];
+        async move { store.claim(ClaimBatch::new(keys, TTL)).await }
+    });
+    let mut killer = pg::connection(&url).await;
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        assert!(std::time::Instant::now() < deadline, "nothing to kill");
+        let killed: Vec<bool> = sqlx::query_scalar(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
+             WHERE application_name = $1 AND wait_event_type = 'Lock'",
+        )
+        .bind(&app)
+        .fetch_all(&mut killer)
+        .await
+        .unwrap();
+        if !killed.is_empty() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    tx.rollback().await.unwrap();
+    call.await
+        .unwrap()
+        .expect("the statement, sent again, works");
+
+    let events = capture.events();
+    let lost: Vec<_> = events
+        .iter()
+        .filter(|e| e.message().contains("PostgreSQL connection lost"))
+        .collect();
+    assert_eq!(lost.len(), 1, "{events:#?}");
+    assert_eq!(lost[0].level, Level::WARN);
+    assert_eq!(lost[0].field("store"), Some("PostgresStore"));
+    assert_eq!(lost[0].field("namespace"), Some(ns.as_str()));
+    assert_eq!(lost[0].field("operation"), Some("claim keys"));
+    for e in &events {
+        assert!(e.fields.values().all(|v| !v.contains(MARKER)), "{e:?}");
+    }
+    pg::delete_namespace(&url, pg::TABLE, &ns).await;
+}
