@@ -14,7 +14,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use futures::{StreamExt, stream};
-use stream_dedup::store::{MemoryStore, Store, StoreError};
+use stream_dedup::store::{MemoryStore, StoreError};
 use stream_dedup::{DedupStreamExt, FailurePolicy, TryDedupStreamExt, Window};
 use support::faulty::{FaultyStore, Mode};
 use tracing::field::{Field, Visit};
@@ -380,6 +380,7 @@ async fn failed_commits_and_lost_leases_are_warned_about() {
 /// A real Redis (owned by the test) killed mid-stream: a few warnings, each naming the window,
 /// the store and its namespace and counting the unchecked items; then, with the server back,
 /// one line that it answers again.
+#[cfg(feature = "redis")]
 #[tokio::test]
 async fn redis_killed_mid_stream() {
     let Some(bin) = support::redis_server::server_binary("redis_killed_mid_stream") else {
@@ -393,7 +394,10 @@ async fn redis_killed_mid_stream() {
         .connect(&server.url())
         .await
         .expect("connect");
-    assert_eq!(Store::namespace(&redis), Some("tracing-test"));
+    assert_eq!(
+        stream_dedup::store::Store::namespace(&redis),
+        Some("tracing-test")
+    );
     let window = Window::max_keys(100_000)
         .ttl(TTL)
         .name("redis-orders")
@@ -466,7 +470,7 @@ async fn redis_killed_mid_stream() {
 #[tokio::test]
 async fn a_postgres_connection_replaced_is_warned_about() {
     use stream_dedup::sqlx::{self, Connection};
-    use stream_dedup::store::{ClaimBatch, ClaimStore, InsertBatch, PostgresStore, Token};
+    use stream_dedup::store::{ClaimBatch, ClaimStore, InsertBatch, PostgresStore, Store, Token};
     use support::postgres as pg;
 
     let Some(url) = pg::url("a_postgres_connection_replaced_is_warned_about") else {
