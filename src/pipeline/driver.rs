@@ -429,15 +429,6 @@ impl<T, K: Hash + Eq, E> Driver<T, K, E> {
                 entry.verdict = Some(verdict);
             }
         }
-        if let Err(e) = &result {
-            let t = Tally {
-                calls: 1,
-                keys: asked as u64,
-                unchecked,
-                failed,
-            };
-            self.parts.log.check_failed(Kind::Check, t, open, e);
-        }
         if result.is_err() && !open {
             // Fail closed: none of these items is passed on, but the call may have been
             // applied after its timeout. Take its keys back, so that the broker's redelivery is
@@ -450,6 +441,16 @@ impl<T, K: Hash + Eq, E> Driver<T, K, E> {
             self.parts
                 .backend
                 .take_back(back, self.parts.settings.timeout);
+        }
+        // Logged once the keys are on their way back.
+        if let Err(e) = &result {
+            let t = Tally {
+                calls: 1,
+                keys: asked as u64,
+                unchecked,
+                failed,
+            };
+            self.parts.log.check_failed(Kind::Check, t, open, e);
         }
     }
 
