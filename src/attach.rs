@@ -12,6 +12,7 @@ use std::hash::Hash;
 use std::sync::Arc;
 
 use crate::claim::{ClaimCore, ClaimGate, Committer};
+use crate::logging::{Log, Origin};
 use crate::pipeline::call::Backend;
 use crate::pipeline::driver::{ReleaseFn, StoreParts};
 use crate::pipeline::{Settings, StoreWindow};
@@ -151,9 +152,10 @@ where
             store,
             settings,
         } = self;
+        let log = log_of(&window, &*store);
         Attached {
             handle: Handle::Local(WindowSet::new(window)),
-            store: Some(parts(Backend::Insert(store), settings)),
+            store: Some(parts(Backend::Insert(store), settings, log)),
         }
     }
 }
@@ -187,6 +189,7 @@ where
             settings,
         } = self;
         let lease = window.policy().lease();
+        let log = log_of(&window, &*store);
         let any: Arc<dyn Any + Send + Sync> = Arc::clone(&store) as _;
         let store: Arc<dyn ClaimStore> = store;
         let committer = Committer::new(
@@ -195,6 +198,7 @@ where
             settings.ttl,
             settings.timeout,
             <K as StoreKey>::write_key,
+            Arc::clone(&log),
         );
         let core = Arc::new(ClaimCore::new(
             WindowSet::new(window),
@@ -213,13 +217,25 @@ where
                 clone_key: K::clone,
                 seen: 0,
             },
-            store: Some((parts(Backend::Claim { store, lease }, settings), release)),
+            store: Some((
+                parts(Backend::Claim { store, lease }, settings, log),
+                release,
+            )),
         }
     }
 }
 
+/// The log of an operator of `window` on `store`.
+fn log_of<S: Store>(window: &Window, store: &S) -> Arc<Log> {
+    Arc::new(Log::new(Origin::new(
+        window.policy().name(),
+        std::any::type_name::<S>(),
+        store.namespace(),
+    )))
+}
+
 /// The store path's parts for keys of type `K` and errors of type `E`.
-fn parts<K, E>(backend: Backend, settings: Settings) -> StoreParts<K, E>
+fn parts<K, E>(backend: Backend, settings: Settings, log: Arc<Log>) -> StoreParts<K, E>
 where
     K: Clone + StoreKey,
     E: From<StoreError>,
@@ -230,5 +246,6 @@ where
         encode: <K as StoreKey>::write_key,
         clone_key: <K as Clone>::clone,
         convert: E::from,
+        log,
     }
 }

@@ -60,6 +60,44 @@
 //! (any executor polls them), and inside one they spend tokio's cooperative budget on each
 //! dropped item, so a long run of duplicates never starves the other tasks.
 //!
+//! # Logging
+//!
+//! The operators emit [`tracing`] events with the target `stream_dedup`; your subscriber picks
+//! what to keep (with `tracing-subscriber`: `RUST_LOG=stream_dedup=info`). With no subscriber
+//! interested, an event costs a check of one flag. The in-memory path (no store) emits none.
+//!
+//! **Warnings** mark a failure that weakens a guarantee. They are rate-limited per operator and
+//! kind: the first at once, then at most one every 10 seconds, each counting everything since
+//! the one before (an outage logs a few lines, not one per item). The end of a run of failures
+//! is said once, at `info` ("the store answers again", with what the last warning did not
+//! count), and an operator that ends logs what it still held back.
+//!
+//! | `kind` | when | what it means |
+//! |---|---|---|
+//! | `check` | a store call (insert, claim) failed for good, after its retries | fail open: `unchecked` items passed without a check, a duplicate among them may be processed; fail closed: `failed` items were withheld (yielded as errors) |
+//! | `key_too_long` | a key was longer than the store takes | as `check`, for that one item |
+//! | `commit` | a batch of commits failed | those claims are released, their commits return the error |
+//! | `commit_lost` | the store refused commits | the lease ran out and another claim took the key: its effect may run twice |
+//! | `release` | releases failed | the keys stay in flight until their lease ends; their redeliveries are held back meanwhile |
+//! | `renew` | a keep-alive round failed | the open claims' leases were not renewed: they run out unless a later round succeeds |
+//! | `renew_lost` | keep-alive found keys taken by another claim | those claims are lost; their commits will fail |
+//!
+//! `PostgresStore` also warns when it finds a connection lost and sends the statement again
+//! on another one (fields `operation`, `attempt`, `connections_lost`; at most one line per 10
+//! seconds). redis-rs reconnects by itself without telling: a Redis outage shows as `check`
+//! warnings, then "the store answers again".
+//!
+//! **Debug** events, one per batch: "store call answered" (`keys`, `new`, `present`,
+//! `in_flight`, `elapsed_ms`), "commits answered" (`commits`, `committed`, `lost`,
+//! `elapsed_ms`), and one per keep-alive round (`renewed`, `lost`).
+//!
+//! **Fields** to filter on: `window` ([`Window::name`]), `store` (the store's type name without
+//! its path: `RedisStore`, `PostgresStore`, …), `namespace`
+//! ([`Store::namespace`](store::Store::namespace), when the store has one), `kind`, and the
+//! counts `calls`, `keys`, `unchecked`, `failed`; `error` is the store error's message. No
+//! event carries a key's bytes (keys can hold personal data), a URL or a password; the crate's
+//! stores put neither in their error messages (a store of your own answers for its own).
+//!
 //! # Feature flags
 //!
 //! | Feature | Description | Default |
@@ -100,6 +138,7 @@ mod claim;
 mod ext;
 mod fingerprint;
 mod hook;
+mod logging;
 mod pipeline;
 pub mod stats;
 pub mod store;

@@ -85,10 +85,10 @@ impl<St: Stream, F, K, H, B> ClaimByKey<St, F, K, H, B> {
         }
     }
 
-    /// Yields every delivery with its [`Verdict`] instead of dropping duplicates and held-back
+    /// Yields every delivery with its [`Verdict`](crate::Verdict) instead of dropping duplicates and held-back
     /// copies into hooks (any hook set before is dropped): a consumer then acks duplicates with
     /// `.await`, with back-pressure and their errors in hand. Under fail closed, a store
-    /// failure is [`Verdict::Failed`] with the item, and the stream goes on.
+    /// failure is [`Verdict::Failed`](crate::Verdict::Failed) with the item, and the stream goes on.
     ///
     /// # Examples
     ///

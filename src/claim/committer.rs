@@ -10,6 +10,7 @@ use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 
 use super::Settle;
+use crate::logging::{Kind, Log, op_event};
 use crate::store::{ClaimStore, HeldKey, StoreError, Token};
 
 /// A commit the store answered: the key, its claim's token, whether it is done, when.
@@ -46,6 +47,8 @@ pub(crate) struct Committer<K> {
     timeout: Duration,
     pub(super) encode: fn(&K, &mut Vec<u8>),
     tx: OnceLock<mpsc::UnboundedSender<Op<K>>>,
+    /// The operator's log.
+    pub(super) log: Arc<Log>,
 }
 
 /// The most operations sent in one round trip.
@@ -58,6 +61,7 @@ impl<K> Committer<K> {
         ttl: Duration,
         timeout: Duration,
         encode: fn(&K, &mut Vec<u8>),
+        log: Arc<Log>,
     ) -> Self {
         Committer {
             store,
@@ -66,6 +70,7 @@ impl<K> Committer<K> {
             timeout,
             encode,
             tx: OnceLock::new(),
+            log,
         }
     }
 
@@ -83,7 +88,23 @@ impl<K> Committer<K> {
 
     /// Renews the leases of `open` claims in the store: per claim, whether it still holds its
     /// key. A key longer than the store takes was never sent there: renewed in memory alone.
+    /// A failure is logged (rate-limited).
     pub(super) async fn renew(
+        &self,
+        open: &[(K, Token)],
+        lease: Duration,
+    ) -> Result<Vec<bool>, StoreError> {
+        let renewed = self.renew_in_store(open, lease).await;
+        match &renewed {
+            Ok(_) => self.log.answered(Kind::Renew),
+            Err(e) => self
+                .log
+                .claims_failed(Kind::Renew, open.len() as u64, Some(e)),
+        }
+        renewed
+    }
+
+    async fn renew_in_store(
         &self,
         open: &[(K, Token)],
         lease: Duration,
@@ -128,7 +149,8 @@ impl<K> Committer<K> {
         } else if let Ok(runtime) = tokio::runtime::Handle::try_current() {
             // No commit yet started the task: release on a task of its own.
             let store = Arc::clone(&self.store);
-            runtime.spawn(release(store, self.timeout, vec![(key, token)]));
+            let log = Arc::clone(&self.log);
+            runtime.spawn(release(store, self.timeout, vec![(key, token)], log));
         }
     }
 }
@@ -147,6 +169,7 @@ impl<K: Hash + Eq + Send + 'static> Committer<K> {
                 ttl: self.ttl,
                 timeout: self.timeout,
                 encode: self.encode,
+                log: Arc::clone(&self.log),
                 // Weak: the core owns the sender, and the task ends when the sender is gone.
                 ledger: Arc::downgrade(ledger) as Weak<dyn Ledger<K>>,
             };
@@ -195,6 +218,7 @@ struct Task<K> {
     ttl: Duration,
     timeout: Duration,
     pub(super) encode: fn(&K, &mut Vec<u8>),
+    log: Arc<Log>,
     ledger: Weak<dyn Ledger<K>>,
 }
 
@@ -235,7 +259,13 @@ impl<K: Hash + Eq + Send + 'static> Task<K> {
                 batches.spawn(Arc::clone(&task).commit(commits));
             }
             if !releases.is_empty() {
-                batches.spawn(release(Arc::clone(&task.store), task.timeout, releases));
+                let log = Arc::clone(&task.log);
+                batches.spawn(release(
+                    Arc::clone(&task.store),
+                    task.timeout,
+                    releases,
+                    log,
+                ));
             }
         }
         while batches.join_next().await.is_some() {}
@@ -257,6 +287,7 @@ impl<K: Hash + Eq + Send + 'static> Task<K> {
             }
         }
         let n = held.len();
+        let started = Instant::now();
         let answers = if n == 0 {
             Ok(Vec::new())
         } else {
@@ -287,9 +318,38 @@ impl<K: Hash + Eq + Send + 'static> Task<K> {
                 .map(|&sent| if sent { Err(e.clone()) } else { Ok(()) })
                 .collect(),
         };
+        self.log_commits(n, &answers, started);
         let failed = self.settle(std::mem::take(&mut commits.commits), results);
         if !failed.is_empty() {
-            release(Arc::clone(&self.store), self.timeout, failed).await;
+            let log = Arc::clone(&self.log);
+            release(Arc::clone(&self.store), self.timeout, failed, log).await;
+        }
+    }
+
+    /// A batch of `n` commits sent to the store: its failure or refusals as warnings
+    /// (rate-limited), its answers as a debug event.
+    fn log_commits(&self, n: usize, answers: &Result<Vec<bool>, StoreError>, started: Instant) {
+        if n == 0 {
+            return;
+        }
+        match answers {
+            Err(e) => self.log.claims_failed(Kind::Commit, n as u64, Some(e)),
+            Ok(answers) => {
+                self.log.answered(Kind::Commit);
+                let lost = answers.iter().filter(|&&done| !done).count();
+                if lost > 0 {
+                    self.log.claims_failed(Kind::CommitLost, lost as u64, None);
+                }
+                op_event!(
+                    debug,
+                    &self.log.origin,
+                    commits = n,
+                    committed = n - lost,
+                    lost,
+                    elapsed_ms = started.elapsed().as_secs_f64() * 1e3,
+                    "commits answered"
+                );
+            }
         }
     }
 }
@@ -394,7 +454,19 @@ pub(super) fn or_encoded<K>(bytes: Vec<u8>, encode: fn(&K, &mut Vec<u8>), key: &
     }
 }
 
-/// Releases one batch. A failed release is harmless: the key's lease frees it.
-async fn release(store: Arc<dyn ClaimStore>, timeout: Duration, releases: Vec<HeldKey>) {
-    let _ = tokio::time::timeout(timeout, store.release(releases)).await;
+/// Releases one batch. A failed release leaves its keys in flight until their lease ends
+/// (logged, rate-limited).
+async fn release(
+    store: Arc<dyn ClaimStore>,
+    timeout: Duration,
+    releases: Vec<HeldKey>,
+    log: Arc<Log>,
+) {
+    let n = releases.len();
+    let error = match tokio::time::timeout(timeout, store.release(releases)).await {
+        Ok(Ok(())) => return,
+        Ok(Err(e)) => e,
+        Err(_) => StoreError::Timeout(timeout),
+    };
+    log.claims_failed(Kind::Release, n as u64, Some(&error));
 }

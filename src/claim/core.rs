@@ -17,6 +17,7 @@ use tokio::time::Instant;
 use super::committer::{Committer, Ledger, Settled, or_encoded};
 use super::keeper::{self, Renew};
 use super::{Settle, Ticket, TxTarget};
+use crate::logging::{Kind, op_event};
 use crate::pipeline::gate::{Answer, Decided, Gate, Held, Pre};
 use crate::stats::{Fate, Recorder, Stats};
 use crate::store::{StoreError, Token};
@@ -423,6 +424,19 @@ impl<K: Hash + Eq> ClaimCore<K> {
             }
             drop(state);
             self.recorder.kept_alive(renewed, lost);
+            if let Some(committer) = &self.store {
+                let log = &committer.log;
+                if lost > 0 {
+                    log.claims_failed(Kind::RenewLost, lost, None);
+                }
+                op_event!(
+                    debug,
+                    &log.origin,
+                    renewed,
+                    lost,
+                    "keep-alive renewed the leases of open claims"
+                );
+            }
         }
         self.beat.send_modify(|n| *n = n.wrapping_add(1));
         // A round may have freed keys (lost), and a copy held back for a claim of another

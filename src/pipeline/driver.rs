@@ -12,6 +12,7 @@ use tokio::time::Instant;
 use super::Settings;
 use super::call::{Backend, Call, Wakeup};
 use super::gate::{Answer, Gate, Held, Pre};
+use crate::logging::{Kind, Log, Tally, op_event};
 use crate::stats::Fate;
 use crate::store::{StoreError, Token};
 use crate::window::Ticker;
@@ -24,6 +25,8 @@ pub(crate) struct StoreParts<K, E> {
     pub(crate) encode: fn(&K, &mut Vec<u8>),
     pub(crate) clone_key: fn(&K) -> K,
     pub(crate) convert: fn(StoreError) -> E,
+    /// Where failures and batches are logged.
+    pub(crate) log: Arc<Log>,
 }
 
 /// What the operator does with the next item.
@@ -92,6 +95,8 @@ struct Request<K> {
     encoded: Vec<Vec<u8>>,
     waiters: Vec<Waiter>,
     call: Call,
+    /// When the call started, if its debug event will be logged.
+    started: Option<Instant>,
 }
 
 /// The store path's state, owned by one operator.
@@ -355,6 +360,7 @@ impl<T, K: Hash + Eq, E> Driver<T, K, E> {
             encoded,
             waiters,
             call,
+            started,
             ..
         } = request;
         let token = call.token;
@@ -366,8 +372,13 @@ impl<T, K: Hash + Eq, E> Driver<T, K, E> {
         }
         let open = self.parts.settings.policy.is_fail_open();
         let claims = self.parts.backend.claims();
+        let asked = request_keys.len();
         match &result {
-            Ok(answers) => gate.answered(&request_keys, answers, token, now),
+            Ok(answers) => {
+                gate.answered(&request_keys, answers, token, now);
+                self.parts.log.answered(Kind::Check);
+                self.log_answers(answers, started);
+            }
             Err(_) => {
                 gate.count(Fate::StoreError);
                 for key in &request_keys {
@@ -380,6 +391,7 @@ impl<T, K: Hash + Eq, E> Driver<T, K, E> {
         // if the operator is dropped before it emits the item.
         let mut keys: Vec<Option<(K, Vec<u8>)>> =
             request_keys.into_iter().zip(encoded).map(Some).collect();
+        let (mut unchecked, mut failed) = (0, 0);
         for w in waiters {
             let answer = result.as_ref().map(|answers| answers[w.key as usize]);
             let mut claim = || {
@@ -407,6 +419,11 @@ impl<T, K: Hash + Eq, E> Driver<T, K, E> {
                 Err(_) if open => Verdict::Unchecked(claim()),
                 Err(e) => Verdict::Failed((self.parts.convert)(e.clone())),
             };
+            match verdict {
+                Verdict::Unchecked(_) => unchecked += 1,
+                Verdict::Failed(_) => failed += 1,
+                _ => {}
+            }
             let at = (w.seq - self.front_seq) as usize;
             if let Some(entry) = self.queue.get_mut(at) {
                 entry.verdict = Some(verdict);
@@ -425,6 +442,41 @@ impl<T, K: Hash + Eq, E> Driver<T, K, E> {
                 .backend
                 .take_back(back, self.parts.settings.timeout);
         }
+        // Logged once the keys are on their way back.
+        if let Err(e) = &result {
+            let t = Tally {
+                calls: 1,
+                keys: asked as u64,
+                unchecked,
+                failed,
+            };
+            self.parts.log.check_failed(Kind::Check, t, open, e);
+        }
+    }
+
+    /// The debug event of a store call that answered.
+    fn log_answers(&self, answers: &[Answer], started: Option<Instant>) {
+        let Some(started) = started else {
+            return;
+        };
+        let (mut new, mut present, mut in_flight) = (0u64, 0u64, 0u64);
+        for a in answers {
+            match a {
+                Answer::New => new += 1,
+                Answer::Present => present += 1,
+                Answer::InFlight => in_flight += 1,
+            }
+        }
+        op_event!(
+            debug,
+            &self.parts.log.origin,
+            keys = answers.len(),
+            new,
+            present,
+            in_flight,
+            elapsed_ms = started.elapsed().as_secs_f64() * 1e3,
+            "store call answered"
+        );
     }
 
     /// Reads the items the inner stream has ready (up to a batch), decides what memory can,
@@ -539,6 +591,8 @@ impl<T, K: Hash + Eq, E> Driver<T, K, E> {
             keys: batch.keys,
             encoded: batch.encoded,
             waiters: batch.waiters,
+            started: tracing::enabled!(target: crate::logging::TARGET, tracing::Level::DEBUG)
+                .then(Instant::now),
         });
         self.next_request += 1;
     }
@@ -573,6 +627,13 @@ impl<T, K: Hash + Eq, E> Driver<T, K, E> {
         let open = self.parts.settings.policy.is_fail_open();
         let token = Token::new();
         gate.failed(&key, open, token, now);
+        let t = Tally {
+            calls: 1,
+            keys: 1,
+            unchecked: u64::from(open),
+            failed: u64::from(!open),
+        };
+        self.parts.log.check_failed(Kind::KeyTooLong, t, open, &e);
         if open {
             let claims = self.parts.backend.claims();
             Verdict::Unchecked(claims.then_some(Held {

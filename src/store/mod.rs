@@ -338,6 +338,13 @@ pub trait Store: fmt::Debug + Send + Sync + 'static {
     fn max_key_len(&self) -> usize {
         usize::MAX
     }
+
+    /// The namespace that keeps this store's keys apart from those of other stores on the
+    /// same database, if it has one (default: none). The operators name it in their log
+    /// events (the `namespace` field); it must not hold a secret.
+    fn namespace(&self) -> Option<&str> {
+        None
+    }
 }
 
 /// One request to [`ClaimStore::claim`].
@@ -453,6 +460,10 @@ macro_rules! forward_store {
 
             fn max_key_len(&self) -> usize {
                 (**self).max_key_len()
+            }
+
+            fn namespace(&self) -> Option<&str> {
+                (**self).namespace()
             }
         }
 

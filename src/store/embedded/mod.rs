@@ -333,6 +333,10 @@ impl Store for EmbeddedStore {
     fn max_key_len(&self) -> usize {
         Self::MAX_KEY_LEN
     }
+
+    fn namespace(&self) -> Option<&str> {
+        Some(&self.ns.name)
+    }
 }
 
 /// Claims, with the same buckets and the same durable commit per call as

@@ -505,6 +505,10 @@ impl Store for MySqlStore {
     fn max_key_len(&self) -> usize {
         MAX_KEY_LEN
     }
+
+    fn namespace(&self) -> Option<&str> {
+        Some(MySqlStore::namespace(self))
+    }
 }
 
 impl ClaimStore for MySqlStore {

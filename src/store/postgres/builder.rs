@@ -272,6 +272,7 @@ impl PostgresStoreBuilder {
             purge_interval: self.purge,
             purge_batch: self.purge_batch,
             purge_task: None,
+            reconnects: Default::default(),
         };
         inner.max_key_len = prepare(&inner, self.create_table).await?;
         if let Some(interval) = self.purge {

@@ -272,6 +272,33 @@ impl Inner {
         map_error(op, e, self.statement_timeout)
     }
 
+    /// A connection was found lost, and the statement goes again on another one: a warning,
+    /// at most one per [`EVERY`](crate::logging::EVERY) (a restart of the server loses every
+    /// connection of the pool), with the count since the last.
+    fn log_reconnect(&self, op: &'static str, attempt: u32) {
+        let t = crate::logging::Tally {
+            calls: 1,
+            ..Default::default()
+        };
+        let now = tokio::time::Instant::now();
+        let due = self
+            .reconnects
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .fail(now, t);
+        if let Some(t) = due {
+            tracing::warn!(
+                target: crate::logging::TARGET,
+                store = "PostgresStore",
+                namespace = &*self.namespace,
+                operation = op,
+                attempt,
+                connections_lost = t.calls,
+                "PostgreSQL connection lost: the statement is sent again on another connection"
+            );
+        }
+    }
+
     /// Runs the statement `query` makes on a connection of the pool, within the statement
     /// timeout (and [`GRACE`]); sends it again on another connection when the connection is
     /// found lost, up to [`ATTEMPTS`] times.
@@ -289,6 +316,7 @@ impl Inner {
                 Ok(Err(e)) if is_connection_lost(&e) && attempt < ATTEMPTS => {
                     // The pool tests the connection as it comes back, and closes it.
                     drop(conn);
+                    self.log_reconnect(op, attempt);
                     attempt += 1;
                 }
                 Ok(Err(e)) => return Err(self.fail(op, e)),

@@ -171,6 +171,8 @@ struct Inner {
     purge_batch: usize,
     /// Stops the purge when the last clone goes.
     purge_task: Option<purge::PurgeTask>,
+    /// Rate limit of the warnings about connections found lost.
+    reconnects: std::sync::Mutex<crate::logging::Limiter>,
 }
 
 impl fmt::Debug for PostgresStore {
@@ -362,6 +364,10 @@ impl Store for PostgresStore {
 
     fn max_key_len(&self) -> usize {
         self.inner.max_key_len
+    }
+
+    fn namespace(&self) -> Option<&str> {
+        Some(&self.inner.namespace)
     }
 }
 

@@ -536,6 +536,10 @@ impl Store for RedisStore {
     fn max_key_len(&self) -> usize {
         self.inner.max_key_len()
     }
+
+    fn namespace(&self) -> Option<&str> {
+        Some(&self.inner.namespace)
+    }
 }
 
 /// Claims on Redis. A done key holds the 16 bytes of the token that recorded it (as
