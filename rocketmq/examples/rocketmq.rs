@@ -149,8 +149,9 @@ async fn consume(
         // A key stays done for 10 minutes (longer than any redelivery here); then it expires
         // from the window and from Redis.
         .ttl(Duration::from_secs(600))
-        // A claim whose consumer died frees its key after the lease: above the slowest handler.
-        .lease(Duration::from_secs(60))
+        // A claim whose consumer died frees its key after the lease; keep-alive (on by
+        // default) renews an open claim's lease while its handler runs, however slow.
+        .lease(Duration::from_secs(10))
         .store(store);
     let (s, d, h) = (seen.clone(), seen.clone(), seen.clone());
     let (end, ended) = oneshot::channel::<()>();

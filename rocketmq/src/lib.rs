@@ -33,13 +33,13 @@
 //! let store = RedisStore::connect("redis://127.0.0.1:6379", "payments").await?;
 //! let window = Window::max_keys(100_000)
 //!     .ttl(Duration::from_secs(24 * 3600))
-//!     .lease(Duration::from_secs(60))
+//!     .lease(Duration::from_secs(10))
 //!     .store(store);
 //! deliveries
 //!     // The business key: the producer's KEYS, the same in every redelivery.
 //!     .claim_by_key(|d: &Delivery| d.keys().unwrap_or_default().to_owned(), window)
-//!     .on_duplicate(|d| { d.ack(); })   // done already: ack, or it comes back
-//!     .on_held_back(|d| { d.nack(); })  // its original still runs: let it come back later
+//!     .on_duplicate(|d: Delivery| { d.ack(); })   // done already: ack, or it comes back
+//!     .on_held_back(|d: Delivery| { d.nack(); })  // its original still runs: let it come back later
 //!     .for_each_concurrent(20, |claim| async move {
 //!         // process the payment, then:
 //!         if let Ok(delivery) = claim.commit().await {
@@ -71,9 +71,10 @@
 //! - **Duplicates** (`on_duplicate`: the key is done): ack them, or they come back.
 //! - **Held-back copies** (`on_held_back`: the original is in flight): nack them, never ack:
 //!   if the original fails, the copy is what gets processed.
-//! - **Lease**: above the slowest handler (a copy that arrives after the lease ran out is
-//!   processed alongside its original), and short enough that a killed consumer's keys free up
-//!   within a few retry delays (10 s, 30 s, 1 min, …).
+//! - **Lease**: a few seconds. Keep-alive (`Window::keep_alive`, on by default) renews an open
+//!   claim's lease while its handler runs, however long, so a copy that arrives meanwhile is
+//!   held back, and a killed consumer's keys free up within one lease, well inside RocketMQ's
+//!   first retry delay (10 s).
 
 #![forbid(unsafe_code)]
 #![warn(
