@@ -51,3 +51,62 @@ pub(crate) mod seal {
             Self: 't;
     }
 }
+
+/// The store behind a claim's window as `S`: the store itself, or in an `Arc` or a `Box`.
+#[cfg(any(feature = "postgres", feature = "mysql"))]
+pub(crate) fn downcast<S: Any>(store: &(dyn Any + Send + Sync)) -> Option<&S> {
+    use std::sync::Arc;
+    store
+        .downcast_ref::<S>()
+        .or_else(|| store.downcast_ref::<Arc<S>>().map(|s| &**s))
+        .or_else(|| store.downcast_ref::<Box<S>>().map(|s| &**s))
+}
+
+/// [`ClaimTransaction`] for `sqlx::Transaction<'_, $db>` with `$store` behind the claim's
+/// window: the key marked done by `$store::commit_in` on the transaction's connection; sqlx's
+/// errors mapped by `$map_error`. `$why` is the `NotTransactional` message for another store.
+#[cfg(any(feature = "postgres", feature = "mysql"))]
+macro_rules! sql_claim_transaction {
+    ($db:ty, $store:ty, $why:literal, $map_error:path) => {
+        impl $crate::store::tx::seal::Commit for sqlx::Transaction<'_, $db> {
+            fn mark_done<'a>(
+                &'a mut self,
+                store: &'a (dyn std::any::Any + Send + Sync),
+                key: &'a [u8],
+                token: $crate::store::Token,
+                ttl: std::time::Duration,
+            ) -> $crate::store::tx::TxFuture<'a, bool> {
+                Box::pin(async move {
+                    let Some(store) = $crate::store::tx::downcast::<$store>(store) else {
+                        return Err($crate::store::StoreError::NotTransactional($why));
+                    };
+                    store.commit_in(&mut *self, key, token, ttl).await
+                })
+            }
+
+            fn commit<'t>(self) -> $crate::store::tx::TxFuture<'t, ()>
+            where
+                Self: 't,
+            {
+                Box::pin(async move {
+                    sqlx::Transaction::commit(self).await.map_err(|e| {
+                        $map_error("commit the transaction", e, std::time::Duration::ZERO)
+                    })
+                })
+            }
+
+            fn rollback<'t>(self) -> $crate::store::tx::TxFuture<'t, ()>
+            where
+                Self: 't,
+            {
+                Box::pin(async move {
+                    sqlx::Transaction::rollback(self).await.map_err(|e| {
+                        $map_error("roll the transaction back", e, std::time::Duration::ZERO)
+                    })
+                })
+            }
+        }
+    };
+}
+#[cfg(any(feature = "postgres", feature = "mysql"))]
+pub(crate) use sql_claim_transaction;

@@ -1,61 +1,9 @@
 //! [`ClaimTransaction`](crate::store::ClaimTransaction) for `sqlx::Transaction<'_, Postgres>`:
 //! a claim's key marked done by a statement of the caller's own transaction.
 
-use std::any::Any;
-use std::sync::Arc;
-use std::time::Duration;
-
-use sqlx::{Postgres, Transaction};
-
-use super::PostgresStore;
-use crate::store::tx::{TxFuture, seal};
-use crate::store::{StoreError, Token};
-
-/// The `PostgresStore` behind a claim's window: the store itself, or in an `Arc` or a `Box`.
-fn postgres_store(store: &(dyn Any + Send + Sync)) -> Option<&PostgresStore> {
-    store
-        .downcast_ref::<PostgresStore>()
-        .or_else(|| store.downcast_ref::<Arc<PostgresStore>>().map(|s| &**s))
-        .or_else(|| store.downcast_ref::<Box<PostgresStore>>().map(|s| &**s))
-}
-
-impl seal::Commit for Transaction<'_, Postgres> {
-    fn mark_done<'a>(
-        &'a mut self,
-        store: &'a (dyn Any + Send + Sync),
-        key: &'a [u8],
-        token: Token,
-        ttl: Duration,
-    ) -> TxFuture<'a, bool> {
-        Box::pin(async move {
-            let Some(store) = postgres_store(store) else {
-                return Err(StoreError::NotTransactional(
-                    "a PostgreSQL transaction, and the claim's store is not a PostgresStore",
-                ));
-            };
-            store.commit_in(&mut *self, key, token, ttl).await
-        })
-    }
-
-    fn commit<'t>(self) -> TxFuture<'t, ()>
-    where
-        Self: 't,
-    {
-        Box::pin(async move {
-            Transaction::commit(self)
-                .await
-                .map_err(|e| super::error::map_error("commit the transaction", e, Duration::ZERO))
-        })
-    }
-
-    fn rollback<'t>(self) -> TxFuture<'t, ()>
-    where
-        Self: 't,
-    {
-        Box::pin(async move {
-            Transaction::rollback(self).await.map_err(|e| {
-                super::error::map_error("roll the transaction back", e, Duration::ZERO)
-            })
-        })
-    }
-}
+crate::store::tx::sql_claim_transaction!(
+    sqlx::Postgres,
+    super::PostgresStore,
+    "a PostgreSQL transaction, and the claim's store is not a PostgresStore",
+    super::error::map_error
+);
