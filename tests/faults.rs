@@ -13,6 +13,10 @@ use futures::{FutureExt, StreamExt, stream};
 use proptest::prelude::*;
 #[cfg(feature = "embedded")]
 use stream_dedup::store::EmbeddedStore;
+#[cfg(feature = "mysql")]
+use stream_dedup::store::MySqlStore;
+#[cfg(feature = "postgres")]
+use stream_dedup::store::PostgresStore;
 #[cfg(feature = "redis")]
 use stream_dedup::store::RedisStore;
 use stream_dedup::store::{ClaimStore, InsertBatch, Inserted, MemoryStore, Store, StoreError};
@@ -82,6 +86,39 @@ async fn redis(test: &str) -> Option<RedisStore> {
         stream_dedup::store::Token::new()
     );
     Some(RedisStore::connect(&url, &ns).await.expect("connect"))
+}
+
+/// A namespace of its own for one case of `test`.
+#[cfg(any(feature = "postgres", feature = "mysql"))]
+fn case_namespace(test: &str) -> String {
+    format!(
+        "faults-{test}-{}-{}",
+        std::process::id(),
+        stream_dedup::store::Token::new()
+    )
+}
+
+/// A PostgreSQL store under a fresh namespace, if `STREAM_DEDUP_POSTGRES_URL` is set.
+#[cfg(feature = "postgres")]
+async fn postgres(test: &str) -> Option<PostgresStore> {
+    let url = std::env::var("STREAM_DEDUP_POSTGRES_URL").ok()?;
+    let store = PostgresStore::builder(&case_namespace(test))
+        .max_connections(4)
+        .connect(&url)
+        .await
+        .expect("connect");
+    Some(store)
+}
+
+/// A MySQL store under a fresh namespace, if `STREAM_DEDUP_MYSQL_URL` is set.
+#[cfg(feature = "mysql")]
+async fn mysql(test: &str) -> Option<MySqlStore> {
+    let url = std::env::var("STREAM_DEDUP_MYSQL_URL").ok()?;
+    let store = MySqlStore::builder(&case_namespace(test))
+        .connect(&url)
+        .await
+        .expect("connect");
+    Some(store)
 }
 
 // ---- 1. Keys read ahead but never emitted ------------------------------------------------
@@ -490,6 +527,30 @@ proptest! {
         let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
         rt.block_on(async {
             if let Some(store) = redis("nothing-lost").await {
+                nothing_lost(store, c, Duration::from_millis(300)).await;
+            }
+        });
+    }
+
+    #[cfg(feature = "postgres")]
+    #[test]
+    #[cfg_attr(not(server_postgres), ignore = "set STREAM_DEDUP_POSTGRES_URL")]
+    fn nothing_lost_on_postgres(c in case()) {
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+        rt.block_on(async {
+            if let Some(store) = postgres("nothing-lost").await {
+                nothing_lost(store, c, Duration::from_millis(300)).await;
+            }
+        });
+    }
+
+    #[cfg(feature = "mysql")]
+    #[test]
+    #[cfg_attr(not(server_mysql), ignore = "set STREAM_DEDUP_MYSQL_URL")]
+    fn nothing_lost_on_mysql(c in case()) {
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+        rt.block_on(async {
+            if let Some(store) = mysql("nothing-lost").await {
                 nothing_lost(store, c, Duration::from_millis(300)).await;
             }
         });
