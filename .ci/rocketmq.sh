@@ -70,7 +70,12 @@ ready() {
 start() {
   install
   local dir namesrv_port broker_port started
-  dir="$(mktemp -d -t stream-dedup-rocketmq.XXXXXX)"
+  # In memory where there is a tmpfs: the broker refuses to start, or to store a message, once
+  # its store's disk is more than 75% full, and a build machine's disk often is (the store
+  # takes ~66 MB).
+  local tmp="${TMPDIR:-/tmp}"
+  if [ -d /dev/shm ] && [ -w /dev/shm ]; then tmp=/dev/shm; fi
+  dir="$(mktemp -d -p "$tmp" stream-dedup-rocketmq.XXXXXX)"
   namesrv_port="$(free_ports "${STREAM_DEDUP_ROCKETMQ_NAMESRV_PORT:-9876}")"
   broker_port="$(free_ports "${STREAM_DEDUP_ROCKETMQ_BROKER_PORT:-10911}")"
   mkdir -p "$dir/home" "$dir/namesrv" "$dir/store"
