@@ -491,6 +491,24 @@ async fn nothing_lost<S: Store + Clone>(inner: S, c: Case, settle: Duration) {
     }
 }
 
+/// Runs one case on the store `open` gives (a server's, on a fresh namespace), in real time;
+/// nothing when its server is not configured.
+#[cfg(any(feature = "redis", feature = "postgres", feature = "mysql"))]
+fn nothing_lost_on_server<S: Store + Clone>(
+    open: impl std::future::Future<Output = Option<S>>,
+    c: Case,
+) {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    rt.block_on(async {
+        if let Some(store) = open.await {
+            nothing_lost(store, c, Duration::from_millis(300)).await;
+        }
+    });
+}
+
 fn paused_runtime() -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -524,36 +542,21 @@ proptest! {
     #[test]
     #[cfg_attr(not(server_redis), ignore = "set STREAM_DEDUP_REDIS_URL")]
     fn nothing_lost_on_redis(c in case()) {
-        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
-        rt.block_on(async {
-            if let Some(store) = redis("nothing-lost").await {
-                nothing_lost(store, c, Duration::from_millis(300)).await;
-            }
-        });
+        nothing_lost_on_server(redis("nothing-lost"), c);
     }
 
     #[cfg(feature = "postgres")]
     #[test]
     #[cfg_attr(not(server_postgres), ignore = "set STREAM_DEDUP_POSTGRES_URL")]
     fn nothing_lost_on_postgres(c in case()) {
-        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
-        rt.block_on(async {
-            if let Some(store) = postgres("nothing-lost").await {
-                nothing_lost(store, c, Duration::from_millis(300)).await;
-            }
-        });
+        nothing_lost_on_server(postgres("nothing-lost"), c);
     }
 
     #[cfg(feature = "mysql")]
     #[test]
     #[cfg_attr(not(server_mysql), ignore = "set STREAM_DEDUP_MYSQL_URL")]
     fn nothing_lost_on_mysql(c in case()) {
-        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
-        rt.block_on(async {
-            if let Some(store) = mysql("nothing-lost").await {
-                nothing_lost(store, c, Duration::from_millis(300)).await;
-            }
-        });
+        nothing_lost_on_server(mysql("nothing-lost"), c);
     }
 }
 

@@ -9,7 +9,7 @@
 //! | `EmbeddedStore` | one process that must remember keys across restarts: a local directory (fjall), buckets by expiry time, a durable commit per batch; claims with leases that survive a restart | `embedded` |
 //! | [`MemoryStore`] | tests, and as the reference for the others | (always) |
 //! | `PostgresStore` | consumers whose business data lives in PostgreSQL: one table, one statement per batch (`INSERT … SELECT unnest(…) ON CONFLICT`), token-checked claims, expired rows purged in bounded batches in the background | `postgres` |
-//! | `MySqlStore` | consumers whose data lives in MySQL 8 / MariaDB: a table, one transaction per batch (multi-row `INSERT … ON DUPLICATE KEY UPDATE`, then a `SELECT … FOR UPDATE`), claims, and `commit_in` to mark a key done inside the application's own transaction | `mysql` |
+//! | `MySqlStore` | consumers whose business data lives in MySQL 8 / MariaDB: one table, one multi-row `INSERT … ON DUPLICATE KEY UPDATE` per batch with keys sorted (rows read back only when another request holds one), token-checked claims, and `Claim::commit_with` on the application's own transaction | `mysql` |
 //! | `RedisStore` | many consumers on many machines: Redis ≥ 7.0 or Redis Cluster, `SET key token NX GET PX ttl` pipelined per batch | `redis` |
 //!
 //! Implement [`Store`] for your own database: the contract is in its docs, and the crate's
