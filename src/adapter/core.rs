@@ -366,6 +366,7 @@ where
     K: Hash + Eq,
 {
     /// The next item to yield (or error to yield, under fail closed).
+    #[inline]
     pub(crate) fn poll_step(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,

@@ -6,6 +6,7 @@
 mod db;
 mod error;
 mod format;
+mod open;
 
 use std::fmt;
 use std::panic::{AssertUnwindSafe, catch_unwind};
@@ -13,9 +14,10 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
-use self::db::{Call, Db, Namespace};
+use self::db::{Call, Namespace};
 use self::error::{OpenError, panic_message};
 use self::format::MAX_NAMESPACE_LEN;
+use self::open::Db;
 use crate::store::{
     ClaimBatch, ClaimStore, Claimed, HeldKey, InsertBatch, Inserted, Store, StoreError, StoreFuture,
 };
