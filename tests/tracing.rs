@@ -545,3 +545,94 @@ async fn a_postgres_connection_replaced_is_warned_about() {
     }
     pg::delete_namespace(&url, pg::TABLE, &ns).await;
 }
+
+/// Waits (real time) until an event whose message contains `text` was captured.
+async fn wait_for(capture: &Capture, text: &str) -> Captured {
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        if let Some(e) = capture
+            .events()
+            .into_iter()
+            .find(|e| e.message().contains(text))
+        {
+            return e;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no event with {text:?}: {:#?}",
+            capture.events()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// PostgreSQL: a background purge that fails (here its table was dropped under it) is a
+/// warning, not silence.
+#[cfg(feature = "postgres")]
+#[tokio::test]
+#[cfg_attr(not(server_postgres), ignore = "set STREAM_DEDUP_POSTGRES_URL")]
+async fn a_failed_postgres_purge_is_warned_about() {
+    use stream_dedup::sqlx;
+    use stream_dedup::store::{PostgresStore, Token};
+    use support::postgres as pg;
+
+    let Some(url) = pg::url("a_failed_postgres_purge_is_warned_about") else {
+        return;
+    };
+    let (capture, _guard) = capture();
+    let table = format!("sd_purge_{}", Token::new().as_u128() % 1_000_000_007);
+    let store = PostgresStore::builder("purge")
+        .table(&table)
+        .purge_interval(Duration::from_millis(100))
+        .connect(&url)
+        .await
+        .expect("connect");
+    let mut admin = pg::connection(&url).await;
+    sqlx::query(&format!("DROP TABLE {table}"))
+        .execute(&mut admin)
+        .await
+        .unwrap();
+    let warning = wait_for(&capture, "purge of expired rows failed").await;
+    assert_eq!(warning.level, Level::WARN);
+    assert_eq!(warning.field("store"), Some("PostgresStore"));
+    assert!(
+        warning.field("error").is_some_and(|e| e.contains(&table)),
+        "{warning:?}"
+    );
+    drop(store);
+}
+
+/// MySQL: the same for its purge.
+#[cfg(feature = "mysql")]
+#[tokio::test]
+#[cfg_attr(not(server_mysql), ignore = "set STREAM_DEDUP_MYSQL_URL")]
+async fn a_failed_mysql_purge_is_warned_about() {
+    use stream_dedup::sqlx::{self, Connection, MySqlConnection};
+    use stream_dedup::store::{MySqlStore, Token};
+
+    let Ok(url) = std::env::var("STREAM_DEDUP_MYSQL_URL") else {
+        eprintln!("a_failed_mysql_purge_is_warned_about: skipped, set STREAM_DEDUP_MYSQL_URL");
+        return;
+    };
+    let (capture, _guard) = capture();
+    let table = format!("sd_purge_{}", Token::new().as_u128() % 1_000_000_007);
+    let store = MySqlStore::builder("purge")
+        .table(&table)
+        .purge_interval(Duration::from_millis(100))
+        .connect(&url)
+        .await
+        .expect("connect");
+    let mut admin = MySqlConnection::connect(&url).await.unwrap();
+    sqlx::query(&format!("DROP TABLE {table}"))
+        .execute(&mut admin)
+        .await
+        .unwrap();
+    let warning = wait_for(&capture, "purge of expired rows failed").await;
+    assert_eq!(warning.level, Level::WARN);
+    assert_eq!(warning.field("store"), Some("MySqlStore"));
+    assert!(
+        warning.field("error").is_some_and(|e| e.contains(&table)),
+        "{warning:?}"
+    );
+    drop(store);
+}

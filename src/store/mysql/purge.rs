@@ -50,7 +50,8 @@ pub(super) async fn purge(
 
 /// Starts the background purge on the current tokio runtime; it stops when `stop`'s sender is
 /// dropped (with the store's last clone). Errors are left for the next round: a purge that
-/// fails (the server down, a lock wait) costs only space.
+/// fails (the server down, a lock wait) costs only space. Each failed round is a warning (at
+/// most one per interval).
 pub(super) fn spawn(pool: MySqlPool, sql: Sql, config: PurgeConfig, stop: oneshot::Receiver<()>) {
     let Some(interval) = config.interval else {
         return;
@@ -65,7 +66,14 @@ pub(super) fn spawn(pool: MySqlPool, sql: Sql, config: PurgeConfig, stop: onesho
             if tokio::time::timeout(interval, &mut stop).await.is_ok() {
                 return;
             }
-            let _ = purge(&pool, &sql, config.batch, MAX_BATCHES_PER_ROUND).await;
+            if let Err(e) = purge(&pool, &sql, config.batch, MAX_BATCHES_PER_ROUND).await {
+                tracing::warn!(
+                    target: crate::logging::TARGET,
+                    store = "MySqlStore",
+                    error = %e,
+                    "purge of expired rows failed; the next round tries again"
+                );
+            }
             if !matches!(stop.try_recv(), Err(oneshot::error::TryRecvError::Empty)) {
                 return;
             }

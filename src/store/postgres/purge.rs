@@ -31,8 +31,9 @@ pub(super) async fn purge_once<'c>(
 
 /// Starts the purge on the current tokio runtime: every `interval`, batches of at most `batch`
 /// rows until a batch finds fewer (a backlog is worked off one bounded statement at a time,
-/// each waiting for no lock). Errors are skipped: the next round tries again, and expired rows
-/// count as absent whether or not they were purged. Each statement is given up after `limit`.
+/// each waiting for no lock). A failed round is a warning (at most one per interval): the next
+/// round tries again, and expired rows count as absent whether or not they were purged. Each
+/// statement is given up after `limit`.
 /// `None` outside a tokio runtime.
 pub(super) fn spawn(
     pool: PgPool,
@@ -47,14 +48,25 @@ pub(super) fn spawn(
         ticks.set_missed_tick_behavior(MissedTickBehavior::Delay);
         loop {
             ticks.tick().await;
-            while let Ok(Ok(deleted)) =
-                tokio::time::timeout(limit, purge_once(&pool, &sql, batch)).await
-            {
-                if deleted < batch as u64 {
-                    break;
-                }
-                // A full batch: there may be more. Let the other tasks run between batches.
-                tokio::task::yield_now().await;
+            loop {
+                let error = match tokio::time::timeout(limit, purge_once(&pool, &sql, batch)).await
+                {
+                    Ok(Ok(deleted)) if deleted < batch as u64 => break,
+                    // A full batch: there may be more. Let the other tasks run between batches.
+                    Ok(Ok(_)) => {
+                        tokio::task::yield_now().await;
+                        continue;
+                    }
+                    Ok(Err(e)) => e.to_string(),
+                    Err(_) => format!("no answer within {limit:?}"),
+                };
+                tracing::warn!(
+                    target: crate::logging::TARGET,
+                    store = "PostgresStore",
+                    error = %error,
+                    "purge of expired rows failed; the next round tries again"
+                );
+                break;
             }
         }
     });
