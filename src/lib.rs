@@ -81,10 +81,12 @@
 //! | `release` | releases failed | the keys stay in flight until their lease ends; their redeliveries are held back meanwhile |
 //! | `renew` | a keep-alive round failed | the open claims' leases were not renewed: they run out unless a later round succeeds |
 //! | `renew_lost` | keep-alive found keys taken by another claim | those claims are lost; their commits will fail |
+//! | `take_back` | giving back the keys of items read ahead but never handed out (an operator dropped, a call failed for good) failed | those keys stay marked until their ttl (or lease) ends: their redeliveries are dropped, or held back, until then |
 //!
 //! `PostgresStore` also warns when it finds a connection lost and sends the statement again
 //! on another one (fields `operation`, `attempt`, `connections_lost`; at most one line per 10
-//! seconds). redis-rs reconnects by itself without telling: a Redis outage shows as `check`
+//! seconds). `PostgresStore` and `MySqlStore` warn when a round of their background purge
+//! fails (at most one line per purge interval). redis-rs reconnects by itself without telling: a Redis outage shows as `check`
 //! warnings, then "the store answers again".
 //!
 //! **Debug** events, one per batch: "store call answered" (`keys`, `new`, `present`,

@@ -154,9 +154,11 @@ pub(crate) enum Kind {
     Renew,
     /// Keep-alive found keys taken over.
     RenewLost,
+    /// Taking back what a dropped operator (or a failed call) had recorded failed.
+    TakeBack,
 }
 
-const KINDS: usize = 7;
+const KINDS: usize = 8;
 
 impl Kind {
     /// The `kind` field of its events.
@@ -255,8 +257,8 @@ impl Log {
         }
     }
 
-    /// A failure of the claims' store calls (`Commit`, `Release`, `Renew`) or lost leases
-    /// (`CommitLost`, `RenewLost`), `keys` keys, rate-limited.
+    /// A failure of the claims' store calls (`Commit`, `Release`, `Renew`), of a take-back
+    /// (`TakeBack`), or lost leases (`CommitLost`, `RenewLost`), `keys` keys, rate-limited.
     pub(crate) fn claims_failed(&self, kind: Kind, keys: u64, error: Option<&dyn fmt::Display>) {
         let t = Tally {
             calls: 1,
@@ -273,6 +275,10 @@ impl Log {
             Kind::Renew => "keep-alive failed: the leases of open claims were not renewed",
             Kind::RenewLost => {
                 "leases lost: keep-alive found keys of open claims taken by another claim"
+            }
+            Kind::TakeBack => {
+                "take-backs failed: keys recorded for items never handed out stay marked until \
+                 their ttl (or lease) ends"
             }
             Kind::Check | Kind::KeyTooLong => "store call failed",
         };
@@ -328,6 +334,7 @@ const KIND_NAMES: [&str; KINDS] = [
     "release",
     "renew",
     "renew_lost",
+    "take_back",
 ];
 
 #[cfg(test)]

@@ -636,3 +636,60 @@ async fn a_failed_mysql_purge_is_warned_about() {
     );
     drop(store);
 }
+
+/// A store whose take-backs fail (everything else as `MemoryStore`).
+#[derive(Clone, Debug)]
+struct NoTakeBack(MemoryStore);
+
+impl stream_dedup::store::Store for NoTakeBack {
+    fn insert(
+        &self,
+        batch: stream_dedup::store::InsertBatch,
+    ) -> stream_dedup::store::StoreFuture<Vec<stream_dedup::store::Inserted>> {
+        self.0.insert(batch)
+    }
+
+    fn remove(&self, keys: Vec<Vec<u8>>) -> stream_dedup::store::StoreFuture<()> {
+        self.0.remove(keys)
+    }
+
+    fn take_back(
+        &self,
+        _: Vec<stream_dedup::store::HeldKey>,
+    ) -> stream_dedup::store::StoreFuture<()> {
+        Box::pin(async {
+            let refused = std::io::Error::from(std::io::ErrorKind::ConnectionRefused);
+            Err(StoreError::Unavailable(Arc::new(refused)))
+        })
+    }
+}
+
+/// An operator dropped with items it read ahead takes their keys back; when that fails, a
+/// `take_back` warning says how many keys stay marked (they were silent before).
+#[tokio::test]
+async fn a_failed_take_back_is_warned_about() {
+    let (capture, _guard) = capture();
+    let window = Window::max_keys(1_000)
+        .ttl(TTL)
+        .name("read-ahead")
+        .store(NoTakeBack(MemoryStore::new()));
+    let mut unique = stream::iter((0..10).map(key)).dedup_by_key(|k| k.clone(), window);
+    assert_eq!(unique.next().await, Some(key(0)));
+    drop(unique);
+    // The take-back runs in the background.
+    for _ in 0..100 {
+        if !capture.at(Level::WARN).is_empty() {
+            break;
+        }
+        tokio::task::yield_now().await;
+    }
+    let warnings = capture.at(Level::WARN);
+    assert_eq!(warnings.len(), 1, "{warnings:#?}");
+    assert_eq!(warnings[0].field("kind"), Some("take_back"));
+    assert_eq!(warnings[0].count("keys"), 9, "{warnings:#?}");
+    assert!(
+        warnings[0].message().contains("stay marked"),
+        "{warnings:#?}"
+    );
+    check_fields(&warnings, "read-ahead", "NoTakeBack");
+}

@@ -13,6 +13,7 @@ use tokio::time::{Sleep, Timeout};
 
 use super::Settings;
 use super::gate::Answer;
+use crate::logging::{Kind, Log};
 use crate::store::{
     ClaimBatch, ClaimStore, Claimed, HeldKey, InsertBatch, Inserted, Store, StoreError,
     StoreFuture, Token,
@@ -52,11 +53,23 @@ impl Backend {
     /// [`run_detached`]. It gets the call timeout, but at least [`TAKE_BACK_TIMEOUT`]: nobody
     /// waits for it, and one given up leaves its keys marked for their ttl (a busy store that
     /// answers a little late must still take them back).
-    pub(crate) fn take_back(&self, keys: Vec<HeldKey>, timeout: Duration) {
+    /// A take-back that fails or is given up is a `take_back` warning of `log`.
+    pub(crate) fn take_back(&self, keys: Vec<HeldKey>, timeout: Duration, log: Arc<Log>) {
         if keys.is_empty() {
             return;
         }
-        run_detached(self.store().take_back(keys), timeout.max(TAKE_BACK_TIMEOUT));
+        let n = keys.len() as u64;
+        let timeout = timeout.max(TAKE_BACK_TIMEOUT);
+        let call = self.store().take_back(keys);
+        run_detached(Box::pin(async move {
+            let error = match tokio::time::timeout(timeout, call).await {
+                Ok(Ok(())) => return Ok(()),
+                Ok(Err(e)) => e,
+                Err(_) => StoreError::Timeout(timeout),
+            };
+            log.claims_failed(Kind::TakeBack, n, Some(&error));
+            Err(error)
+        }));
     }
 
     fn call(&self, ttl: Duration, keys: Vec<Vec<u8>>, token: Token) -> StoreCall {
@@ -98,13 +111,13 @@ impl Backend {
 /// Runs a store call nobody waits for (a take-back as an operator is dropped, or after a call
 /// failed for good): polled once at once, inside the tokio runtime if there is one (so a store
 /// that starts its work when first polled has started it before the operator is gone), then
-/// spawned to its end, under `timeout`. Its errors are ignored: a key left marked expires with
-/// its ttl. Outside a tokio runtime nothing can run it; the keys expire.
-pub(crate) fn run_detached(call: StoreFuture<()>, timeout: Duration) {
+/// spawned to its end (`call` bounds itself with a timeout). Nobody sees its result (`call`
+/// logs its own failure): a key left marked expires with its ttl. Outside a tokio runtime
+/// nothing can run it; the keys expire.
+pub(crate) fn run_detached(mut call: StoreFuture<()>) {
     let Ok(runtime) = tokio::runtime::Handle::try_current() else {
         return;
     };
-    let mut call = Box::pin(tokio::time::timeout(timeout, call));
     let mut cx = Context::from_waker(Waker::noop());
     if call.as_mut().poll(&mut cx).is_pending() {
         runtime.spawn(async move {

@@ -1,6 +1,8 @@
 //! What a dropped operator gives back: the keys it recorded or claimed for items it never
 //! handed out.
 
+use std::sync::Arc;
+
 use super::{Driver, Verdict};
 use crate::pipeline::gate::Held;
 
@@ -24,9 +26,11 @@ impl<T, K, E> Drop for Driver<T, K, E> {
                     .into_iter()
                     .map(|h| (or_encoded(h.bytes, encode, &h.key), h.token))
                     .collect();
-                self.parts
-                    .backend
-                    .take_back(keys, self.parts.settings.timeout);
+                self.parts.backend.take_back(
+                    keys,
+                    self.parts.settings.timeout,
+                    Arc::clone(&self.parts.log),
+                );
             }
         }
     }

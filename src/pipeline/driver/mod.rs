@@ -380,9 +380,11 @@ impl<T, K: Hash + Eq, E> Driver<T, K, E> {
                 .flatten()
                 .map(|(_, bytes)| (bytes, token))
                 .collect();
-            self.parts
-                .backend
-                .take_back(back, self.parts.settings.timeout);
+            self.parts.backend.take_back(
+                back,
+                self.parts.settings.timeout,
+                Arc::clone(&self.parts.log),
+            );
         }
         // Logged once the keys are on their way back.
         if let Err(e) = &result {
