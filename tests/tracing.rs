@@ -547,6 +547,7 @@ async fn a_postgres_connection_replaced_is_warned_about() {
 }
 
 /// Waits (real time) until an event whose message contains `text` was captured.
+#[cfg(any(feature = "postgres", feature = "mysql"))]
 async fn wait_for(capture: &Capture, text: &str) -> Captured {
     let deadline = std::time::Instant::now() + Duration::from_secs(20);
     loop {
@@ -564,6 +565,18 @@ async fn wait_for(capture: &Capture, text: &str) -> Captured {
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+}
+
+/// The warning of a failed purge comes, from `store`, naming the missing `table`.
+#[cfg(any(feature = "postgres", feature = "mysql"))]
+async fn purge_warned(capture: &Capture, store: &str, table: &str) {
+    let warning = wait_for(capture, "purge of expired rows failed").await;
+    assert_eq!(warning.level, Level::WARN);
+    assert_eq!(warning.field("store"), Some(store));
+    assert!(
+        warning.field("error").is_some_and(|e| e.contains(table)),
+        "{warning:?}"
+    );
 }
 
 /// PostgreSQL: a background purge that fails (here its table was dropped under it) is a
@@ -592,13 +605,7 @@ async fn a_failed_postgres_purge_is_warned_about() {
         .execute(&mut admin)
         .await
         .unwrap();
-    let warning = wait_for(&capture, "purge of expired rows failed").await;
-    assert_eq!(warning.level, Level::WARN);
-    assert_eq!(warning.field("store"), Some("PostgresStore"));
-    assert!(
-        warning.field("error").is_some_and(|e| e.contains(&table)),
-        "{warning:?}"
-    );
+    purge_warned(&capture, "PostgresStore", &table).await;
     drop(store);
 }
 
@@ -627,13 +634,7 @@ async fn a_failed_mysql_purge_is_warned_about() {
         .execute(&mut admin)
         .await
         .unwrap();
-    let warning = wait_for(&capture, "purge of expired rows failed").await;
-    assert_eq!(warning.level, Level::WARN);
-    assert_eq!(warning.field("store"), Some("MySqlStore"));
-    assert!(
-        warning.field("error").is_some_and(|e| e.contains(&table)),
-        "{warning:?}"
-    );
+    purge_warned(&capture, "MySqlStore", &table).await;
     drop(store);
 }
 
