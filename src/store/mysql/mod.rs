@@ -377,8 +377,10 @@ impl MySqlStore {
     /// and the key's mark are never split. The row stays locked until the transaction ends, so
     /// another consumer's claim of the key waits for it. The deadline of the store's calls
     /// applies; a call that timed out leaves the transaction in an unknown state: roll it back.
-    /// Statements run on the caller's connection: a session variable `@stream_dedup_expires`
-    /// stays set on it.
+    /// It is one prepared statement (an `INSERT … ON DUPLICATE KEY UPDATE` of the key's row),
+    /// one round trip, on the caller's connection, prepared once and kept in that connection's
+    /// statement cache. It tells a refusal by `LAST_INSERT_ID(1)`: after an answer `false`,
+    /// the session's `LAST_INSERT_ID()` is 1; after `true` it is unchanged.
     ///
     /// # Errors
     ///
@@ -428,16 +430,28 @@ impl MySqlStore {
         }
         let inner = &self.inner;
         inner.ready().await?;
-        let sql = inner.sql.commit(&[(token, vec![key])], ttl);
+        let token = token.to_bytes();
+        let us = i64::try_from(sql::micros(ttl)).unwrap_or(i64::MAX);
+        let statement = sqlx::query(inner.sql.commit_one())
+            .bind(inner.namespace.as_bytes())
+            .bind(key)
+            .bind(&token[..])
+            .bind(us)
+            .bind(&token[..])
+            .bind(&token[..])
+            .bind(&token[..])
+            .bind(&token[..])
+            .bind(us);
         let timeout = inner.timeout;
-        let refused = within(timeout, async {
+        let done = within(timeout, async {
             (&mut *conn)
-                .fetch_all(sqlx::raw_sql(&sql))
+                .execute(statement)
                 .await
                 .map_err(|e| map_error(OP, e, timeout))
         })
         .await?;
-        Ok(refused.is_empty())
+        // The insert id is 1 only when the statement refused the key (`LAST_INSERT_ID(1)`).
+        Ok(done.last_insert_id() == 0)
     }
 }
 

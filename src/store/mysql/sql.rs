@@ -105,6 +105,8 @@ pub(super) struct Sql {
     namespace: Box<str>,
     /// The prepared statements' text, per kind and size, built once.
     shapes: Arc<Mutex<Shapes>>,
+    /// The statement of `commit_in` (see [`Sql::commit_one`]).
+    commit_one: Arc<str>,
 }
 
 /// What a row becomes when a batch records it: done (insert) or in flight (claim).
@@ -158,6 +160,7 @@ impl Sql {
             table: table.quoted.clone(),
             namespace: ns.into(),
             shapes: Arc::default(),
+            commit_one: commit_one(&table.quoted).into(),
         }
     }
 
@@ -237,6 +240,18 @@ impl Sql {
             sql.push(')');
             sql
         })
+    }
+
+    /// Marks one key done for a ttl (`commit_in`, in the caller's transaction): one prepared
+    /// statement, `INSERT … ON DUPLICATE KEY UPDATE`. Parameters: the namespace, the key, the
+    /// token, the µs of the ttl, then the token four times and the µs again. A row held by
+    /// the token (in flight or done), a row that expired, or no row at all becomes `(token,
+    /// done, now + ttl)`; a live row of another token is left as it is and sets
+    /// `LAST_INSERT_ID(1)`: the reply's insert id is 1 when the key was refused, 0 when it was
+    /// marked (the table has no `AUTO_INCREMENT` column, so an insert id is only ever one that
+    /// this statement set).
+    pub(super) fn commit_one(&self) -> &str {
+        &self.commit_one
     }
 
     /// The statement of `kind` for `n` keys, built once.
@@ -374,6 +389,23 @@ impl Sql {
     }
 }
 
+/// The text of [`Sql::commit_one`] for the quoted `table`.
+fn commit_one(table: &str) -> String {
+    // `done` first (its condition reads the old token and expiry), then `token` (its own old
+    // value and the old expiry), then `expires_at`: whether MariaDB evaluates the assignments
+    // in order or simultaneously, each condition is "held by this token, or expired". Only
+    // the refusal calls `LAST_INSERT_ID(1)` (`IF` evaluates the branch it takes only).
+    let mine = format!("token = ? OR expires_at <= {NOW}");
+    format!(
+        "INSERT INTO {table} (namespace, k, token, done, expires_at) \
+         VALUES (?, ?, ?, 1, {NOW} + INTERVAL ? MICROSECOND) \
+         ON DUPLICATE KEY UPDATE \
+         done = IF({mine}, 1, done + 0 * LAST_INSERT_ID(1)), \
+         token = IF({mine}, ?, token), \
+         expires_at = IF({mine}, {NOW} + INTERVAL ? MICROSECOND, expires_at)"
+    )
+}
+
 /// `(X'…', X'…', …)`.
 fn push_list(sql: &mut String, keys: &[&[u8]]) {
     sql.push('(');
@@ -461,6 +493,10 @@ mod tests {
         );
         assert!(s.contains("k IN (X'61',X'')"), "{s}");
         assert!(s.contains("INTERVAL 1000000 MICROSECOND"), "{s}");
+        let s = sql.commit_one();
+        assert!(s.starts_with("INSERT INTO `t` (namespace, k, token, done, expires_at) VALUES (?, ?, ?, 1, UTC_TIMESTAMP(6) + INTERVAL ? MICROSECOND) ON DUPLICATE KEY UPDATE done = IF(token = ? OR "), "{s}");
+        assert_eq!(s.matches('?').count(), 9);
+        assert_eq!(s.matches("LAST_INSERT_ID(1)").count(), 1);
         let s = sql.release(&[(token, keys.to_vec())], true);
         assert!(s.contains("DELETE FROM `t` WHERE namespace = X'6e73' AND token = X'"));
         assert_eq!(
