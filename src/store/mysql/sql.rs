@@ -1,13 +1,14 @@
 //! The SQL the MySQL store sends. Inserts and claims (the hot path) are prepared statements
 //! of a few fixed sizes, their keys sent as parameters (the binary protocol: the server parses
-//! no key). Commits, releases and removals put every statement of a call in one string (one
-//! round trip through the text protocol), with keys, tokens and the namespace as hexadecimal
-//! literals, so nothing of the data is ever parsed as SQL.
+//! no key); so is `commit_in`. Commits, releases and removals put every statement of a call
+//! in one string (one round trip through the text protocol), with keys, tokens and the
+//! namespace as hexadecimal literals, so nothing of the data is ever parsed as SQL.
 //!
 //! Only syntax that MySQL 8 and MariaDB 10.5+ both accept: `X'…'` literals,
 //! `UTC_TIMESTAMP(6) + INTERVAL n MICROSECOND`, `INSERT … ON DUPLICATE KEY UPDATE` without
 //! `VALUES()` (deprecated in MySQL 8.0.20) nor a row alias (not in MariaDB), `IF()`,
-//! `SELECT … FOR UPDATE`, `DELETE … LIMIT`.
+//! `LAST_INSERT_ID(expr)`, `SELECT … FOR UPDATE`, `DELETE … LIMIT`; and, sent only to MariaDB
+//! 10.5+, `INSERT … RETURNING` ([`Sql::record_returning`]).
 
 use std::collections::HashMap;
 use std::fmt::Write as _;
@@ -132,6 +133,7 @@ impl Record {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 enum Kind {
     Insert(Record),
+    Returning(Record),
     Select(Record),
 }
 
@@ -191,36 +193,56 @@ impl Sql {
     /// are taken in key order, so two batches never deadlock on each other); a chunk shorter
     /// than its shape repeats its last key, which changes nothing.
     pub(super) fn record_insert(&self, record: Record, n: usize) -> Arc<str> {
-        self.shape(Kind::Insert(record), n, || {
-            let done = record.done();
-            let mut sql = format!(
-                "INSERT INTO {} (namespace, k, token, done, expires_at) VALUES ",
-                self.table
-            );
-            let row = format!("(?, ?, ?, {done}, {NOW} + INTERVAL ? MICROSECOND)");
-            sql.reserve(n * (row.len() + 1) + 256);
-            for i in 0..n {
-                if i > 0 {
-                    sql.push(',');
-                }
-                sql.push_str(&row);
-            }
-            // A row is taken only when expired; the conditions read `expires_at`, written
-            // last, so the assignments agree whether MariaDB evaluates them in order or
-            // simultaneously. A live row that is not this request's (another token, or the
-            // other state) is left as it is, and sets `LAST_INSERT_ID(1)`: the statement's
-            // reply then carries 1 as its insert id (0 when no row did), and only then are the
-            // rows read back.
+        self.shape(Kind::Insert(record), n, || self.upsert(record, n))
+    }
+
+    /// [`record_insert`](Sql::record_insert) that also answers, in the same round trip, for
+    /// each of its `n` rows (`RETURNING`, MariaDB 10.5+): the key when its row is another
+    /// request's after the statement (another token, or the other state), `NULL` when it is
+    /// this request's; and `done`. One more parameter after those of `record_insert`: the
+    /// token.
+    pub(super) fn record_returning(&self, record: Record, n: usize) -> Arc<str> {
+        self.shape(Kind::Returning(record), n, || {
+            let mut sql = self.upsert(record, n);
             let _ = write!(
                 sql,
-                " ON DUPLICATE KEY UPDATE \
-                 token = IF(expires_at <= {NOW}, ?, token), \
-                 done = IF(expires_at <= {NOW}, {done}, \
-                 IF(token = ? AND done = {done}, done, done + 0 * LAST_INSERT_ID(1))), \
-                 expires_at = IF(expires_at <= {NOW}, {NOW} + INTERVAL ? MICROSECOND, expires_at)"
+                " RETURNING IF(token = ? AND done = {}, NULL, k), done",
+                record.done()
             );
             sql
         })
+    }
+
+    /// The text of [`record_insert`](Sql::record_insert).
+    fn upsert(&self, record: Record, n: usize) -> String {
+        let done = record.done();
+        let mut sql = format!(
+            "INSERT INTO {} (namespace, k, token, done, expires_at) VALUES ",
+            self.table
+        );
+        let row = format!("(?, ?, ?, {done}, {NOW} + INTERVAL ? MICROSECOND)");
+        sql.reserve(n * (row.len() + 1) + 256);
+        for i in 0..n {
+            if i > 0 {
+                sql.push(',');
+            }
+            sql.push_str(&row);
+        }
+        // A row is taken only when expired; the conditions read `expires_at`, written
+        // last, so the assignments agree whether MariaDB evaluates them in order or
+        // simultaneously. A live row that is not this request's (another token, or the
+        // other state) is left as it is, and sets `LAST_INSERT_ID(1)`: the statement's
+        // reply then carries 1 as its insert id (0 when no row did), and only then are the
+        // rows read back (or, with `RETURNING`, the rows it answers are read).
+        let _ = write!(
+            sql,
+            " ON DUPLICATE KEY UPDATE \
+             token = IF(expires_at <= {NOW}, ?, token), \
+             done = IF(expires_at <= {NOW}, {done}, \
+             IF(token = ? AND done = {done}, done, done + 0 * LAST_INSERT_ID(1))), \
+             expires_at = IF(expires_at <= {NOW}, {NOW} + INTERVAL ? MICROSECOND, expires_at)"
+        );
+        sql
     }
 
     /// Reads back the rows of a chunk of `n` keys after an upsert that flagged a live row of
@@ -480,6 +502,12 @@ mod tests {
         assert_eq!(s.matches('?').count(), 2 * 4 + 3);
         assert!(s.contains("LAST_INSERT_ID(1)"), "{s}");
         assert!(Arc::ptr_eq(&s, &sql.record_insert(Record::InFlight, 2)));
+        let r = sql.record_returning(Record::InFlight, 2);
+        assert!(r.starts_with(&*s), "{r}");
+        assert!(
+            r.ends_with(" RETURNING IF(token = ? AND done = 0, NULL, k), done"),
+            "{r}"
+        );
         let s = sql.record_select(Record::Done, 3);
         assert!(
             s.starts_with("SELECT k, done, token = ? AND done = 1 FROM `t`"),
