@@ -9,9 +9,10 @@
 //! the timing.
 //!
 //! Group `mysql insert` (20,000 keys per iteration, one call at a time):
-//! - `store batch=1000`: `MySqlStore::insert` in batches of 1,000: the prepared upsert, and —
-//!   in a batch that met a key of another request, so in almost every batch of `10% repeats`
-//!   — the read-back of the batch's rows.
+//! - `store batch=1000`: `MySqlStore::insert` in batches of 1,000: the prepared upsert, which on
+//!   MariaDB 10.5+ answers for every key itself (`RETURNING`); on MySQL, in a batch that met a
+//!   key of another request (so in almost every batch of `10% repeats`), then the read-back of
+//!   the batch's rows.
 //! - `plain INSERT IGNORE batch=1000`: what a consumer writes with sqlx alone: a multi-row
 //!   `INSERT IGNORE` of 1,000 rows with bound parameters (a prepared statement, cached),
 //!   autocommitted. It answers only how many rows were new, not which.
@@ -22,7 +23,8 @@
 //! effect row (`INSERT INTO stream_dedup_bench_effects …`), `COMMIT`:
 //! - `effect alone`: just that.
 //! - `effect + commit_in`: the key (claimed beforehand, outside the timing, as the operator
-//!   does) marked done by `MySqlStore::commit_in` in the same transaction.
+//!   does) marked done by `MySqlStore::commit_in` (one prepared statement) in the same
+//!   transaction.
 //!
 //! `STREAM_DEDUP_MYSQL_URL=mysql://root@127.0.0.1:3306/test cargo bench --features mysql
 //! --bench mysql`; figures in the README.

@@ -209,3 +209,142 @@ async fn a_transaction_of_another_store_is_refused() {
     assert_eq!(again.len(), 1, "the key was released");
     fx.drop_all().await;
 }
+
+/// A key's row: (token, done, expiry as the server writes it).
+async fn key_row(
+    conn: &mut sqlx::MySqlConnection,
+    namespace: &str,
+    key: &[u8],
+) -> Option<(Vec<u8>, bool, String)> {
+    sqlx::query_as(
+        "SELECT token, done, CAST(expires_at AS CHAR) FROM stream_dedup_keys \
+         WHERE namespace = ? AND k = ?",
+    )
+    .bind(namespace.as_bytes())
+    .bind(key)
+    .fetch_optional(conn)
+    .await
+    .expect("read the key's row")
+}
+
+/// `MySqlStore::commit_in` answers by what the key's row holds: in flight or done with this
+/// claim's token, expired (whoever held it), or no row at all → `true`, the row done with the
+/// token for the ttl; in flight or done with another token and live → `false`, the row
+/// untouched. Insert ids of the caller's own statements (an `AUTO_INCREMENT` effect,
+/// `LAST_INSERT_ID(n)`) and a refusal just before on the same connection change no answer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(not(server_mysql), ignore = "set STREAM_DEDUP_MYSQL_URL")]
+async fn commit_in_answers_by_the_keys_row() {
+    use stream_dedup::store::{ClaimBatch, ClaimStore, Claimed, InsertBatch, Inserted, Store};
+    let Some(url) = mysql_server::url("commit_in_answers_by_the_keys_row") else {
+        return;
+    };
+    let fx = Scratch::new(&url, "eo-my-rows").await;
+    let store = fx.store().await;
+    let ns = fx.namespace.clone();
+    let mut conn = mysql_server::admin(&url).await;
+    let auto = format!("{}_auto", fx.effects);
+    sqlx::raw_sql(&format!(
+        "CREATE TABLE {auto} (id BIGINT AUTO_INCREMENT PRIMARY KEY, k VARCHAR(64) NOT NULL)"
+    ))
+    .execute(&mut conn)
+    .await
+    .unwrap();
+    let short = Duration::from_millis(50);
+    let claim = |key: &str, lease| ClaimBatch::new(vec![key.as_bytes().to_vec()], lease);
+    let record = |key: &str, ttl| InsertBatch::new(vec![key.as_bytes().to_vec()], ttl);
+
+    // Rows held by other tokens: live (in flight, done) and expired (in flight, done).
+    assert_eq!(
+        store.claim(claim("live-in-flight", TTL)).await.unwrap(),
+        [Claimed::Mine]
+    );
+    assert_eq!(
+        store.insert(record("live-done", TTL)).await.unwrap(),
+        [Inserted::New]
+    );
+    assert_eq!(
+        store
+            .claim(claim("expired-in-flight", short))
+            .await
+            .unwrap(),
+        [Claimed::Mine]
+    );
+    assert_eq!(
+        store.insert(record("expired-done", short)).await.unwrap(),
+        [Inserted::New]
+    );
+    // This claim's keys.
+    let mine = ClaimBatch::new(vec![b"mine".to_vec(), b"mine-after".to_vec()], TTL);
+    let token = mine.token;
+    assert_eq!(
+        store.claim(mine).await.unwrap(),
+        [Claimed::Mine, Claimed::Mine]
+    );
+    tokio::time::sleep(short * 3).await;
+
+    for key in ["live-in-flight", "live-done"] {
+        let before = key_row(&mut conn, &ns, key.as_bytes()).await.unwrap();
+        let mut tx = sqlx::Connection::begin(&mut conn).await.unwrap();
+        let held = store.commit_in(&mut tx, key.as_bytes(), token, TTL).await;
+        assert!(!held.unwrap(), "{key}: another token holds it");
+        tx.commit().await.unwrap();
+        let after = key_row(&mut conn, &ns, key.as_bytes()).await.unwrap();
+        assert_eq!(
+            after, before,
+            "{key}: the other claim's row is left as it is"
+        );
+    }
+    // Straight after a refusal on this connection, and after insert ids of the caller's own.
+    let mut tx = sqlx::Connection::begin(&mut conn).await.unwrap();
+    sqlx::query(&format!("INSERT INTO {auto} (k) VALUES ('x')"))
+        .execute(&mut *tx)
+        .await
+        .unwrap();
+    sqlx::query("SELECT LAST_INSERT_ID(7)")
+        .execute(&mut *tx)
+        .await
+        .unwrap();
+    for key in [
+        "mine",
+        "mine",
+        "expired-in-flight",
+        "expired-done",
+        "no-row",
+    ] {
+        let held = store.commit_in(&mut tx, key.as_bytes(), token, TTL).await;
+        assert!(held.unwrap(), "{key}");
+    }
+    sqlx::query(&format!("INSERT INTO {auto} (k) VALUES ('y')"))
+        .execute(&mut *tx)
+        .await
+        .unwrap();
+    assert!(
+        store
+            .commit_in(&mut tx, b"mine-after", token, TTL)
+            .await
+            .unwrap()
+    );
+    tx.commit().await.unwrap();
+    for key in [
+        "mine",
+        "mine-after",
+        "expired-in-flight",
+        "expired-done",
+        "no-row",
+    ] {
+        let (held_by, done, _) = key_row(&mut conn, &ns, key.as_bytes()).await.unwrap();
+        assert_eq!((held_by, done), (token.to_bytes().to_vec(), true), "{key}");
+    }
+    let again = store
+        .claim(ClaimBatch::new(vec![b"expired-in-flight".to_vec()], TTL))
+        .await
+        .unwrap();
+    assert_eq!(again, [Claimed::Done]);
+
+    sqlx::raw_sql(&format!("DROP TABLE {auto}"))
+        .execute(&mut conn)
+        .await
+        .unwrap();
+    fx.drop_all().await;
+}

@@ -53,6 +53,34 @@ stream_dedup::claim_suite!(
     expiry = Duration::from_millis(50)
 );
 
+/// The suites again with batches recorded as on MySQL (the upsert, then the read-back when it
+/// met a key of another request), which MariaDB answers with `RETURNING` otherwise.
+mod read_back {
+    use super::*;
+
+    async fn make_read_back(namespace: String) -> Option<MySqlStore> {
+        let url = std::env::var("STREAM_DEDUP_MYSQL_URL").ok()?;
+        let store = MySqlStore::builder(&namespace)
+            .timeout(Duration::from_secs(5))
+            .without_returning()
+            .connect(&url)
+            .await
+            .expect("connect to STREAM_DEDUP_MYSQL_URL");
+        Some(store)
+    }
+
+    stream_dedup::store_suite!(
+        #[cfg_attr(not(server_mysql), ignore = "set STREAM_DEDUP_MYSQL_URL")]
+        make_read_back,
+        expiry = Duration::from_millis(50)
+    );
+    stream_dedup::claim_suite!(
+        #[cfg_attr(not(server_mysql), ignore = "set STREAM_DEDUP_MYSQL_URL")]
+        make_read_back,
+        expiry = Duration::from_millis(50)
+    );
+}
+
 /// A namespace unique to this test and run.
 fn namespace(test: &str) -> String {
     format!("test-{test}-{}-{}", std::process::id(), Token::new())

@@ -10,7 +10,7 @@ use sqlx::{Arguments as _, Encode, Row as _, Type};
 use tokio::sync::oneshot;
 
 use super::Inner;
-use super::builder::set_up;
+use super::builder::{Server, set_up};
 use super::conn::{self, Step, Tx};
 use super::purge;
 use super::sql::{self, MAX_KEY_LEN, Record};
@@ -23,31 +23,39 @@ const KEYS_PER_STATEMENT: usize = 1000;
 const KEY_BYTES_PER_STATEMENT: usize = 192 * 1024;
 
 impl Inner {
-    /// Sets the table up once (for a store on the application's pool), and starts the purge.
-    pub(super) async fn ready(&self) -> Result<(), StoreError> {
-        if self.ready.initialized() {
-            return Ok(());
+    /// Sets the table up once (for a store on the application's pool), and starts the purge;
+    /// answers what the server offers.
+    pub(super) async fn ready(&self) -> Result<Server, StoreError> {
+        if let Some(server) = self.ready.get() {
+            return Ok(*server);
         }
         self.ready
             .get_or_try_init(|| async {
                 let mut held = conn::acquire(&self.pool, &self.probe, self.timeout).await?;
                 let done = set_up(held.conn(), &self.sql, &self.table, self.create_table).await;
                 match done {
-                    Ok(()) => held.give_back(),
+                    Ok(_) => held.give_back(),
                     Err(_) => held.close(),
                 }
-                done?;
+                let server = self.allowed(done?);
                 self.start_purge();
-                Ok::<(), StoreError>(())
+                Ok::<Server, StoreError>(server)
             })
             .await
-            .map(drop)
+            .copied()
     }
 
     /// For a store set up by `connect`: ready now.
-    pub(super) fn mark_ready(&self) {
-        if self.ready.set(()).is_ok() {
+    pub(super) fn mark_ready(&self, server: Server) {
+        if self.ready.set(self.allowed(server)).is_ok() {
             self.start_purge();
+        }
+    }
+
+    /// What the server offers that this store may use.
+    fn allowed(&self, server: Server) -> Server {
+        Server {
+            returning: server.returning && self.returning,
         }
     }
 
@@ -83,7 +91,7 @@ impl Inner {
     ) -> Result<Vec<Outcome>, StoreError> {
         let mut answers = vec![Outcome::Ours; keys.len()];
         let sorted = sorted_keys(keys.iter().map(|k| (k.as_slice(), ())), &mut answers)?;
-        self.ready().await?;
+        let server = self.ready().await?;
         let namespace = self.namespace.as_bytes();
         let token_bytes = token.to_bytes();
         let us = i64::try_from(sql::micros(ttl)).unwrap_or(i64::MAX);
@@ -108,6 +116,26 @@ impl Inner {
             add(&mut insert, &token_bytes[..])?;
             add(&mut insert, &token_bytes[..])?;
             add(&mut insert, us)?;
+            if server.returning {
+                // One round trip: the upsert answers for every row as it left it.
+                add(&mut insert, &token_bytes[..])?;
+                let sql = self.sql.record_returning(record, n);
+                let steps = [Step::PreparedRows(&sql, insert)];
+                let ran = conn::run(&self.pool, &self.probe, op, &steps, Tx::None, self.timeout);
+                for row in &ran.await?.rows {
+                    let k: Option<Vec<u8>> =
+                        row.try_get(0).map_err(|e| StoreError::backend(op, e))?;
+                    let done: bool = row.try_get(1).map_err(|e| StoreError::backend(op, e))?;
+                    // `NULL`: this request's row. A key: another request's, for each of its
+                    // slots (a key may come twice in a call).
+                    if let Some(k) = k {
+                        for at in slots(op, chunk, &k)? {
+                            answers[at] = Outcome::Held { done };
+                        }
+                    }
+                }
+                continue;
+            }
             let mut select = MySqlArguments::default();
             add(&mut select, &token_bytes[..])?;
             add(&mut select, namespace)?;
@@ -350,6 +378,25 @@ fn find<X>(op: &'static str, chunk: &[Slot<'_, X>], k: &[u8]) -> Result<usize, S
         .map_err(|_| {
             StoreError::backend(op, "the server answered for a key it was not asked about")
         })
+}
+
+/// The positions (in the call's keys) of every slot of the sorted `chunk` with key `k`.
+fn slots<X>(
+    op: &'static str,
+    chunk: &[Slot<'_, X>],
+    k: &[u8],
+) -> Result<impl Iterator<Item = usize>, StoreError> {
+    let from = chunk.partition_point(|(_, key, _)| *key < k);
+    let same = chunk[from..]
+        .iter()
+        .take_while(move |(_, key, _)| *key == k);
+    if same.clone().next().is_none() {
+        return Err(StoreError::backend(
+            op,
+            "the server answered for a key it was not asked about",
+        ));
+    }
+    Ok(same.map(|&(at, _, _)| at))
 }
 
 /// A row's key and, with `with_done`, its `done` column.

@@ -24,6 +24,9 @@ pub struct MySqlStoreBuilder {
     pub(super) max_connections: u32,
     pub(super) create_table: bool,
     pub(super) purge: PurgeConfig,
+    /// Whether batches may use `RETURNING` where the server has it (off: read back, as on
+    /// MySQL; for the tests of that path).
+    pub(super) returning: bool,
 }
 
 impl MySqlStoreBuilder {
@@ -132,6 +135,15 @@ impl MySqlStoreBuilder {
         self
     }
 
+    /// Batches recorded as on MySQL, whatever the server: the upsert, then the read-back when
+    /// it met a key of another request (for the tests of that path on MariaDB).
+    #[cfg(feature = "testing")]
+    #[doc(hidden)]
+    pub fn without_returning(mut self) -> Self {
+        self.returning = false;
+        self
+    }
+
     /// Connects to the server at `url` with this builder's settings, in a pool of
     /// [`max_connections`](MySqlStoreBuilder::max_connections), and creates the table if it is
     /// missing.
@@ -170,7 +182,7 @@ impl MySqlStoreBuilder {
         );
         let set_up = set_up.await;
         let _ = conn.close().await;
-        set_up?;
+        let server = set_up?;
 
         let lock_wait = self.timeout.as_secs_f64().ceil().max(1.0) as u64;
         let pool = MySqlPoolOptions::new()
@@ -188,7 +200,7 @@ impl MySqlStoreBuilder {
             })
             .connect_lazy_with(options);
         let store = self.build(pool, sql);
-        store.inner.mark_ready();
+        store.inner.mark_ready(server);
         Ok(store)
     }
 
@@ -208,6 +220,7 @@ impl MySqlStoreBuilder {
                 namespace: self.namespace,
                 timeout: self.timeout,
                 create_table: self.create_table,
+                returning: self.returning,
                 purge: self.purge,
                 probe: Probe::default(),
                 ready: OnceCell::new(),
@@ -217,13 +230,35 @@ impl MySqlStoreBuilder {
     }
 }
 
-/// Creates the table if missing (with `create`) and checks its columns.
+/// What a server offers beyond what every supported server has.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub(super) struct Server {
+    /// `INSERT … RETURNING`: MariaDB 10.5 and later (MySQL has none).
+    pub(super) returning: bool,
+}
+
+impl Server {
+    /// From the server's `VERSION()` (`10.11.6-MariaDB-0+deb12u1`, `8.0.36`).
+    fn from_version(version: &str) -> Server {
+        let mut numbers = version
+            .split(|c: char| !c.is_ascii_digit())
+            .map(|n| n.parse::<u32>().unwrap_or(0));
+        let major = numbers.next().unwrap_or(0);
+        let minor = numbers.next().unwrap_or(0);
+        Server {
+            returning: version.contains("MariaDB") && (major, minor) >= (10, 5),
+        }
+    }
+}
+
+/// Creates the table if missing (with `create`), checks its columns, and asks what the
+/// server offers.
 pub(super) async fn set_up(
     conn: &mut MySqlConnection,
     sql: &Sql,
     table: &TableName,
     create: bool,
-) -> Result<(), StoreError> {
+) -> Result<Server, StoreError> {
     if create {
         (&mut *conn)
             .execute(sqlx::raw_sql(&sql.create_table()))
@@ -234,12 +269,36 @@ pub(super) async fn set_up(
         .execute(sqlx::raw_sql(&sql.check_table()))
         .await
     {
-        Ok(_) => Ok(()),
+        Ok(_) => {}
         // ER_BAD_FIELD_ERROR: a table of that name with other columns.
-        Err(e) if conn::error_number(&e) == Some(1054) => Err(StoreError::corrupt(format!(
-            "the table {} exists but is not a stream-dedup table: {e}",
-            table.name
-        ))),
-        Err(e) => Err(map_error("find the table", e, Duration::ZERO)),
+        Err(e) if conn::error_number(&e) == Some(1054) => {
+            return Err(StoreError::corrupt(format!(
+                "the table {} exists but is not a stream-dedup table: {e}",
+                table.name
+            )));
+        }
+        Err(e) => return Err(map_error("find the table", e, Duration::ZERO)),
+    }
+    let version: String = sqlx::query_scalar("SELECT VERSION()")
+        .fetch_one(&mut *conn)
+        .await
+        .map_err(|e| map_error("ask the server's version", e, Duration::ZERO))?;
+    Ok(Server::from_version(&version))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Server;
+
+    #[test]
+    fn returning_is_used_on_mariadb_from_10_5() {
+        let returning = |v| Server::from_version(v).returning;
+        assert!(returning("10.11.19-MariaDB-0+deb12u1"));
+        assert!(returning("10.5.0-MariaDB"));
+        assert!(returning("11.4.2-MariaDB-log"));
+        assert!(!returning("10.4.34-MariaDB"));
+        assert!(!returning("8.0.36"));
+        assert!(!returning("9.1.0-commercial"));
+        assert!(!returning(""));
     }
 }

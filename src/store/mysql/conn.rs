@@ -143,6 +143,8 @@ pub(super) enum Step<'a> {
     Text(&'a str),
     /// A prepared statement (prepared once per connection, then cached) and its parameters.
     Prepared(&'a str, MySqlArguments),
+    /// A prepared statement that answers rows (an upsert with `RETURNING`) and its parameters.
+    PreparedRows(&'a str, MySqlArguments),
     /// A prepared statement run only if the step before it answered an insert id other than
     /// 0 (a row of the upsert set `LAST_INSERT_ID(1)`).
     ReadBackIfMarked(&'a str, MySqlArguments),
@@ -240,6 +242,10 @@ async fn run_steps(
                     marked = done.last_insert_id() != 0;
                     Vec::new()
                 })
+            }
+            Step::PreparedRows(sql, args) => {
+                let query = sqlx::query_with::<MySql, _>(sql, args.clone()).persistent(true);
+                conn.fetch_all(query).await
             }
             Step::ReadBackIfMarked(sql, args) => {
                 if !marked {

@@ -18,6 +18,7 @@ use tokio::sync::{OnceCell, oneshot};
 
 use self::batch::Outcome;
 pub use self::builder::MySqlStoreBuilder;
+use self::builder::Server;
 use self::conn::{Probe, map_error};
 use self::purge::PurgeConfig;
 use self::sql::{MAX_KEY_LEN, MAX_NAMESPACE_LEN, Record, Sql, TableName};
@@ -83,23 +84,27 @@ const DEFAULT_PURGE_BATCH: usize = 1000;
 /// A batch is one statement, a multi-row `INSERT … ON DUPLICATE KEY UPDATE` that writes
 /// every absent or expired key and leaves a live row as it is: one round trip, and one
 /// transaction of its own. It decides every key atomically (InnoDB locks each row it inserts
-/// or finds). Only when it met a live row of another request (another token, or the other
-/// state) — it flags that with `LAST_INSERT_ID(1)`, which its reply carries — does a second
-/// round trip read the batch's rows back: a row holding this request's token in the state it
-/// wrote was written by it (nobody else writes that token), any other key was not, and a key
-/// whose row is gone since (removed, or expired and purged in between) counts as not written
-/// by it either: the conservative answer. Both statements are prepared once per connection
-/// for each of a few batch sizes (1, 2, 4, … 512, 768, 1,000 keys; a batch is padded to the
-/// next by repeating its last key, which changes nothing), so the server parses no key, and a
-/// connection holds a few dozen prepared statements whatever the batch sizes. The keys are
-/// sorted (as bytes) first, so every batch locks its rows in the same order: two consumers
-/// whose batches hold the same keys in other orders wait for each other rather than deadlock.
-/// A deadlock that happens anyway (with an application's own transactions, or with the purge)
-/// makes InnoDB roll the statement back; it is run again, up to 5 times. A batch of more than
-/// 1,000 keys is cut into statements of 1,000. Commits, releases and removals are one round
-/// trip each: their statements in one string (keys as hexadecimal literals: nothing of a key
-/// is ever read as SQL); a commit's upsert and its read-back of the refused keys run inside
-/// `BEGIN` … `COMMIT`, under the same locks.
+/// or finds). On MariaDB (10.5 and later) the same statement answers for every key with
+/// `RETURNING`: the key of each row that is another request's after it (another token, or
+/// the other state), and the row's `done`; any other key holds this request's token in the
+/// state it wrote. MySQL has no `RETURNING`: there, only when the upsert met a live row of
+/// another request — it flags that with `LAST_INSERT_ID(1)`, which its reply carries — does a
+/// second round trip read the batch's rows back: a row holding this request's token in the
+/// state it wrote was written by it (nobody else writes that token), any other key was not,
+/// and a key whose row is gone since (removed, or expired and purged in between) counts as
+/// not written by it either: the conservative answer. The statements are prepared once per
+/// connection for each of a few batch sizes (1, 2, 4, … 512, 768, 1,000 keys; a batch is
+/// padded to the next by repeating its last key, which changes nothing), so the server parses
+/// no key, and a connection holds a few dozen prepared statements whatever the batch sizes.
+/// The keys are sorted (as bytes) first, so every batch locks its rows in the same order: two
+/// consumers whose batches hold the same keys in other orders wait for each other rather than
+/// deadlock. A deadlock that happens anyway (with an application's own transactions, or with
+/// the purge) makes InnoDB roll the statement back; it is run again, up to 5 times. A batch of
+/// more than 1,000 keys is cut into statements of 1,000. Commits, releases and removals are
+/// one round trip each: their statements in one string (keys as hexadecimal literals: nothing
+/// of a key is ever read as SQL); a commit's upsert and its read-back of the refused keys run
+/// inside `BEGIN` … `COMMIT`, under the same locks. [`commit_in`](MySqlStore::commit_in) is
+/// one prepared upsert that flags a refusal with `LAST_INSERT_ID(1)`.
 ///
 /// (A first version read every batch back inside the batch's own transaction — `BEGIN`, the
 /// upsert, `SELECT … FOR UPDATE`, `COMMIT` — and reached 64–70% of a plain multi-row `INSERT
@@ -140,12 +145,13 @@ const DEFAULT_PURGE_BATCH: usize = 1000;
 /// # Requirements and limits
 ///
 /// - MySQL 8.0 or MariaDB 10.5 and later (tested with MariaDB 10.11); InnoDB. The SQL uses
-///   nothing that only one of them has: `X'…'` literals, `UTC_TIMESTAMP(6) + INTERVAL n
-///   MICROSECOND`, `INSERT … ON DUPLICATE KEY UPDATE` with `IF()` and `LAST_INSERT_ID(expr)`
-///   (no `VALUES()`, which MySQL 8.0.20 deprecates, and no row alias, which MariaDB lacks),
-///   `SELECT … FOR UPDATE`,
-///   `DELETE … LIMIT`, a session variable (`@stream_dedup_expires`, in commits), several
-///   statements in one query (sqlx enables them).
+///   `X'…'` literals, `UTC_TIMESTAMP(6) + INTERVAL n MICROSECOND`, `INSERT … ON DUPLICATE KEY
+///   UPDATE` with `IF()` and `LAST_INSERT_ID(expr)` (no `VALUES()`, which MySQL 8.0.20
+///   deprecates, and no row alias, which MariaDB lacks), `SELECT … FOR UPDATE`, `DELETE …
+///   LIMIT`, a session variable (`@stream_dedup_expires`, in commits and renewals of
+///   claims), several statements in one query (sqlx enables them). One thing only MariaDB
+///   has, used where the server's `VERSION()` says MariaDB 10.5 or later: `INSERT …
+///   RETURNING`, for batches.
 /// - Keys up to [`max_key_len`](MySqlStore::max_key_len) (1,024) bytes, any bytes, the empty
 ///   key too; namespaces up to 255 bytes. A longer key is never sent; see
 ///   [`Store::insert`] below for what it answers.
@@ -183,10 +189,14 @@ struct Inner {
     namespace: Box<str>,
     timeout: Duration,
     create_table: bool,
+    /// `RETURNING` allowed where the server has it (off only in tests, by the builder's
+    /// `without_returning`).
+    returning: bool,
     purge: PurgeConfig,
     probe: Probe,
-    /// Set once the table is known to be there (and the purge started).
-    ready: OnceCell<()>,
+    /// Set once the table is known to be there (and the purge started): what the server
+    /// offers.
+    ready: OnceCell<Server>,
     /// Dropped with the last clone: the background purge ends.
     stop_purge: Mutex<Option<oneshot::Sender<()>>>,
 }
@@ -307,6 +317,7 @@ impl MySqlStore {
             connection_timeout: DEFAULT_CONNECTION_TIMEOUT,
             max_connections: DEFAULT_MAX_CONNECTIONS,
             create_table: true,
+            returning: true,
             purge: PurgeConfig {
                 interval: Some(DEFAULT_PURGE_INTERVAL),
                 batch: DEFAULT_PURGE_BATCH,
@@ -377,8 +388,10 @@ impl MySqlStore {
     /// and the key's mark are never split. The row stays locked until the transaction ends, so
     /// another consumer's claim of the key waits for it. The deadline of the store's calls
     /// applies; a call that timed out leaves the transaction in an unknown state: roll it back.
-    /// Statements run on the caller's connection: a session variable `@stream_dedup_expires`
-    /// stays set on it.
+    /// It is one prepared statement (an `INSERT … ON DUPLICATE KEY UPDATE` of the key's row),
+    /// one round trip, on the caller's connection, prepared once and kept in that connection's
+    /// statement cache. It tells a refusal by `LAST_INSERT_ID(1)`: after an answer `false`,
+    /// the session's `LAST_INSERT_ID()` is 1; after `true` it is unchanged.
     ///
     /// # Errors
     ///
@@ -428,16 +441,28 @@ impl MySqlStore {
         }
         let inner = &self.inner;
         inner.ready().await?;
-        let sql = inner.sql.commit(&[(token, vec![key])], ttl);
+        let token = token.to_bytes();
+        let us = i64::try_from(sql::micros(ttl)).unwrap_or(i64::MAX);
+        let statement = sqlx::query(inner.sql.commit_one())
+            .bind(inner.namespace.as_bytes())
+            .bind(key)
+            .bind(&token[..])
+            .bind(us)
+            .bind(&token[..])
+            .bind(&token[..])
+            .bind(&token[..])
+            .bind(&token[..])
+            .bind(us);
         let timeout = inner.timeout;
-        let refused = within(timeout, async {
+        let done = within(timeout, async {
             (&mut *conn)
-                .fetch_all(sqlx::raw_sql(&sql))
+                .execute(statement)
                 .await
                 .map_err(|e| map_error(OP, e, timeout))
         })
         .await?;
-        Ok(refused.is_empty())
+        // The insert id is 1 only when the statement refused the key (`LAST_INSERT_ID(1)`).
+        Ok(done.last_insert_id() == 0)
     }
 }
 

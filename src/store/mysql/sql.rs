@@ -1,13 +1,14 @@
 //! The SQL the MySQL store sends. Inserts and claims (the hot path) are prepared statements
 //! of a few fixed sizes, their keys sent as parameters (the binary protocol: the server parses
-//! no key). Commits, releases and removals put every statement of a call in one string (one
-//! round trip through the text protocol), with keys, tokens and the namespace as hexadecimal
-//! literals, so nothing of the data is ever parsed as SQL.
+//! no key); so is `commit_in`. Commits, releases and removals put every statement of a call
+//! in one string (one round trip through the text protocol), with keys, tokens and the
+//! namespace as hexadecimal literals, so nothing of the data is ever parsed as SQL.
 //!
 //! Only syntax that MySQL 8 and MariaDB 10.5+ both accept: `X'…'` literals,
 //! `UTC_TIMESTAMP(6) + INTERVAL n MICROSECOND`, `INSERT … ON DUPLICATE KEY UPDATE` without
 //! `VALUES()` (deprecated in MySQL 8.0.20) nor a row alias (not in MariaDB), `IF()`,
-//! `SELECT … FOR UPDATE`, `DELETE … LIMIT`.
+//! `LAST_INSERT_ID(expr)`, `SELECT … FOR UPDATE`, `DELETE … LIMIT`; and, sent only to MariaDB
+//! 10.5+, `INSERT … RETURNING` ([`Sql::record_returning`]).
 
 use std::collections::HashMap;
 use std::fmt::Write as _;
@@ -105,6 +106,8 @@ pub(super) struct Sql {
     namespace: Box<str>,
     /// The prepared statements' text, per kind and size, built once.
     shapes: Arc<Mutex<Shapes>>,
+    /// The statement of `commit_in` (see [`Sql::commit_one`]).
+    commit_one: Arc<str>,
 }
 
 /// What a row becomes when a batch records it: done (insert) or in flight (claim).
@@ -130,6 +133,7 @@ impl Record {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 enum Kind {
     Insert(Record),
+    Returning(Record),
     Select(Record),
 }
 
@@ -158,6 +162,7 @@ impl Sql {
             table: table.quoted.clone(),
             namespace: ns.into(),
             shapes: Arc::default(),
+            commit_one: commit_one(&table.quoted).into(),
         }
     }
 
@@ -188,36 +193,56 @@ impl Sql {
     /// are taken in key order, so two batches never deadlock on each other); a chunk shorter
     /// than its shape repeats its last key, which changes nothing.
     pub(super) fn record_insert(&self, record: Record, n: usize) -> Arc<str> {
-        self.shape(Kind::Insert(record), n, || {
-            let done = record.done();
-            let mut sql = format!(
-                "INSERT INTO {} (namespace, k, token, done, expires_at) VALUES ",
-                self.table
-            );
-            let row = format!("(?, ?, ?, {done}, {NOW} + INTERVAL ? MICROSECOND)");
-            sql.reserve(n * (row.len() + 1) + 256);
-            for i in 0..n {
-                if i > 0 {
-                    sql.push(',');
-                }
-                sql.push_str(&row);
-            }
-            // A row is taken only when expired; the conditions read `expires_at`, written
-            // last, so the assignments agree whether MariaDB evaluates them in order or
-            // simultaneously. A live row that is not this request's (another token, or the
-            // other state) is left as it is, and sets `LAST_INSERT_ID(1)`: the statement's
-            // reply then carries 1 as its insert id (0 when no row did), and only then are the
-            // rows read back.
+        self.shape(Kind::Insert(record), n, || self.upsert(record, n))
+    }
+
+    /// [`record_insert`](Sql::record_insert) that also answers, in the same round trip, for
+    /// each of its `n` rows (`RETURNING`, MariaDB 10.5+): the key when its row is another
+    /// request's after the statement (another token, or the other state), `NULL` when it is
+    /// this request's; and `done`. One more parameter after those of `record_insert`: the
+    /// token.
+    pub(super) fn record_returning(&self, record: Record, n: usize) -> Arc<str> {
+        self.shape(Kind::Returning(record), n, || {
+            let mut sql = self.upsert(record, n);
             let _ = write!(
                 sql,
-                " ON DUPLICATE KEY UPDATE \
-                 token = IF(expires_at <= {NOW}, ?, token), \
-                 done = IF(expires_at <= {NOW}, {done}, \
-                 IF(token = ? AND done = {done}, done, done + 0 * LAST_INSERT_ID(1))), \
-                 expires_at = IF(expires_at <= {NOW}, {NOW} + INTERVAL ? MICROSECOND, expires_at)"
+                " RETURNING IF(token = ? AND done = {}, NULL, k), done",
+                record.done()
             );
             sql
         })
+    }
+
+    /// The text of [`record_insert`](Sql::record_insert).
+    fn upsert(&self, record: Record, n: usize) -> String {
+        let done = record.done();
+        let mut sql = format!(
+            "INSERT INTO {} (namespace, k, token, done, expires_at) VALUES ",
+            self.table
+        );
+        let row = format!("(?, ?, ?, {done}, {NOW} + INTERVAL ? MICROSECOND)");
+        sql.reserve(n * (row.len() + 1) + 256);
+        for i in 0..n {
+            if i > 0 {
+                sql.push(',');
+            }
+            sql.push_str(&row);
+        }
+        // A row is taken only when expired; the conditions read `expires_at`, written
+        // last, so the assignments agree whether MariaDB evaluates them in order or
+        // simultaneously. A live row that is not this request's (another token, or the
+        // other state) is left as it is, and sets `LAST_INSERT_ID(1)`: the statement's
+        // reply then carries 1 as its insert id (0 when no row did), and only then are the
+        // rows read back (or, with `RETURNING`, the rows it answers are read).
+        let _ = write!(
+            sql,
+            " ON DUPLICATE KEY UPDATE \
+             token = IF(expires_at <= {NOW}, ?, token), \
+             done = IF(expires_at <= {NOW}, {done}, \
+             IF(token = ? AND done = {done}, done, done + 0 * LAST_INSERT_ID(1))), \
+             expires_at = IF(expires_at <= {NOW}, {NOW} + INTERVAL ? MICROSECOND, expires_at)"
+        );
+        sql
     }
 
     /// Reads back the rows of a chunk of `n` keys after an upsert that flagged a live row of
@@ -237,6 +262,18 @@ impl Sql {
             sql.push(')');
             sql
         })
+    }
+
+    /// Marks one key done for a ttl (`commit_in`, in the caller's transaction): one prepared
+    /// statement, `INSERT … ON DUPLICATE KEY UPDATE`. Parameters: the namespace, the key, the
+    /// token, the µs of the ttl, then the token four times and the µs again. A row held by
+    /// the token (in flight or done), a row that expired, or no row at all becomes `(token,
+    /// done, now + ttl)`; a live row of another token is left as it is and sets
+    /// `LAST_INSERT_ID(1)`: the reply's insert id is 1 when the key was refused, 0 when it was
+    /// marked (the table has no `AUTO_INCREMENT` column, so an insert id is only ever one that
+    /// this statement set).
+    pub(super) fn commit_one(&self) -> &str {
+        &self.commit_one
     }
 
     /// The statement of `kind` for `n` keys, built once.
@@ -374,6 +411,23 @@ impl Sql {
     }
 }
 
+/// The text of [`Sql::commit_one`] for the quoted `table`.
+fn commit_one(table: &str) -> String {
+    // `done` first (its condition reads the old token and expiry), then `token` (its own old
+    // value and the old expiry), then `expires_at`: whether MariaDB evaluates the assignments
+    // in order or simultaneously, each condition is "held by this token, or expired". Only
+    // the refusal calls `LAST_INSERT_ID(1)` (`IF` evaluates the branch it takes only).
+    let mine = format!("token = ? OR expires_at <= {NOW}");
+    format!(
+        "INSERT INTO {table} (namespace, k, token, done, expires_at) \
+         VALUES (?, ?, ?, 1, {NOW} + INTERVAL ? MICROSECOND) \
+         ON DUPLICATE KEY UPDATE \
+         done = IF({mine}, 1, done + 0 * LAST_INSERT_ID(1)), \
+         token = IF({mine}, ?, token), \
+         expires_at = IF({mine}, {NOW} + INTERVAL ? MICROSECOND, expires_at)"
+    )
+}
+
 /// `(X'…', X'…', …)`.
 fn push_list(sql: &mut String, keys: &[&[u8]]) {
     sql.push('(');
@@ -448,6 +502,12 @@ mod tests {
         assert_eq!(s.matches('?').count(), 2 * 4 + 3);
         assert!(s.contains("LAST_INSERT_ID(1)"), "{s}");
         assert!(Arc::ptr_eq(&s, &sql.record_insert(Record::InFlight, 2)));
+        let r = sql.record_returning(Record::InFlight, 2);
+        assert!(r.starts_with(&*s), "{r}");
+        assert!(
+            r.ends_with(" RETURNING IF(token = ? AND done = 0, NULL, k), done"),
+            "{r}"
+        );
         let s = sql.record_select(Record::Done, 3);
         assert!(
             s.starts_with("SELECT k, done, token = ? AND done = 1 FROM `t`"),
@@ -461,6 +521,10 @@ mod tests {
         );
         assert!(s.contains("k IN (X'61',X'')"), "{s}");
         assert!(s.contains("INTERVAL 1000000 MICROSECOND"), "{s}");
+        let s = sql.commit_one();
+        assert!(s.starts_with("INSERT INTO `t` (namespace, k, token, done, expires_at) VALUES (?, ?, ?, 1, UTC_TIMESTAMP(6) + INTERVAL ? MICROSECOND) ON DUPLICATE KEY UPDATE done = IF(token = ? OR "), "{s}");
+        assert_eq!(s.matches('?').count(), 9);
+        assert_eq!(s.matches("LAST_INSERT_ID(1)").count(), 1);
         let s = sql.release(&[(token, keys.to_vec())], true);
         assert!(s.contains("DELETE FROM `t` WHERE namespace = X'6e73' AND token = X'"));
         assert_eq!(
