@@ -109,8 +109,8 @@
 //! | `redis-tls` | `rediss://` URLs for `store::RedisStore`: redis-rs's rustls support with the ring provider and the system's root certificates; implies `redis` | no |
 //! | `postgres` | `store::PostgresStore`: a store in a PostgreSQL table, for consumers whose business data lives there (sqlx 0.8, tokio); sqlx re-exported as `stream_dedup::sqlx` | no |
 //! | `mysql` | `store::MySqlStore`: a store in a MySQL 8 / MariaDB table, for consumers whose business data lives there (sqlx 0.8, tokio); sqlx re-exported as `stream_dedup::sqlx` | no |
-//! | `testing` | [`testing`]: the store conformance suite ([`store_suite!`](crate::store_suite), [`claim_suite!`](crate::claim_suite)), to prove a store of your own | no |
-//! | `trace` | [`trace`]: `record_trace` / `TraceWriter`, to record `elapsed_ms,key` lines from a live stream for the window sweep (`window-sweep`, a tool of this repository's workspace); no extra dependency | no |
+//! | `testing` | `stream_dedup::testing`: the store conformance suite (`store_suite!`, `claim_suite!`), to prove a store of your own | no |
+//! | `trace` | `stream_dedup::trace`: `record_trace` / `TraceWriter`, to record `elapsed_ms,key` lines from a live stream for the window sweep (`window-sweep`, a tool of this repository's workspace); no extra dependency | no |
 //! | `embedded` | `store::EmbeddedStore`: a store in a local directory that survives restarts (fjall; needs Rust 1.90) | no |
 //!
 //! # Minimum supported Rust version

@@ -135,10 +135,12 @@ impl MySqlStoreBuilder {
         self
     }
 
-    /// Batches recorded as on MySQL, whatever the server: the upsert, then the read-back when
-    /// it met a key of another request (for the tests of that path on MariaDB).
+    /// Records batches as on MySQL 8, whatever the server: the upsert, then a read-back when it
+    /// met a key of another request. On MariaDB 10.5 and later the store otherwise has the
+    /// upsert answer for every key itself (`RETURNING`); this switch lets a test suite run the
+    /// MySQL path on MariaDB. Feature `testing`.
     #[cfg(feature = "testing")]
-    #[doc(hidden)]
+    #[cfg_attr(docsrs, doc(cfg(feature = "testing")))]
     pub fn without_returning(mut self) -> Self {
         self.returning = false;
         self
