@@ -5,8 +5,8 @@
 //! 4,000 claims at once (what the operator reads ahead: `batch_size` 1,000 × `max_in_flight`
 //! 4); each handler holds its claim for `hold` (a `tokio::time::sleep`: a few ms of I/O, or
 //! none), then commits. The lease is 1 s (keep-alive makes a round every ~333 ms and renews
-//! the claims due then: those with no more than two thirds of their lease left, i.e. held for
-//! a third of it), or 300 ms (a round every 100 ms) as a harsher case. Every iteration runs in
+//! the claims due then: those held, since their claim or last renewal, for a quarter of the
+//! lease), or 300 ms (a round every 100 ms) as a harsher case. Every iteration runs in
 //! a fresh namespace and deletes its keys afterwards,
 //! outside the timing.
 //!

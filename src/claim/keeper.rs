@@ -1,5 +1,5 @@
 //! Keep-alive: a background task per claim operator renews the leases of its open claims every
-//! third of the lease (those held for a third of it or more: the others are not due yet), and
+//! third of the lease (those held for a quarter of it or more: the others are not due yet), and
 //! beats a [`Heartbeat`] on each round.
 
 use std::future::Future;

@@ -196,10 +196,11 @@ impl Window {
     }
 
     /// With `true` (the default), the leases of open claims are renewed in the background:
-    /// a round every third of the lease renews the claims held for a third of it or more (a
-    /// claim younger than that is not sent: it has more than a third of its lease left at the
-    /// next round), checked against each claim's token (batched calls to the store, if there
-    /// is one); for [`claim_by_key`](crate::DedupStreamExt::claim_by_key) only.
+    /// a round every third of the lease renews the claims held (since their claim or last
+    /// renewal) for a quarter of it or more — a younger claim is renewed at the next round,
+    /// with well over a third of its lease left then — checked against each claim's token
+    /// (batched calls to the store, if there is one); for
+    /// [`claim_by_key`](crate::DedupStreamExt::claim_by_key) only.
     ///
     /// So the [`lease`](Window::lease) can be a few seconds while a handler runs for minutes:
     /// a live consumer's claims stay in flight for as long as they are open, and a dead
