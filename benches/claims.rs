@@ -6,9 +6,11 @@
 //! 4); each handler holds its claim for `hold` (a `tokio::time::sleep`: a few ms of I/O, or
 //! none), then commits. The lease is 1 s (keep-alive makes a round every ~333 ms and renews
 //! the claims due then: those held, since their claim or last renewal, for a quarter of the
-//! lease), or 300 ms (a round every 100 ms) as a harsher case. Every iteration runs in
-//! a fresh namespace and deletes its keys afterwards,
-//! outside the timing.
+//! lease), or 300 ms (a round every 100 ms) as a harsher case. With handlers of 5 ms no claim
+//! is due (it is committed long before a quarter of its lease), so the last case holds each
+//! claim 50 ms with a 150 ms lease: every claim is renewed, about once, and the ratio is what
+//! the renewals that are needed cost. Every iteration runs in a fresh namespace and deletes
+//! its keys afterwards, outside the timing.
 //!
 //! - `keep_alive=off hold=H lease=L`: the plain alternative, the lease alone.
 //! - `keep_alive=on hold=H lease=L`: the same with keep-alive.
@@ -98,11 +100,13 @@ async fn clean(conn: &mut MultiplexedConnection, namespace: &str, keys: &[String
     }
 }
 
-/// The cases: (hold, lease).
-const CASES: [(Duration, Duration); 3] = [
+/// The cases: (hold, lease). The last holds every claim past a quarter of its lease, so that
+/// keep-alive renews each (about once): what the renewals that are needed cost.
+const CASES: [(Duration, Duration); 4] = [
     (Duration::ZERO, Duration::from_secs(1)),
     (Duration::from_millis(5), Duration::from_secs(1)),
     (Duration::from_millis(5), Duration::from_millis(300)),
+    (Duration::from_millis(50), Duration::from_millis(150)),
 ];
 
 /// What one iteration took, and what keep-alive did in it.
