@@ -19,8 +19,9 @@
 //! between them (other builds on a shared VM moved one function by 1.8× between two runs). So
 //! the bench first measures each case **interleaved**: off, on, off, on, … on the same workload
 //! (`STREAM_DEDUP_BENCH_PAIRS` pairs, 8 by default, after one pair of warm-up; `0` skips it),
-//! and prints the median of each side, their ratio (on / off, in keys/s) and the leases
-//! renewed per iteration, so that a keep-alive that got cheaper by renewing nothing shows.
+//! and prints the median of each side, their ratio (on / off, in keys/s), the lowest and
+//! highest ratio of a pair (the noise) and the leases renewed per iteration, so that a
+//! keep-alive that got cheaper by renewing nothing shows.
 //!
 //! ```text
 //! STREAM_DEDUP_REDIS_URL=redis://127.0.0.1:6379 cargo bench --features redis --bench claims
@@ -187,8 +188,10 @@ fn interleaved(
         return;
     }
     eprintln!("claims, interleaved (off, on, off, on, …), {pairs} pairs per case:");
-    eprintln!("| case | off | on | on / off | renewed per iteration (on) | lost |");
-    eprintln!("|---|---:|---:|---:|---:|---:|");
+    eprintln!(
+        "| case | off | on | on / off | pairs' on / off, lowest–highest | renewed per iteration (on) | lost |"
+    );
+    eprintln!("|---|---:|---:|---:|---:|---:|---:|");
     for (hold, lease) in CASES {
         let (mut off, mut on, mut renewed, mut lost) = (Vec::new(), Vec::new(), Vec::new(), 0);
         for pair in 0..=pairs {
@@ -202,12 +205,15 @@ fn interleaved(
             renewed.push(b.renewed as f64);
             lost += b.lost;
         }
+        let ratios: Vec<f64> = off.iter().zip(&on).map(|(a, b)| b / a).collect();
         let (off, on) = (median(off), median(on));
         eprintln!(
-            "| hold {hold:?}, lease {lease:?} | {:.1}k/s | {:.1}k/s | {:.0}% | {:.0} (median; {:.0}–{:.0}) | {lost} |",
+            "| hold {hold:?}, lease {lease:?} | {:.1}k/s | {:.1}k/s | {:.0}% | {:.0}–{:.0}% | {:.0} (median; {:.0}–{:.0}) | {lost} |",
             off / 1e3,
             on / 1e3,
             100.0 * on / off,
+            100.0 * ratios.iter().copied().fold(f64::INFINITY, f64::min),
+            100.0 * ratios.iter().copied().fold(0.0, f64::max),
             median(renewed.clone()),
             renewed.iter().copied().fold(f64::INFINITY, f64::min),
             renewed.iter().copied().fold(0.0, f64::max),
