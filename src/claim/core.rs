@@ -380,15 +380,11 @@ impl<K: Hash + Eq> ClaimCore<K> {
     /// run out, it is lost: freed here, so that its claim knows and its commit fails.
     pub(super) async fn renew_open_claims(&self) {
         let now = Instant::now();
-        // Due: a key held (claimed, or last renewed) for a quarter of its lease or more, i.e.
-        // with no more than three quarters of it left here. Rounds come every third of the
-        // lease: a key skipped now is due at the next round, with more than five twelfths of
-        // its lease left then; a key renewed at the last round is due again at this one (a
-        // twelfth of the lease of slack for late rounds). So a key claimed a moment ago (with
-        // handlers of a few ms, nearly all of them) costs no renewal, and one held longer is
-        // renewed every round as before. Also due: a key whose lease ran out here (the store
-        // was unreachable for a lease): if nobody took it meanwhile, it is renewed and stays
-        // ours. Only the due keys are copied under the lock.
+        // Due: a key held (since its claim or last renewal) for a quarter of its lease or more.
+        // Rounds come every third of the lease: a key skipped now is renewed at the next round,
+        // with over five twelfths of its lease left; one renewed at the last round is due again
+        // (a twelfth of slack for late rounds). A key whose lease ran out here (the store was
+        // unreachable) is due too: if nobody took it, it stays ours. Only due keys are copied.
         let due = now.checked_add(self.lease - self.lease / 4);
         let open: Vec<(K, Token)> = self
             .lock()
