@@ -39,7 +39,7 @@ pub(super) fn spawn(runtime: &tokio::runtime::Handle, core: Weak<dyn Renew>, lea
 }
 
 /// The beat of a claim operator's keep-alive: [`tick`](Heartbeat::tick) returns after each
-/// round that renewed the leases of its open claims (every third of the lease), so that a
+/// round of keep-alive, every third of the lease (whether or not a claim was due), so that a
 /// consumer extends its broker's ack deadline on the same beat (JetStream's
 /// `AckKind::Progress`, SQS's visibility timeout). From [`Claim::heartbeat`](crate::Claim::heartbeat).
 ///
