@@ -4,13 +4,25 @@
 //! Workload: 100,000 distinct 36-byte keys (UUID-shaped, seeded). A consumer settles up to
 //! 4,000 claims at once (what the operator reads ahead: `batch_size` 1,000 × `max_in_flight`
 //! 4); each handler holds its claim for `hold` (a `tokio::time::sleep`: a few ms of I/O, or
-//! none), then commits. The lease is 1 s (keep-alive renews every open claim's lease every
-//! ~333 ms, in one batched store call per round), or 300 ms (a round every 100 ms) as a
-//! harsher case. Every iteration runs in a fresh namespace and deletes its keys afterwards,
-//! outside the timing.
+//! none), then commits. The lease is 1 s (keep-alive makes a round every ~333 ms and renews
+//! the claims due then: those held, since their claim or last renewal, for a quarter of the
+//! lease), or 300 ms (a round every 100 ms) as a harsher case. With handlers of 5 ms no claim
+//! is due (it is committed long before a quarter of its lease), so the last case holds each
+//! claim 50 ms with a 150 ms lease: every claim is renewed, about once, and the ratio is what
+//! the renewals that are needed cost. Every iteration runs in a fresh namespace and deletes
+//! its keys afterwards, outside the timing.
 //!
 //! - `keep_alive=off hold=H lease=L`: the plain alternative, the lease alone.
 //! - `keep_alive=on hold=H lease=L`: the same with keep-alive.
+//!
+//! Criterion measures each function on its own, one after the other, and the machine drifts
+//! between them (other builds on a shared VM moved one function by 1.8× between two runs). So
+//! the bench first measures each case **interleaved**: off, on, off, on, … on the same workload
+//! (`STREAM_DEDUP_BENCH_PAIRS` pairs, 8 by default, after one pair of warm-up; `0` skips it),
+//! and prints the median of each side and their ratio (on / off, in keys/s), the median of
+//! the pairs' ratios (each pair run back to back: the least touched by drift) with the lowest
+//! and highest (the noise), and the leases renewed per iteration, so that a keep-alive that
+//! got cheaper by renewing nothing shows.
 //!
 //! ```text
 //! STREAM_DEDUP_REDIS_URL=redis://127.0.0.1:6379 cargo bench --features redis --bench claims
@@ -90,6 +102,127 @@ async fn clean(conn: &mut MultiplexedConnection, namespace: &str, keys: &[String
     }
 }
 
+/// The cases: (hold, lease). The last holds every claim past a quarter of its lease, so that
+/// keep-alive renews each (about once): what the renewals that are needed cost.
+const CASES: [(Duration, Duration); 4] = [
+    (Duration::ZERO, Duration::from_secs(1)),
+    (Duration::from_millis(5), Duration::from_secs(1)),
+    (Duration::from_millis(5), Duration::from_millis(300)),
+    (Duration::from_millis(50), Duration::from_millis(150)),
+];
+
+/// What one iteration took, and what keep-alive did in it.
+struct Run {
+    elapsed: Duration,
+    renewed: u64,
+    lost: u64,
+}
+
+/// One iteration: every key claimed, held for `hold`, committed; in a fresh namespace, whose
+/// keys are deleted afterwards (outside the timing).
+async fn run_once(
+    url: &str,
+    keys: &[String],
+    raw: &MultiplexedConnection,
+    hold: Duration,
+    lease: Duration,
+    keep_alive: bool,
+) -> Run {
+    let ns = namespace();
+    let store = RedisStore::connect(url, &ns).await.unwrap();
+    let window = Window::max_keys(1_000)
+        .ttl(TTL)
+        .lease(lease)
+        .keep_alive(keep_alive)
+        .store(store)
+        .batch_size(1_000)
+        .max_in_flight(4)
+        .timeout(Duration::from_secs(10));
+    let start = Instant::now();
+    let claims = futures::stream::iter(keys.iter().cloned()).claim_by_key(|k| k.clone(), window);
+    let stats = claims.stats();
+    let committed = claims
+        .map(|claim| async move {
+            if !hold.is_zero() {
+                tokio::time::sleep(hold).await;
+            }
+            claim.commit().await.expect("commit")
+        })
+        .buffer_unordered(CONCURRENCY)
+        .count()
+        .await;
+    let elapsed = start.elapsed();
+    assert_eq!(committed, KEYS);
+    if !keep_alive {
+        assert_eq!(stats.renewed(), 0);
+    }
+    clean(&mut raw.clone(), &ns, keys).await;
+    Run {
+        elapsed,
+        renewed: stats.renewed(),
+        lost: stats.leases_lost(),
+    }
+}
+
+fn median(mut xs: Vec<f64>) -> f64 {
+    xs.sort_by(f64::total_cmp);
+    let n = xs.len();
+    if n % 2 == 1 {
+        xs[n / 2]
+    } else {
+        (xs[n / 2 - 1] + xs[n / 2]) / 2.0
+    }
+}
+
+/// Each case off and on in turn, `pairs` times after a warm-up pair: medians, ratio, renewals.
+fn interleaved(
+    rt: &tokio::runtime::Runtime,
+    url: &str,
+    keys: &[String],
+    raw: &MultiplexedConnection,
+) {
+    let pairs: usize = std::env::var("STREAM_DEDUP_BENCH_PAIRS")
+        .ok()
+        .and_then(|p| p.parse().ok())
+        .unwrap_or(8);
+    if pairs == 0 {
+        return;
+    }
+    eprintln!("claims, interleaved (off, on, off, on, …), {pairs} pairs per case:");
+    eprintln!(
+        "| case | off | on | on / off | pairs' on / off: median, lowest–highest | renewed per iteration (on) | lost |"
+    );
+    eprintln!("|---|---:|---:|---:|---:|---:|---:|");
+    for (hold, lease) in CASES {
+        let (mut off, mut on, mut renewed, mut lost) = (Vec::new(), Vec::new(), Vec::new(), 0);
+        for pair in 0..=pairs {
+            let a = rt.block_on(run_once(url, keys, raw, hold, lease, false));
+            let b = rt.block_on(run_once(url, keys, raw, hold, lease, true));
+            if pair == 0 {
+                continue; // warm-up
+            }
+            off.push(KEYS as f64 / a.elapsed.as_secs_f64());
+            on.push(KEYS as f64 / b.elapsed.as_secs_f64());
+            renewed.push(b.renewed as f64);
+            lost += b.lost;
+        }
+        let ratios: Vec<f64> = off.iter().zip(&on).map(|(a, b)| b / a).collect();
+        let (off, on) = (median(off), median(on));
+        eprintln!(
+            "| hold {hold:?}, lease {lease:?} | {:.1}k/s | {:.1}k/s | {:.0}% | {:.0}%, {:.0}–{:.0}% | {:.0} (median; {:.0}–{:.0}) | {lost} |",
+            off / 1e3,
+            on / 1e3,
+            100.0 * on / off,
+            100.0 * median(ratios.clone()),
+            100.0 * ratios.iter().copied().fold(f64::INFINITY, f64::min),
+            100.0 * ratios.iter().copied().fold(0.0, f64::max),
+            median(renewed.clone()),
+            renewed.iter().copied().fold(f64::INFINITY, f64::min),
+            renewed.iter().copied().fold(0.0, f64::max),
+        );
+    }
+}
+
 fn bench(c: &mut Criterion) {
     let Ok(url) = std::env::var("STREAM_DEDUP_REDIS_URL") else {
         eprintln!("skipped: the claims benches (STREAM_DEDUP_REDIS_URL is not set)");
@@ -105,15 +238,12 @@ fn bench(c: &mut Criterion) {
         .block_on(client.get_multiplexed_async_connection())
         .unwrap();
 
+    interleaved(&rt, &url, &keys, &raw);
+
     let mut group = c.benchmark_group("claims");
     group.sample_size(10);
     group.throughput(Throughput::Elements(KEYS as u64));
-    let cases = [
-        (Duration::ZERO, Duration::from_secs(1)),
-        (Duration::from_millis(5), Duration::from_secs(1)),
-        (Duration::from_millis(5), Duration::from_millis(300)),
-    ];
-    for (hold, lease) in cases {
+    for (hold, lease) in CASES {
         // Off and on one after the other, so that the machine's drift touches both alike.
         for keep_alive in [false, true] {
             let name = format!(
@@ -126,38 +256,10 @@ fn bench(c: &mut Criterion) {
                     rt.block_on(async {
                         let mut total = Duration::ZERO;
                         for _ in 0..iters {
-                            let ns = namespace();
-                            let store = RedisStore::connect(&url, &ns).await.unwrap();
-                            let window = Window::max_keys(1_000)
-                                .ttl(TTL)
-                                .lease(lease)
-                                .keep_alive(keep_alive)
-                                .store(store)
-                                .batch_size(1_000)
-                                .max_in_flight(4)
-                                .timeout(Duration::from_secs(10));
-                            let start = Instant::now();
-                            let claims = futures::stream::iter(keys.iter().cloned())
-                                .claim_by_key(|k| k.clone(), window);
-                            let stats = claims.stats();
-                            let committed = claims
-                                .map(|claim| async move {
-                                    if !hold.is_zero() {
-                                        tokio::time::sleep(hold).await;
-                                    }
-                                    claim.commit().await.expect("commit")
-                                })
-                                .buffer_unordered(CONCURRENCY)
-                                .count()
-                                .await;
-                            total += start.elapsed();
-                            assert_eq!(committed, KEYS);
-                            if !keep_alive {
-                                assert_eq!(stats.renewed(), 0);
-                            }
-                            renewed.store(stats.renewed(), Ordering::Relaxed);
-                            lost.store(stats.leases_lost(), Ordering::Relaxed);
-                            clean(&mut raw.clone(), &ns, &keys).await;
+                            let run = run_once(&url, &keys, &raw, hold, lease, keep_alive).await;
+                            total += run.elapsed;
+                            renewed.store(run.renewed, Ordering::Relaxed);
+                            lost.store(run.lost, Ordering::Relaxed);
                         }
                         total
                     })

@@ -220,3 +220,47 @@ async fn a_commit_that_beats_a_renewal_is_not_a_lost_lease() {
     claim.commit().await.expect("the commit succeeds");
     assert_eq!(stats.leases_lost(), 0);
 }
+
+/// A round renews only the claims that are due: held (since their claim or last renewal) for a
+/// quarter of the lease or more. A claim a moment old waits for the next round; claims held for
+/// many leases are renewed every round, stay ours, and another consumer's copies are held back.
+#[tokio::test(start_paused = true)]
+async fn a_round_renews_only_the_claims_that_are_due() {
+    let store = MemoryStore::new();
+    let (tx, rx) = mpsc::unbounded_channel();
+    let mut claims = UnboundedReceiverStream::new(rx)
+        .claim_by_key(|k: &u32| *k, window(true).store(store.clone()));
+    let stats = claims.stats();
+    tx.send(1).unwrap();
+    let old = claims.next().await.expect("claimed");
+    let mut beat = old.heartbeat();
+    // A tenth of a second before the first round (a third of the lease in).
+    tokio::time::sleep(LEASE / 3 - Duration::from_millis(100)).await;
+    tx.send(2).unwrap();
+    let young = claims.next().await.expect("claimed");
+    assert_eq!(beat.tick().await, Some(()));
+    assert_eq!(
+        stats.renewed(),
+        1,
+        "only the claim held for a third of its lease"
+    );
+    assert_eq!(beat.tick().await, Some(()));
+    assert_eq!(stats.renewed(), 3, "both are due at the second round");
+    // Three more leases: both renewed on every round.
+    for _ in 0..9 {
+        assert_eq!(beat.tick().await, Some(()));
+    }
+    assert_eq!(stats.renewed(), 3 + 2 * 9);
+    assert!(!old.is_lost() && !young.is_lost());
+    let mut held = 0;
+    let copies: Vec<_> = stream::iter([1u32, 2])
+        .claim_by_key(|k| *k, window(true).store(store.clone()))
+        .on_held_back(|_| held += 1)
+        .collect()
+        .await;
+    assert!(copies.is_empty(), "taken while their claims were open");
+    assert_eq!(held, 2);
+    old.commit().await.expect("still ours");
+    young.commit().await.expect("still ours");
+    assert_eq!(stats.leases_lost(), 0);
+}

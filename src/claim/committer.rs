@@ -88,20 +88,37 @@ impl<K> Committer<K> {
 
     /// Renews the leases of `open` claims in the store: per claim, whether it still holds its
     /// key. A key longer than the store takes was never sent there: renewed in memory alone.
-    /// A failure is logged (rate-limited).
+    ///
+    /// One call per [`MAX_BATCH`] keys, each sent once the previous one is answered: a store
+    /// that runs a call alone (a Redis script) serves the commits sent meanwhile between two
+    /// calls, instead of after all of them. A failure is logged (rate-limited); the answers of
+    /// the calls before it are kept (the round applies those, and the keys after them keep
+    /// their lease until the next round).
     pub(super) async fn renew(
         &self,
         open: &[(K, Token)],
         lease: Duration,
     ) -> Result<Vec<bool>, StoreError> {
-        let renewed = self.renew_in_store(open, lease).await;
-        match &renewed {
-            Ok(_) => self.log.answered(Kind::Renew),
-            Err(e) => self
-                .log
-                .claims_failed(Kind::Renew, open.len() as u64, Some(e)),
+        let mut answers = Vec::with_capacity(open.len());
+        for chunk in open.chunks(MAX_BATCH) {
+            match self.renew_in_store(chunk, lease).await {
+                Ok(renewed) => answers.extend(renewed),
+                Err(e) => {
+                    self.log.claims_failed(
+                        Kind::Renew,
+                        (open.len() - answers.len()) as u64,
+                        Some(&e),
+                    );
+                    return if answers.is_empty() {
+                        Err(e)
+                    } else {
+                        Ok(answers)
+                    };
+                }
+            }
         }
-        renewed
+        self.log.answered(Kind::Renew);
+        Ok(answers)
     }
 
     async fn renew_in_store(

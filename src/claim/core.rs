@@ -374,18 +374,23 @@ impl<K: Hash + Eq> ClaimCore<K> {
     }
 
     /// One round of keep-alive: renews the lease of every key this operator holds in flight
-    /// (open claims, and claims read ahead), in memory and in the store (one batched,
-    /// token-checked call). A key the store no longer renews keeps the rest of its lease here
+    /// (open claims, and claims read ahead) that is due, in memory and in the store (batched,
+    /// token-checked calls). A key the store no longer renews keeps the rest of its lease here
     /// (its commit may have raced the round); if the store still refuses it once that lease has
     /// run out, it is lost: freed here, so that its claim knows and its commit fails.
     pub(super) async fn renew_open_claims(&self) {
         let now = Instant::now();
-        // Every key this operator holds, also one whose lease ran out here (the store was
-        // unreachable for a lease): if nobody took it meanwhile, it is renewed and stays ours.
+        // Due: a key held (since its claim or last renewal) for a quarter of its lease or more.
+        // Rounds come every third of the lease: a key skipped now is renewed at the next round,
+        // with over five twelfths of its lease left; one renewed at the last round is due again
+        // (a twelfth of slack for late rounds). A key whose lease ran out here (the store was
+        // unreachable) is due too: if nobody took it, it stays ours. Only due keys are copied.
+        let due = now.checked_add(self.lease - self.lease / 4);
         let open: Vec<(K, Token)> = self
             .lock()
             .in_flight
             .iter()
+            .filter(|&(_, &(_, end))| due.is_none_or(|due| end <= due))
             .map(|(key, &(token, _))| ((self.clone_key)(key), token))
             .collect();
         if !open.is_empty() {

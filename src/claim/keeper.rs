@@ -1,5 +1,6 @@
 //! Keep-alive: a background task per claim operator renews the leases of its open claims every
-//! third of the lease, and beats a [`Heartbeat`] on each round.
+//! third of the lease (those held for a quarter of it or more: the others are not due yet), and
+//! beats a [`Heartbeat`] on each round.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -15,7 +16,7 @@ const MIN_EVERY: Duration = Duration::from_millis(1);
 /// What keep-alive renews: a claim operator's core, seen through this trait so that the
 /// keeper depends on nothing above it.
 pub(super) trait Renew: Send + Sync + 'static {
-    /// One round: renews every open claim's lease, then beats.
+    /// One round: renews the leases of the open claims that are due, then beats.
     fn renew_round(&self) -> Pin<Box<dyn Future<Output = ()> + Send + '_>>;
 }
 
@@ -38,7 +39,7 @@ pub(super) fn spawn(runtime: &tokio::runtime::Handle, core: Weak<dyn Renew>, lea
 }
 
 /// The beat of a claim operator's keep-alive: [`tick`](Heartbeat::tick) returns after each
-/// round that renewed the leases of its open claims (every third of the lease), so that a
+/// round of keep-alive, every third of the lease (whether or not a claim was due), so that a
 /// consumer extends its broker's ack deadline on the same beat (JetStream's
 /// `AckKind::Progress`, SQS's visibility timeout). From [`Claim::heartbeat`](crate::Claim::heartbeat).
 ///

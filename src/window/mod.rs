@@ -195,10 +195,12 @@ impl Window {
         self
     }
 
-    /// With `true` (the default), the leases of open claims are renewed in the background,
-    /// every third of the lease, checked against each claim's token (one batched call per round
-    /// to the store, if there is one); for [`claim_by_key`](crate::DedupStreamExt::claim_by_key)
-    /// only.
+    /// With `true` (the default), the leases of open claims are renewed in the background:
+    /// a round every third of the lease renews the claims held (since their claim or last
+    /// renewal) for a quarter of it or more — a younger claim is renewed at the next round,
+    /// with well over a third of its lease left then — checked against each claim's token
+    /// (batched calls to the store, if there is one); for
+    /// [`claim_by_key`](crate::DedupStreamExt::claim_by_key) only.
     ///
     /// So the [`lease`](Window::lease) can be a few seconds while a handler runs for minutes:
     /// a live consumer's claims stay in flight for as long as they are open, and a dead
