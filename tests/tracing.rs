@@ -638,9 +638,10 @@ async fn a_failed_mysql_purge_is_warned_about() {
     drop(store);
 }
 
-/// A store whose take-backs fail (everything else as `MemoryStore`).
+/// A store whose take-backs fail, or never answer with `hang` (everything else as
+/// `MemoryStore`).
 #[derive(Clone, Debug)]
-struct NoTakeBack(MemoryStore);
+struct NoTakeBack(MemoryStore, bool);
 
 impl stream_dedup::store::Store for NoTakeBack {
     fn insert(
@@ -658,7 +659,11 @@ impl stream_dedup::store::Store for NoTakeBack {
         &self,
         _: Vec<stream_dedup::store::HeldKey>,
     ) -> stream_dedup::store::StoreFuture<()> {
-        Box::pin(async {
+        let hang = self.1;
+        Box::pin(async move {
+            if hang {
+                std::future::pending::<()>().await;
+            }
             let refused = std::io::Error::from(std::io::ErrorKind::ConnectionRefused);
             Err(StoreError::Unavailable(Arc::new(refused)))
         })
@@ -673,7 +678,7 @@ async fn a_failed_take_back_is_warned_about() {
     let window = Window::max_keys(1_000)
         .ttl(TTL)
         .name("read-ahead")
-        .store(NoTakeBack(MemoryStore::new()));
+        .store(NoTakeBack(MemoryStore::new(), false));
     let mut unique = stream::iter((0..10).map(key)).dedup_by_key(|k| k.clone(), window);
     assert_eq!(unique.next().await, Some(key(0)));
     drop(unique);
@@ -693,4 +698,31 @@ async fn a_failed_take_back_is_warned_about() {
         "{warnings:#?}"
     );
     check_fields(&warnings, "read-ahead", "NoTakeBack");
+}
+
+/// A take-back that never answers is given up after its timeout (at least 5 s), and warned
+/// about as one that failed.
+#[tokio::test(start_paused = true)]
+async fn a_take_back_that_hangs_is_warned_about_when_given_up() {
+    let (capture, _guard) = capture();
+    let window = Window::max_keys(1_000)
+        .ttl(TTL)
+        .name("read-ahead")
+        .store(NoTakeBack(MemoryStore::new(), true));
+    let mut unique = stream::iter((0..10).map(key)).dedup_by_key(|k| k.clone(), window);
+    assert_eq!(unique.next().await, Some(key(0)));
+    drop(unique);
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    assert!(capture.at(Level::WARN).is_empty(), "not given up yet");
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let warnings = capture.at(Level::WARN);
+    assert_eq!(warnings.len(), 1, "{warnings:#?}");
+    assert_eq!(warnings[0].field("kind"), Some("take_back"));
+    assert_eq!(warnings[0].count("keys"), 9, "{warnings:#?}");
+    assert!(
+        warnings[0]
+            .field("error")
+            .is_some_and(|e| e.contains("did not answer within 5s")),
+        "{warnings:#?}"
+    );
 }
