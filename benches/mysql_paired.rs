@@ -9,8 +9,10 @@
 //! the end. Prints one line per measurement:
 //!
 //! - `tx`: 3,000 transactions, each `BEGIN`, an effect row (`INSERT` into a table with an
-//!   `AUTO_INCREMENT` key), `COMMIT`; every second one also marks its key (claimed beforehand)
-//!   done with `MySqlStore::commit_in`. Transactions per second of each kind.
+//!   `AUTO_INCREMENT` key), `COMMIT`; one in three also marks its key (claimed beforehand) done
+//!   with `MySqlStore::commit_in`, and one in three sends a `SELECT 1` instead: the least that
+//!   any statement added to the transaction costs (a round trip). Transactions per second of
+//!   each kind.
 //! - `batch`: 20,000 keys (36 bytes, 10% repeats of a key seen 1,000–11,000 keys earlier, as
 //!   in `benches/mysql.rs`) in batches of 1,000, each batch sent three times in turn:
 //!   `MySqlStore::insert` as it is, the same store answering as on MySQL (the upsert, then the
@@ -81,9 +83,9 @@ async fn transactions(pool: &MySqlPool, round: usize) {
     let claimed = store.claim(batch).await.expect("claim");
     assert!(claimed.iter().all(|c| *c == Claimed::Mine));
     let effect = format!("INSERT INTO {EFFECTS} (k, amount) VALUES (?, ?)");
-    let mut took = [Duration::ZERO; 2];
+    let mut took = [Duration::ZERO; 3];
     for (i, key) in keys.iter().enumerate() {
-        let with_commit_in = i % 2;
+        let kind = i % 3;
         let start = Instant::now();
         let mut tx = pool.begin().await.expect("begin");
         sqlx::query(&effect)
@@ -92,18 +94,29 @@ async fn transactions(pool: &MySqlPool, round: usize) {
             .execute(&mut *tx)
             .await
             .expect("effect");
-        if with_commit_in == 1 {
-            let held = store.commit_in(&mut tx, key, token, TTL).await;
-            assert!(held.expect("commit_in"));
+        match kind {
+            1 => {
+                let held = store.commit_in(&mut tx, key, token, TTL).await;
+                assert!(held.expect("commit_in"));
+            }
+            2 => {
+                sqlx::query("SELECT 1")
+                    .execute(&mut *tx)
+                    .await
+                    .expect("SELECT 1");
+            }
+            _ => {}
         }
         tx.commit().await.expect("commit");
-        took[with_commit_in] += start.elapsed();
+        took[kind] += start.elapsed();
     }
-    let tps = |d: Duration| (TRANSACTIONS / 2) as f64 / d.as_secs_f64();
-    let (alone, with) = (tps(took[0]), tps(took[1]));
+    let tps = |d: Duration| (TRANSACTIONS / 3) as f64 / d.as_secs_f64();
+    let (alone, with, trivial) = (tps(took[0]), tps(took[1]), tps(took[2]));
     println!(
-        "tx: effect alone {alone:.0} tx/s, effect + commit_in {with:.0} tx/s = {:.0}%",
-        100.0 * with / alone
+        "tx: effect alone {alone:.0} tx/s, effect + commit_in {with:.0} tx/s = {:.0}%, \
+         effect + SELECT 1 {trivial:.0} tx/s = {:.0}%",
+        100.0 * with / alone,
+        100.0 * trivial / alone
     );
 }
 

@@ -7,9 +7,11 @@
 //! On the server at `STREAM_DEDUP_POSTGRES_URL` (skipped with a message when it is unset), in
 //! tables of its own (`stream_dedup_paired`, `stream_dedup_paired_effects`), rows deleted at
 //! the end. Each round: 3,000 transactions, each `BEGIN`, an effect row (`INSERT` into a table
-//! with a `bigserial` key), `COMMIT`; every second one also marks its key (claimed beforehand)
-//! done with `PostgresStore::commit_in`, the statement `commit_with` sends. Prints
-//! transactions per second of each kind and their ratio, one line per round.
+//! with a `bigserial` key), `COMMIT`; one in three also marks its key (claimed beforehand) done
+//! with `PostgresStore::commit_in`, the statement `commit_with` sends, and one in three sends a
+//! `SELECT 1` instead: the least that any statement added to the transaction costs (a round
+//! trip). Prints transactions per second of each kind and their ratios to the effect alone, one
+//! line per round.
 //!
 //! `STREAM_DEDUP_POSTGRES_URL=postgres://postgres@127.0.0.1:5432/test cargo bench --features
 //! postgres --bench postgres_paired` (five rounds).
@@ -43,9 +45,9 @@ async fn round(pool: &PgPool, round: usize) -> f64 {
     let claimed = store.claim(batch).await.expect("claim");
     assert!(claimed.iter().all(|c| *c == Claimed::Mine));
     let effect = format!("INSERT INTO {EFFECTS} (k, amount) VALUES ($1, $2)");
-    let mut took = [Duration::ZERO; 2];
+    let mut took = [Duration::ZERO; 3];
     for (i, key) in keys.iter().enumerate() {
-        let with_commit_in = i % 2;
+        let kind = i % 3;
         let start = Instant::now();
         let mut tx = pool.begin().await.expect("begin");
         sqlx::query(&effect)
@@ -54,19 +56,30 @@ async fn round(pool: &PgPool, round: usize) -> f64 {
             .execute(&mut *tx)
             .await
             .expect("effect");
-        if with_commit_in == 1 {
-            let held = store.commit_in(&mut tx, key, token, TTL).await;
-            assert!(held.expect("commit_in"));
+        match kind {
+            1 => {
+                let held = store.commit_in(&mut tx, key, token, TTL).await;
+                assert!(held.expect("commit_in"));
+            }
+            2 => {
+                sqlx::query("SELECT 1")
+                    .execute(&mut *tx)
+                    .await
+                    .expect("SELECT 1");
+            }
+            _ => {}
         }
         tx.commit().await.expect("commit");
-        took[with_commit_in] += start.elapsed();
+        took[kind] += start.elapsed();
     }
-    let tps = |d: Duration| (TRANSACTIONS / 2) as f64 / d.as_secs_f64();
-    let (alone, with) = (tps(took[0]), tps(took[1]));
+    let tps = |d: Duration| (TRANSACTIONS / 3) as f64 / d.as_secs_f64();
+    let (alone, with, trivial) = (tps(took[0]), tps(took[1]), tps(took[2]));
     let ratio = with / alone;
     println!(
-        "tx: effect alone {alone:.0} tx/s, effect + commit_in {with:.0} tx/s = {:.0}%",
-        100.0 * ratio
+        "tx: effect alone {alone:.0} tx/s, effect + commit_in {with:.0} tx/s = {:.0}%, \
+         effect + SELECT 1 {trivial:.0} tx/s = {:.0}%",
+        100.0 * ratio,
+        100.0 * trivial / alone
     );
     ratio
 }
