@@ -435,6 +435,136 @@ async fn a_failing_effect_or_commit_releases_the_key() {
     assert_eq!(fx.key_rows().await, [true]);
 }
 
+/// The effects of several claims — of two windows, on two stores — written in one
+/// transaction and committed with `commit_all_with`: every key done with its effect, the items
+/// back in order, every redelivery a duplicate.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(not(server_postgres), ignore = "set STREAM_DEDUP_POSTGRES_URL")]
+async fn commit_all_with_commits_every_effect_and_key_together() {
+    let Some(url) = pg::url("commit_all_with_commits_every_effect_and_key_together") else {
+        return;
+    };
+    let fx = Scratch::new(&url, "eo-all").await;
+    let store = fx.store().await;
+    let pool = store.pool().clone();
+    let orders: Vec<String> = (1..=5).map(|i| format!("order-{i}")).collect();
+    let mut first =
+        pin!(stream::iter(orders.clone()).claim_by_key(|m: &String| m.clone(), window(store)));
+    let mut second = pin!(
+        stream::iter(["refund-1".to_owned()])
+            .claim_by_key(|m: &String| m.clone(), window(fx.store().await))
+    );
+    let stats = first.stats();
+    let mut claims = Vec::new();
+    for _ in 0..3 {
+        claims.push(next(&mut first).await);
+    }
+    claims.push(next(&mut second).await);
+    for _ in 0..2 {
+        claims.push(next(&mut first).await);
+    }
+    let mut tx = pool.begin().await.unwrap();
+    for claim in &claims {
+        write_effect(&mut tx, &fx.effects, claim, 1).await.unwrap();
+    }
+    let expected: Vec<String> = claims.iter().map(|c| (**c).clone()).collect();
+    let items = Claim::commit_all_with(claims, tx)
+        .await
+        .expect("commit_all_with");
+    assert_eq!(items, expected, "the items come back in order");
+    assert_eq!(fx.effects().await.len(), 6);
+    assert_eq!(
+        fx.key_rows().await,
+        [true; 6],
+        "every key is done in the table"
+    );
+    assert_eq!(stats.committed(), 5);
+
+    // Redelivered to another consumer: duplicates, all of them.
+    let mut all = orders;
+    all.push("refund-1".to_owned());
+    let other = stream::iter(all).claim_by_key(|m: &String| m.clone(), window(fx.store().await));
+    let other_stats = other.stats();
+    assert_eq!(other.count().await, 0);
+    assert_eq!(other_stats.duplicates(), 6);
+}
+
+/// One claim of three lost its lease and another consumer took its key: `commit_all_with`
+/// rolls every effect back, gives every item back, and releases the two other keys.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(not(server_postgres), ignore = "set STREAM_DEDUP_POSTGRES_URL")]
+async fn commit_all_with_rolls_every_effect_back_when_one_lease_is_lost() {
+    let Some(url) = pg::url("commit_all_with_rolls_every_effect_back_when_one_lease_is_lost")
+    else {
+        return;
+    };
+    let fx = Scratch::new(&url, "eo-all-lost").await;
+    let lease = Duration::from_millis(500);
+    let short = |store: PostgresStore| {
+        Window::max_keys(100)
+            .ttl(TTL)
+            .lease(lease)
+            .keep_alive(false)
+            .store(store)
+            .timeout(Duration::from_secs(5))
+    };
+    let store_a = fx.store().await;
+    let pool_a = store_a.pool().clone();
+    let orders: Vec<String> = (1..=3).map(|i| format!("order-{i}")).collect();
+    let mut a =
+        pin!(stream::iter(orders.clone()).claim_by_key(|m: &String| m.clone(), short(store_a)));
+    let mut claims = Vec::new();
+    for _ in 0..3 {
+        claims.push(next(&mut a).await);
+    }
+    let mut tx_a = pool_a.begin().await.unwrap();
+    for claim in &claims {
+        write_effect(&mut tx_a, &fx.effects, claim, 1)
+            .await
+            .unwrap();
+    }
+
+    // A slow handler: the leases run out, and order-2's redelivery reaches consumer B.
+    tokio::time::sleep(lease + Duration::from_millis(300)).await;
+    let store_b = fx.store().await;
+    let mut b = pin!(
+        stream::iter(["order-2".to_owned()])
+            .claim_by_key(|m: &String| m.clone(), short(store_b.clone()))
+    );
+    let claim_b = next(&mut b).await;
+
+    let error = Claim::commit_all_with(claims, tx_a)
+        .await
+        .expect_err("order-2 is B's");
+    assert!(
+        matches!(error.error(), StoreError::LeaseLost),
+        "{:?}",
+        error.error()
+    );
+    assert_eq!(error.into_item(), orders, "every item comes back, to nack");
+    assert!(
+        fx.effects().await.is_empty(),
+        "every effect was rolled back"
+    );
+    // A's two other keys are released (in the background): only B's claim is left.
+    let deadline = Instant::now() + PATIENCE;
+    while fx.key_rows().await != [false] {
+        assert!(
+            Instant::now() < deadline,
+            "A's keys were not released: {:?}",
+            fx.key_rows().await
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+
+    let mut tx_b = store_b.pool().begin().await.unwrap();
+    write_effect(&mut tx_b, &fx.effects, &claim_b, 2)
+        .await
+        .unwrap();
+    claim_b.commit_with(tx_b).await.expect("B still holds it");
+    assert_eq!(fx.effects().await, [("order-2".to_owned(), 2)]);
+}
+
 // ---------------------------------------------------------------------------------------------
 // A crash anywhere: consumer processes killed at random moments.
 // ---------------------------------------------------------------------------------------------

@@ -27,7 +27,7 @@ pub(crate) use self::committer::Committer;
 pub(crate) use self::core::{ClaimCore, ClaimGate, KeyTicket};
 pub use self::keeper::Heartbeat;
 use crate::pipeline::gate::Held;
-use crate::store::{ClaimTransaction, StoreError, Token};
+use crate::store::{ClaimTransaction, HeldKey, StoreError, Token};
 
 /// An item whose key is claimed: in flight until [`commit`](Claim::commit) marks it done, or
 /// [`release`](Claim::release) (or a drop) frees it.
@@ -226,6 +226,35 @@ impl<T> Claim<T> {
         commit_in_tx(item, guard, tx)
     }
 
+    /// [`commit_with`](Claim::commit_with) for several claims at once: marks every claim's key
+    /// done **inside `tx`**, the transaction in which the effects of all their items were
+    /// written, then commits `tx`, then marks the keys done in memory and gives the items back
+    /// in the order of `claims`, ready to ack. For consumers that write the effects of several
+    /// messages in one transaction: the marks of one window's claims are one statement, so
+    /// their cost is shared by every effect of the transaction.
+    ///
+    /// Every claim must still hold its key; if one does not (its lease ran out and another
+    /// claim took it), `tx` is rolled back — every effect — and the error is
+    /// [`StoreError::LeaseLost`]. As with `commit_with`, any failure rolls `tx` back and
+    /// releases every key; an unknown outcome of the `COMMIT` frees only keys still in flight.
+    ///
+    /// # Errors
+    ///
+    /// A [`CommitError`] that gives every item back (in the order of `claims`), with the
+    /// errors of [`commit_with`](Claim::commit_with).
+    pub fn commit_all_with<'c, Tx>(
+        claims: impl IntoIterator<Item = Claim<T>>,
+        tx: Tx,
+    ) -> impl Future<Output = Result<Vec<T>, CommitError<Vec<T>>>> + Send + 'c
+    where
+        Tx: ClaimTransaction + 'c,
+        T: Send + 'c,
+    {
+        let (items, guards): (Vec<T>, Vec<Guard>) =
+            claims.into_iter().map(|c| (c.item, c.guard)).unzip();
+        commit_all_in_tx(items, guards, tx)
+    }
+
     /// Frees the key now (as dropping the claim does), so that the broker's next delivery is
     /// processed, and gives the item back. A store round trip it needs runs in the background.
     pub fn release(self) -> T {
@@ -302,6 +331,58 @@ async fn commit_in_tx<T, Tx: ClaimTransaction>(
         // The outcome is unknown: the release frees the key only if it is still in flight
         // with this claim's token, not if the transaction committed after all.
         Err(e) => Err(CommitError::new(item, e)),
+    }
+}
+
+/// [`Claim::commit_all_with`]. `guards` release their keys if this future is dropped, or
+/// fails.
+async fn commit_all_in_tx<T, Tx: ClaimTransaction>(
+    items: Vec<T>,
+    mut guards: Vec<Guard>,
+    mut tx: Tx,
+) -> Result<Vec<T>, CommitError<Vec<T>>> {
+    // The keys to mark, per store and ttl (one statement each; one group for the claims of
+    // one window), groups in the order of their first claim.
+    let mut groups: Vec<(Arc<dyn Any + Send + Sync>, Duration, Vec<HeldKey>)> = Vec::new();
+    for ticket in guards.iter().filter_map(|g| g.0.as_ref()) {
+        let Some(target) = ticket.tx_target() else {
+            let _ = tx.rollback().await;
+            let e = StoreError::NotTransactional("a claim's window has no store behind it");
+            return Err(CommitError::new(items, e));
+        };
+        if target.in_memory {
+            continue;
+        }
+        let same = |(store, ttl, _): &&mut (Arc<dyn Any + Send + Sync>, Duration, Vec<HeldKey>)| {
+            Arc::ptr_eq(store, &target.store) && *ttl == target.ttl
+        };
+        match groups.iter_mut().find(same) {
+            Some(group) => group.2.push((target.key, target.token)),
+            None => groups.push((target.store, target.ttl, vec![(target.key, target.token)])),
+        }
+    }
+    for (store, ttl, keys) in &groups {
+        let error = match tx.mark_all_done(&**store, keys, *ttl).await {
+            Ok(true) => None,
+            Ok(false) => Some(StoreError::LeaseLost),
+            Err(e) => Some(e),
+        };
+        if let Some(e) = error {
+            let _ = tx.rollback().await;
+            drop(guards); // releases the keys
+            return Err(CommitError::new(items, e));
+        }
+    }
+    match tx.commit().await {
+        Ok(()) => {
+            for ticket in guards.iter_mut().filter_map(|g| g.0.take()) {
+                ticket.done_in_tx();
+            }
+            Ok(items)
+        }
+        // The outcome is unknown: the releases free only keys still in flight with their
+        // claims' tokens, not those of a transaction that committed after all.
+        Err(e) => Err(CommitError::new(items, e)),
     }
 }
 

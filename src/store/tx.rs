@@ -6,7 +6,7 @@ use std::future::Future;
 use std::pin::Pin;
 use std::time::Duration;
 
-use super::{StoreError, Token};
+use super::{HeldKey, StoreError, Token};
 
 /// A boxed, `Send` future that may borrow for `'a`.
 pub(crate) type TxFuture<'a, T> = Pin<Box<dyn Future<Output = Result<T, StoreError>> + Send + 'a>>;
@@ -24,7 +24,7 @@ pub trait ClaimTransaction: Send + seal::Commit {}
 impl<T: seal::Commit + Send> ClaimTransaction for T {}
 
 pub(crate) mod seal {
-    use super::{Any, Duration, Token, TxFuture};
+    use super::{Any, Duration, HeldKey, Token, TxFuture};
 
     /// What [`ClaimTransaction`](super::ClaimTransaction) does; private, so the trait is
     /// sealed.
@@ -37,6 +37,16 @@ pub(crate) mod seal {
             store: &'a (dyn Any + Send + Sync),
             key: &'a [u8],
             token: Token,
+            ttl: Duration,
+        ) -> TxFuture<'a, bool>;
+
+        /// Marks every key of `keys` done for `ttl` inside this transaction if each is still
+        /// held by its token; `false` if another claim holds one (some others may be marked:
+        /// roll back). `store` as for [`mark_done`](Self::mark_done).
+        fn mark_all_done<'a>(
+            &'a mut self,
+            store: &'a (dyn Any + Send + Sync),
+            keys: &'a [HeldKey],
             ttl: Duration,
         ) -> TxFuture<'a, bool>;
 
@@ -81,6 +91,20 @@ macro_rules! sql_claim_transaction {
                         return Err($crate::store::StoreError::NotTransactional($why));
                     };
                     store.commit_in(&mut *self, key, token, ttl).await
+                })
+            }
+
+            fn mark_all_done<'a>(
+                &'a mut self,
+                store: &'a (dyn std::any::Any + Send + Sync),
+                keys: &'a [$crate::store::HeldKey],
+                ttl: std::time::Duration,
+            ) -> $crate::store::tx::TxFuture<'a, bool> {
+                Box::pin(async move {
+                    let Some(store) = $crate::store::tx::downcast::<$store>(store) else {
+                        return Err($crate::store::StoreError::NotTransactional($why));
+                    };
+                    store.commit_all_in(&mut *self, keys, ttl).await
                 })
             }
 

@@ -5,8 +5,8 @@ use std::collections::HashMap;
 use std::sync::PoisonError;
 use std::time::Duration;
 
-use sqlx::mysql::{MySql, MySqlArguments, MySqlRow};
-use sqlx::{Arguments as _, Encode, Row as _, Type};
+use sqlx::mysql::{MySql, MySqlArguments, MySqlConnection, MySqlRow};
+use sqlx::{Arguments as _, Encode, Executor as _, Row as _, Type};
 use tokio::sync::oneshot;
 
 use super::Inner;
@@ -198,6 +198,55 @@ impl Inner {
             .into_iter()
             .map(|a| a != Outcome::Held { done: true })
             .collect())
+    }
+
+    /// [`MySqlStore::commit_all_in`](super::MySqlStore::commit_all_in): the batch commit's
+    /// statements on the caller's connection, inside its transaction (no `BEGIN`/`COMMIT` of
+    /// their own); `true` if no key was refused.
+    pub(super) async fn commit_in_tx(
+        &self,
+        conn: &mut MySqlConnection,
+        held: &[HeldKey],
+        ttl: Duration,
+    ) -> Result<bool, StoreError> {
+        const OP: &str = "commit claims in a transaction";
+        if let Some((key, _)) = held.iter().find(|(k, _)| k.len() > MAX_KEY_LEN) {
+            return Err(StoreError::KeyTooLong {
+                len: key.len(),
+                max: MAX_KEY_LEN,
+            });
+        }
+        let mut sorted: Vec<Slot<'_, Token>> = held
+            .iter()
+            .enumerate()
+            .map(|(i, (k, t))| (i, k.as_slice(), *t))
+            .collect();
+        sorted.sort_unstable_by(|a, b| a.1.cmp(b.1).then(a.2.as_u128().cmp(&b.2.as_u128())));
+        sorted.dedup_by(|a, b| a.1 == b.1 && a.2 == b.2);
+        if sorted.windows(2).any(|w| w[0].1 == w[1].1) {
+            // One key under two tokens: at most one of them holds it.
+            return Ok(false);
+        }
+        if sorted.is_empty() {
+            return Ok(true);
+        }
+        self.ready().await?;
+        let timeout = self.timeout;
+        for chunk in chunks(&sorted) {
+            let statement = self.sql.commit(&by_token(chunk), ttl);
+            // The statements answer the keys they left to another token: refused.
+            let refused = super::within(timeout, async {
+                (&mut *conn)
+                    .fetch_all(sqlx::raw_sql(&statement))
+                    .await
+                    .map_err(|e| conn::map_error(OP, e, timeout))
+            })
+            .await?;
+            if !refused.is_empty() {
+                return Ok(false);
+            }
+        }
+        Ok(true)
     }
 
     pub(super) async fn release(&self, held: Vec<HeldKey>) -> Result<(), StoreError> {

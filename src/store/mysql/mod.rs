@@ -464,6 +464,26 @@ impl MySqlStore {
         // The insert id is 1 only when the statement refused the key (`LAST_INSERT_ID(1)`).
         Ok(done.last_insert_id() == 0)
     }
+
+    /// Marks several claims' keys done for `ttl` inside the caller's transaction:
+    /// [`commit_in`](Self::commit_in) for a transaction that writes the effects of several
+    /// messages. One multi-row upsert per token (keys sorted), then the refused keys read
+    /// back, in one round trip (up to 1,000 keys; more in several). Answers `true` if every
+    /// key was still held by its claim's token (in flight, done by it already, or free) and
+    /// is now marked; `false` if another claim holds one of them (or `keys` names one key
+    /// under two tokens), and then the others may be marked: roll the transaction back.
+    ///
+    /// # Errors
+    ///
+    /// As [`commit_in`](Self::commit_in).
+    pub async fn commit_all_in(
+        &self,
+        conn: &mut MySqlConnection,
+        keys: &[HeldKey],
+        ttl: Duration,
+    ) -> Result<bool, StoreError> {
+        self.inner.commit_in_tx(conn, keys, ttl).await
+    }
 }
 
 /// `fut`, failed with [`StoreError::Timeout`] once `deadline` has passed.

@@ -16,6 +16,7 @@ use std::time::Duration;
 
 use sqlx::{PgConnection, PgPool};
 
+use self::batch::SortedHeld;
 pub use self::builder::PostgresStoreBuilder;
 use self::sql::{Statements, micros};
 use crate::store::{
@@ -340,6 +341,57 @@ impl PostgresStore {
             .fetch_optional(conn);
         match tokio::time::timeout(inner.statement_timeout + GRACE, statement).await {
             Ok(Ok(row)) => Ok(row.is_some()),
+            Ok(Err(e)) => Err(inner.fail(OP, e)),
+            Err(_) => Err(StoreError::Timeout(inner.statement_timeout + GRACE)),
+        }
+    }
+
+    /// Marks several claims' keys done for `ttl` inside the caller's transaction, in one
+    /// statement (keys locked in sorted order, as every batch): [`commit_in`](Self::commit_in)
+    /// for a transaction that writes the effects of several messages. Answers `true` if every
+    /// key was still held by its claim's token (in flight, done by it already, or free) and
+    /// is now marked; `false` if another claim holds one of them (or `keys` names one key
+    /// under two tokens), and then the others may be marked: roll the transaction back.
+    ///
+    /// Public for the crate's benches, like `commit_in`; may become crate-private.
+    ///
+    /// # Errors
+    ///
+    /// As [`commit_in`](Self::commit_in).
+    #[doc(hidden)]
+    pub async fn commit_all_in(
+        &self,
+        conn: &mut PgConnection,
+        keys: &[HeldKey],
+        ttl: Duration,
+    ) -> Result<bool, StoreError> {
+        const OP: &str = "commit claims in a transaction";
+        if keys.is_empty() {
+            return Ok(true);
+        }
+        let inner = &self.inner;
+        inner.check_keys(keys.iter().map(|(k, _)| k.as_slice()))?;
+        let sorted = SortedHeld::new(keys.iter().map(|(k, t)| (k.as_slice(), t.as_u128())));
+        if sorted.has_repeated_keys() {
+            // One key under two tokens: at most one of them holds it, and a statement cannot
+            // write one row twice.
+            return Ok(false);
+        }
+        let sorted_keys: Vec<&[u8]> = sorted.pairs.iter().map(|p| p.0).collect();
+        let tokens: Vec<String> = sorted
+            .pairs
+            .iter()
+            .map(|p| Token::from_u128(p.1).to_string())
+            .collect();
+        let statement = sqlx::query(&inner.sql.commit)
+            .bind(&*inner.namespace)
+            .bind(&sorted_keys)
+            .bind(&tokens)
+            .bind(micros(ttl))
+            .fetch_all(conn);
+        match tokio::time::timeout(inner.statement_timeout + GRACE, statement).await {
+            // The statement returns the keys it marked: each at most once.
+            Ok(Ok(rows)) => Ok(rows.len() == sorted_keys.len()),
             Ok(Err(e)) => Err(inner.fail(OP, e)),
             Err(_) => Err(StoreError::Timeout(inner.statement_timeout + GRACE)),
         }

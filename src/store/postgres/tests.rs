@@ -222,3 +222,55 @@ async fn commit_in_checks_keys_and_reports_errors() {
     blocker.rollback().await.unwrap();
     cleanup(&store).await;
 }
+
+/// `commit_all_in` answers for the keys of several claims: `true` only when every key is
+/// still its token's (in flight, done by it, or free), and then every one is done.
+#[tokio::test]
+async fn commit_all_in_marks_every_key_or_refuses() {
+    let Some((store, url)) = store("commit-all").await else {
+        return;
+    };
+    let mut conn = PgConnection::connect(&url).await.unwrap();
+    let in_flight = claim(&store, b"a", TTL).await;
+    let done = claim(&store, b"b", TTL).await;
+    assert_eq!(
+        store.commit(vec![(b"b".to_vec(), done)], TTL).await.unwrap(),
+        [true]
+    );
+    let other = claim(&store, b"c", TTL).await;
+    let free = Token::new(); // "d" has no row: a claim that failed open
+
+    let mut tx = conn.begin().await.unwrap();
+    assert!(store.commit_all_in(&mut tx, &[], TTL).await.unwrap());
+    let mine: Vec<HeldKey> = vec![
+        (b"d".to_vec(), free),
+        (b"a".to_vec(), in_flight),
+        (b"b".to_vec(), done),
+        (b"a".to_vec(), in_flight), // twice: one key
+    ];
+    assert!(store.commit_all_in(&mut tx, &mine, TTL).await.unwrap());
+    tx.commit().await.unwrap();
+    for key in [&b"a"[..], b"b", b"d"] {
+        assert_eq!(state(&store, key).await, Claimed::Done, "{key:?}");
+    }
+
+    // "c" is another claim's: refused (roll back); so is one key under two tokens.
+    let mut tx = conn.begin().await.unwrap();
+    let refused = [(b"e".to_vec(), free), (b"c".to_vec(), free)];
+    assert!(!store.commit_all_in(&mut tx, &refused, TTL).await.unwrap());
+    tx.rollback().await.unwrap();
+    assert_eq!(state(&store, b"c").await, Claimed::InFlight);
+    assert_eq!(state(&store, b"e").await, Claimed::Mine, "rolled back: still free");
+    let mut tx = conn.begin().await.unwrap();
+    let twice = [(b"c".to_vec(), other), (b"c".to_vec(), free)];
+    assert!(!store.commit_all_in(&mut tx, &twice, TTL).await.unwrap());
+    tx.rollback().await.unwrap();
+
+    // A key too long: refused before anything is sent.
+    let mut tx = conn.begin().await.unwrap();
+    let long = [(vec![7; store.max_key_len() + 1], free)];
+    let error = store.commit_all_in(&mut tx, &long, TTL).await.unwrap_err();
+    assert!(matches!(error, StoreError::KeyTooLong { .. }), "{error:?}");
+    tx.rollback().await.unwrap();
+    cleanup(&store).await;
+}
