@@ -16,7 +16,7 @@ use std::time::Duration;
 use futures::{StreamExt, stream};
 use stream_dedup::sqlx::{self, MySql, Transaction};
 use stream_dedup::store::{MemoryStore, MySqlStore, StoreError, Token};
-use stream_dedup::{DedupStreamExt, Window};
+use stream_dedup::{Claim, DedupStreamExt, Window};
 use support::mysql_server;
 
 const TTL: Duration = Duration::from_secs(600);
@@ -175,6 +175,95 @@ async fn a_lost_lease_rolls_the_effect_back() {
         .unwrap();
     claim_b.commit_with(tx_b).await.expect("B still holds it");
     assert_eq!(fx.effects().await, [("order-7".to_owned(), 2)]);
+    fx.drop_all().await;
+}
+
+/// The effects of several claims written in one transaction and committed with
+/// `commit_all_with`: every key done with its effect; then one claim of three loses its key
+/// to another consumer, and `commit_all_with` rolls every effect back and frees the others.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(not(server_mysql), ignore = "set STREAM_DEDUP_MYSQL_URL")]
+async fn commit_all_with_commits_every_key_or_none() {
+    let Some(url) = mysql_server::url("commit_all_with_commits_every_key_or_none") else {
+        return;
+    };
+    let fx = Scratch::new(&url, "eo-my-all").await;
+    let lease = Duration::from_millis(500);
+    let short = |store| {
+        Window::max_keys(100)
+            .ttl(TTL)
+            .lease(lease)
+            .keep_alive(false)
+            .store(store)
+    };
+    let store_a = fx.store().await;
+    let orders: Vec<String> = (1..=6).map(|i| format!("order-{i}")).collect();
+    let mut a = pin!(
+        stream::iter(orders.clone()).claim_by_key(|m: &String| m.clone(), short(store_a.clone()))
+    );
+    let mut claims = Vec::new();
+    for _ in 0..3 {
+        claims.push(a.next().await.expect("claimed"));
+    }
+    let mut tx = store_a.pool().begin().await.unwrap();
+    for claim in &claims {
+        write_effect(&mut tx, &fx.effects, claim, 1).await.unwrap();
+    }
+    let items = Claim::commit_all_with(claims, tx)
+        .await
+        .expect("commit_all_with");
+    assert_eq!(items, orders[..3], "the items come back in order");
+
+    // The next three: their leases run out, and order-5's redelivery reaches consumer B.
+    let mut claims = Vec::new();
+    for _ in 0..3 {
+        claims.push(a.next().await.expect("claimed"));
+    }
+    let mut tx = store_a.pool().begin().await.unwrap();
+    for claim in &claims {
+        write_effect(&mut tx, &fx.effects, claim, 1).await.unwrap();
+    }
+    tokio::time::sleep(lease + Duration::from_millis(300)).await;
+    let store_b = fx.store().await;
+    let mut b = pin!(
+        stream::iter(["order-5".to_owned()])
+            .claim_by_key(|m: &String| m.clone(), short(store_b.clone()))
+    );
+    let claim_b = b.next().await.expect("the key is free again");
+    let error = Claim::commit_all_with(claims, tx)
+        .await
+        .expect_err("order-5 is B's");
+    assert!(
+        matches!(error.error(), StoreError::LeaseLost),
+        "{:?}",
+        error.error()
+    );
+    assert_eq!(
+        error.into_item(),
+        orders[3..],
+        "every item comes back, to nack"
+    );
+    let committed: Vec<(String, i32)> = orders[..3].iter().map(|o| (o.clone(), 1)).collect();
+    assert_eq!(
+        fx.effects().await,
+        committed,
+        "the second transaction was rolled back"
+    );
+
+    // Redelivered to a third consumer: the first three are duplicates; order-4 and order-6
+    // are free (released, and their leases ran out anyway), order-5 is still B's (held back:
+    // not yielded).
+    let other =
+        stream::iter(orders.clone()).claim_by_key(|m: &String| m.clone(), short(fx.store().await));
+    let stats = other.stats();
+    let mut fresh: Vec<String> = Vec::new();
+    let mut other = pin!(other);
+    while let Some(claim) = other.next().await {
+        fresh.push(claim.release());
+    }
+    assert_eq!(fresh, ["order-4", "order-6"]);
+    assert_eq!(stats.duplicates(), 3);
+    drop(claim_b);
     fx.drop_all().await;
 }
 

@@ -831,6 +831,61 @@ async fn commit_in_follows_the_transaction() {
     mysql_server::delete_namespace(&url, TABLE, &ns).await;
 }
 
+/// `commit_all_in` answers for the keys of several claims: `true` only when every key is
+/// still its token's (in flight, done by it, or free), and then every one is done; a key of
+/// another claim is refused and its row left alone; so is one key under two tokens.
+#[tokio::test]
+#[cfg_attr(not(server_mysql), ignore = "set STREAM_DEDUP_MYSQL_URL")]
+async fn commit_all_in_marks_every_key_or_refuses() {
+    let Some((url, store, ns)) = shared("commit_all_in_marks_every_key_or_refuses").await else {
+        return;
+    };
+    let mut conn = mysql_server::admin(&url).await;
+    let first = ClaimBatch::new(vec![b"a".to_vec(), b"b".to_vec()], TTL);
+    let first_token = first.token;
+    assert_eq!(store.claim(first).await.unwrap(), [Claimed::Mine; 2]);
+    let second = ClaimBatch::new(vec![b"c".to_vec()], TTL);
+    let second_token = second.token;
+    assert_eq!(store.claim(second).await.unwrap(), [Claimed::Mine]);
+    let free = Token::new(); // "d" has no row: a claim that failed open
+
+    let mut tx = conn.begin().await.unwrap();
+    assert!(store.commit_all_in(&mut tx, &[], TTL).await.unwrap());
+    let mine = [
+        (b"d".to_vec(), free),
+        (b"b".to_vec(), first_token),
+        (b"c".to_vec(), second_token),
+        (b"b".to_vec(), first_token), // twice: one key
+    ];
+    assert!(store.commit_all_in(&mut tx, &mine, TTL).await.unwrap());
+    tx.commit().await.unwrap();
+    for key in [&b"b"[..], b"c", b"d"] {
+        assert!(row(&mut conn, &ns, key).await.unwrap().1, "{key:?} is done");
+    }
+
+    // "a" is still the first claim's: refused under another token, its row untouched.
+    let before = row(&mut conn, &ns, b"a").await.unwrap();
+    let mut tx = conn.begin().await.unwrap();
+    let refused = [(b"e".to_vec(), free), (b"a".to_vec(), free)];
+    assert!(!store.commit_all_in(&mut tx, &refused, TTL).await.unwrap());
+    tx.rollback().await.unwrap();
+    let after = row(&mut conn, &ns, b"a").await.unwrap();
+    assert_eq!((&after.0, after.1), (&before.0, before.1));
+    assert!(row(&mut conn, &ns, b"e").await.is_none(), "rolled back");
+    let mut tx = conn.begin().await.unwrap();
+    let twice = [(b"a".to_vec(), first_token), (b"a".to_vec(), free)];
+    assert!(!store.commit_all_in(&mut tx, &twice, TTL).await.unwrap());
+    tx.rollback().await.unwrap();
+
+    // A key too long: refused before anything is sent.
+    let mut tx = conn.begin().await.unwrap();
+    let long = [(vec![7; store.max_key_len() + 1], free)];
+    let error = store.commit_all_in(&mut tx, &long, TTL).await.unwrap_err();
+    assert!(matches!(error, StoreError::KeyTooLong { .. }), "{error:?}");
+    tx.rollback().await.unwrap();
+    mysql_server::delete_namespace(&url, TABLE, &ns).await;
+}
+
 /// Several consumers start at once on a table that does not exist: each creates it if
 /// missing, none fails; a table of that name with other columns is refused as corrupt.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

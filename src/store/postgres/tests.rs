@@ -234,7 +234,10 @@ async fn commit_all_in_marks_every_key_or_refuses() {
     let in_flight = claim(&store, b"a", TTL).await;
     let done = claim(&store, b"b", TTL).await;
     assert_eq!(
-        store.commit(vec![(b"b".to_vec(), done)], TTL).await.unwrap(),
+        store
+            .commit(vec![(b"b".to_vec(), done)], TTL)
+            .await
+            .unwrap(),
         [true]
     );
     let other = claim(&store, b"c", TTL).await;
@@ -260,7 +263,11 @@ async fn commit_all_in_marks_every_key_or_refuses() {
     assert!(!store.commit_all_in(&mut tx, &refused, TTL).await.unwrap());
     tx.rollback().await.unwrap();
     assert_eq!(state(&store, b"c").await, Claimed::InFlight);
-    assert_eq!(state(&store, b"e").await, Claimed::Mine, "rolled back: still free");
+    assert_eq!(
+        state(&store, b"e").await,
+        Claimed::Mine,
+        "rolled back: still free"
+    );
     let mut tx = conn.begin().await.unwrap();
     let twice = [(b"c".to_vec(), other), (b"c".to_vec(), free)];
     assert!(!store.commit_all_in(&mut tx, &twice, TTL).await.unwrap());
