@@ -13,6 +13,9 @@
 //!   with `MySqlStore::commit_in`, and one in three sends a `SELECT 1` instead: the least that
 //!   any statement added to the transaction costs (a round trip). Transactions per second of
 //!   each kind.
+//! - `tx of 10`: as many keys in transactions of ten effects each, alternating between the
+//!   effects alone and the effects plus one `MySqlStore::commit_all_in` of their ten keys (what
+//!   `Claim::commit_all_with` sends).
 //! - `batch`: 20,000 keys (36 bytes, 10% repeats of a key seen 1,000–11,000 keys earlier, as
 //!   in `benches/mysql.rs`) in batches of 1,000, each batch sent three times in turn:
 //!   `MySqlStore::insert` as it is, the same store answering as on MySQL (the upsert, then the
@@ -36,6 +39,8 @@ const TTL: Duration = Duration::from_secs(300);
 const ROUNDS: usize = 5;
 const TRANSACTIONS: usize = 3_000;
 const KEYS: usize = 20_000;
+/// Effects per transaction in the rounds of several messages per transaction.
+const PER_TX: usize = 10;
 
 /// splitmix64: a seeded, dependency-free generator.
 struct Rng(u64);
@@ -120,6 +125,47 @@ async fn transactions(pool: &MySqlPool, round: usize) {
     );
 }
 
+/// Transactions of [`PER_TX`] effects each, alternating between the effects alone and the
+/// effects plus one `commit_all_in` of their keys (what `Claim::commit_all_with` sends).
+async fn transactions_of_several(pool: &MySqlPool, round: usize) {
+    let ns = format!("paired-{}-several-{round}", std::process::id());
+    let store = builder(&ns).pool(pool.clone());
+    let keys: Vec<Vec<u8>> = workload(TRANSACTIONS, 11 + round as u64);
+    let batch = ClaimBatch::new(keys.clone(), Duration::from_secs(600));
+    let token = batch.token;
+    let claimed = store.claim(batch).await.expect("claim");
+    assert!(claimed.iter().all(|c| *c == Claimed::Mine));
+    let effect = format!("INSERT INTO {EFFECTS} (k, amount) VALUES (?, ?)");
+    let mut took = [Duration::ZERO; 2];
+    for (i, chunk) in keys.chunks(PER_TX).enumerate() {
+        let kind = i % 2;
+        let start = Instant::now();
+        let mut tx = pool.begin().await.expect("begin");
+        for key in chunk {
+            sqlx::query(&effect)
+                .bind(key.as_slice())
+                .bind(i as i64)
+                .execute(&mut *tx)
+                .await
+                .expect("effect");
+        }
+        if kind == 1 {
+            let held: Vec<_> = chunk.iter().map(|k| (k.clone(), token)).collect();
+            let marked = store.commit_all_in(&mut tx, &held, TTL).await;
+            assert!(marked.expect("commit_all_in"));
+        }
+        tx.commit().await.expect("commit");
+        took[kind] += start.elapsed();
+    }
+    let tps = |d: Duration| (TRANSACTIONS / PER_TX / 2) as f64 / d.as_secs_f64();
+    let (alone, with) = (tps(took[0]), tps(took[1]));
+    println!(
+        "tx of {PER_TX}: effects alone {alone:.0} tx/s, effects + commit_all_in {with:.0} tx/s \
+         = {:.0}%",
+        100.0 * with / alone
+    );
+}
+
 /// The store (as it is, and as on MySQL) and a plain `INSERT IGNORE`, batch by batch in turn.
 async fn batches(pool: &MySqlPool, keys: &[Vec<u8>], round: usize) {
     let ns = format!("paired-{}-batch-{round}", std::process::id());
@@ -186,6 +232,7 @@ fn main() {
         let keys = workload(KEYS, 0x5eed);
         for round in 0..ROUNDS {
             transactions(&pool, round).await;
+            transactions_of_several(&pool, round).await;
             batches(&pool, &keys, round).await;
         }
         let clean = format!("DELETE FROM {TABLE} WHERE namespace LIKE 'paired-%'");

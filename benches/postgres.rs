@@ -179,8 +179,8 @@ fn bench(c: &mut Criterion) {
     });
 
     let plain_batch = format!(
-        "INSERT INTO {TABLE} (namespace, key, token, done, expires_at) \
-         SELECT $1, k, $2::uuid, true, now() + interval '300 seconds' \
+        "INSERT INTO {TABLE} (namespace, key, token, done, expires_at, purge_at) \
+         SELECT $1, k, $2::uuid, true, now() + interval '300 seconds', now() + interval '300 seconds' \
          FROM unnest($3::bytea[]) AS k ON CONFLICT DO NOTHING RETURNING key"
     );
     group.bench_function("plain unnest ON CONFLICT DO NOTHING batch=1000", |b| {
@@ -215,8 +215,8 @@ fn bench(c: &mut Criterion) {
 
     group.throughput(Throughput::Elements(PER_KEY as u64));
     let plain_one = format!(
-        "INSERT INTO {TABLE} (namespace, key, token, done, expires_at) \
-         VALUES ($1, $3, $2::uuid, true, now() + interval '300 seconds') \
+        "INSERT INTO {TABLE} (namespace, key, token, done, expires_at, purge_at) \
+         VALUES ($1, $3, $2::uuid, true, now() + interval '300 seconds', now() + interval '300 seconds') \
          ON CONFLICT DO NOTHING RETURNING key"
     );
     group.bench_function("plain INSERT per key", |b| {

@@ -91,8 +91,8 @@ impl PostgresStoreBuilder {
     ///
     /// # Panics
     ///
-    /// If `name` is not a lowercase SQL identifier (`[a-z_][a-z0-9_]*`, at most 52 bytes so
-    /// that its index's name `{table}_expires_at` fits PostgreSQL's 63), with at most one
+    /// If `name` is not a lowercase SQL identifier (`[a-z_][a-z0-9_]*`, at most 54 bytes so
+    /// that its index's name `{table}_purge_at` fits PostgreSQL's 63), with at most one
     /// schema before a `.`.
     #[track_caller]
     pub fn table(mut self, name: &str) -> Self {

@@ -26,7 +26,14 @@ impl Inner {
         }
         let sorted = Sorted::new(batch.keys.iter().map(Vec::as_slice));
         let taken = self
-            .upsert(OP, &self.sql.insert, &sorted, batch.token, batch.ttl)
+            .upsert(
+                OP,
+                &self.sql.insert,
+                &sorted,
+                batch.token,
+                batch.ttl,
+                Duration::ZERO,
+            )
             .await?;
         let answers: Vec<Inserted> = taken
             .into_iter()
@@ -48,7 +55,14 @@ impl Inner {
         }
         let sorted = Sorted::new(batch.keys.iter().map(Vec::as_slice));
         let taken = self
-            .upsert(OP, &self.sql.claim, &sorted, batch.token, batch.lease)
+            .upsert(
+                OP,
+                &self.sql.claim,
+                &sorted,
+                batch.token,
+                batch.lease,
+                batch.ttl,
+            )
             .await?;
         let mut answers: Vec<Claimed> = taken
             .iter()
@@ -92,8 +106,9 @@ impl Inner {
         Ok(sorted.answers(&answers))
     }
 
-    /// Runs an upsert statement (`insert` or `claim`) for the sorted keys; answers, per
-    /// distinct key, whether the statement wrote it (absent or expired, or a retry's).
+    /// Runs an upsert statement (`insert` or `claim`) for the sorted keys, their rows kept for
+    /// `duration` and their purge put off by `purge_later` more; answers, per distinct key,
+    /// whether the statement wrote it (absent or expired, or a retry's).
     async fn upsert(
         &self,
         op: &'static str,
@@ -101,10 +116,11 @@ impl Inner {
         sorted: &Sorted<'_>,
         token: Token,
         duration: Duration,
+        purge_later: Duration,
     ) -> Result<Vec<bool>, StoreError> {
         self.check_keys(sorted.keys.iter().copied())?;
         let token = token.to_string();
-        let duration = micros(duration);
+        let (duration, purge_later) = (micros(duration), micros(purge_later));
         let rows = self
             .fetch_all(op, || {
                 sqlx::query(sql)
@@ -112,6 +128,7 @@ impl Inner {
                     .bind(&sorted.keys)
                     .bind(&token)
                     .bind(duration)
+                    .bind(purge_later)
             })
             .await?;
         let mut taken = vec![false; sorted.keys.len()];

@@ -11,8 +11,13 @@ pub(super) const DEFAULT_TABLE: &str = "stream_dedup_keys";
 /// PostgreSQL's longest identifier (`NAMEDATALEN - 1`).
 const MAX_IDENTIFIER: usize = 63;
 
-/// The suffix of the expiry index's name.
-const INDEX_SUFFIX: &str = "_expires_at";
+/// The suffix of the purge index's name.
+const INDEX_SUFFIX: &str = "_purge_at";
+
+/// The table's fill factor: room in each page for the new versions of its rows, so that a
+/// commit or a renewal, which changes no indexed column, is a HOT update (no index entry, a
+/// fifth of the WAL, the old version pruned in place instead of left to vacuum).
+const FILLFACTOR: u32 = 80;
 
 /// The longest ttl or lease sent (100 years): far inside `timestamptz`'s range.
 const MAX_MICROS: i64 = 100 * 365 * 24 * 3600 * 1_000_000;
@@ -57,9 +62,11 @@ pub(super) struct Statements {
     pub(super) create: [String; 2],
     /// Reads no row; fails unless the table has the store's columns.
     pub(super) check: String,
-    /// `$2` keys (sorted, distinct), `$3` token, `$4` ttl in µs → the keys recorded by it.
+    /// `$2` keys (sorted, distinct), `$3` token, `$4` ttl in µs, `$5` 0 → the keys recorded
+    /// by it.
     pub(super) insert: String,
-    /// `$2` keys (sorted, distinct), `$3` token, `$4` lease in µs → the keys claimed by it.
+    /// `$2` keys (sorted, distinct), `$3` token, `$4` lease in µs, `$5` the ttl their commit
+    /// will give in µs (0 if unknown) → the keys claimed by it.
     pub(super) claim: String,
     /// `$2` keys → rows `(key, done and live)` of those present.
     pub(super) states: String,
@@ -94,13 +101,19 @@ impl Statements {
         // A row that expired counts as absent: the batch takes it. A row that holds the
         // batch's token (a retry) is written again, so that it is returned too. Any other row
         // is left as it is (locked until the statement ends, not rewritten) and not returned.
+        // `purge_at`, the purge's indexed column, is never before `expires_at`: a claim sets it
+        // past the lease and the ttl its commit will give, so that the commit (and renewals
+        // within the ttl) leave it as it is, and are HOT updates.
         let upsert = |done: &str, retry: &str| {
             format!(
-                "INSERT INTO {t} AS d (namespace, key, token, done, expires_at) \
-                 SELECT $1, k, $3::uuid, {done}, clock_timestamp() + $4::int8 * interval '1 microsecond' \
-                 FROM unnest($2::bytea[]) AS k ORDER BY k \
+                "INSERT INTO {t} AS d (namespace, key, token, done, expires_at, purge_at) \
+                 SELECT $1, k, $3::uuid, {done}, n.e, n.e + $5::int8 * interval '1 microsecond' \
+                 FROM unnest($2::bytea[]) AS k, \
+                 (SELECT clock_timestamp() + $4::int8 * interval '1 microsecond' AS e) AS n \
+                 ORDER BY k \
                  ON CONFLICT (namespace, key) DO UPDATE \
-                 SET token = excluded.token, done = excluded.done, expires_at = excluded.expires_at \
+                 SET token = excluded.token, done = excluded.done, expires_at = excluded.expires_at, \
+                 purge_at = greatest(d.purge_at, excluded.purge_at) \
                  WHERE d.expires_at <= clock_timestamp() OR (d.token = excluded.token AND {retry}) \
                  RETURNING key"
             )
@@ -129,32 +142,42 @@ impl Statements {
                        token      uuid        NOT NULL,\n    \
                        done       boolean     NOT NULL,\n    \
                        expires_at timestamptz NOT NULL,\n    \
+                       purge_at   timestamptz NOT NULL,\n    \
                        PRIMARY KEY (namespace, key)\n\
-                     )"
+                     ) WITH (fillfactor = {FILLFACTOR})"
                 ),
-                format!("CREATE INDEX IF NOT EXISTS {index} ON {t} (expires_at)"),
+                format!("CREATE INDEX IF NOT EXISTS {index} ON {t} (purge_at)"),
             ],
-            check: format!("SELECT namespace, key, token, done, expires_at FROM {t} WHERE false"),
+            check: format!(
+                "SELECT namespace, key, token, done, expires_at, purge_at FROM {t} WHERE false"
+            ),
             insert: upsert("true", "d.done"),
             claim: upsert("false", "NOT d.done"),
             states: format!(
                 "SELECT key, done AND expires_at > clock_timestamp() FROM {t} \
                  WHERE namespace = $1 AND key = ANY($2::bytea[])"
             ),
+            // A commit leaves `purge_at` as it is when the claim's covers the new expiry (a
+            // commit within the ttl the claim was told): a HOT update.
             commit: format!(
-                "INSERT INTO {t} AS d (namespace, key, token, done, expires_at) \
-                 SELECT $1, u.k, u.t, true, clock_timestamp() + $4::int8 * interval '1 microsecond' \
-                 FROM unnest($2::bytea[], $3::uuid[]) AS u(k, t) ORDER BY u.k \
+                "INSERT INTO {t} AS d (namespace, key, token, done, expires_at, purge_at) \
+                 SELECT $1, u.k, u.t, true, n.e, n.e \
+                 FROM unnest($2::bytea[], $3::uuid[]) AS u(k, t), \
+                 (SELECT clock_timestamp() + $4::int8 * interval '1 microsecond' AS e) AS n \
+                 ORDER BY u.k \
                  ON CONFLICT (namespace, key) DO UPDATE \
-                 SET token = excluded.token, done = true, expires_at = excluded.expires_at \
+                 SET token = excluded.token, done = true, expires_at = excluded.expires_at, \
+                 purge_at = greatest(d.purge_at, excluded.purge_at) \
                  WHERE d.token = excluded.token OR d.expires_at <= clock_timestamp() \
                  RETURNING key"
             ),
             commit_one: format!(
-                "INSERT INTO {t} AS d (namespace, key, token, done, expires_at) \
-                 VALUES ($1, $2, $3::uuid, true, clock_timestamp() + $4::int8 * interval '1 microsecond') \
+                "INSERT INTO {t} AS d (namespace, key, token, done, expires_at, purge_at) \
+                 SELECT $1, $2, $3::uuid, true, n.e, n.e \
+                 FROM (SELECT clock_timestamp() + $4::int8 * interval '1 microsecond' AS e) AS n \
                  ON CONFLICT (namespace, key) DO UPDATE \
-                 SET token = excluded.token, done = true, expires_at = excluded.expires_at \
+                 SET token = excluded.token, done = true, expires_at = excluded.expires_at, \
+                 purge_at = greatest(d.purge_at, excluded.purge_at) \
                  WHERE d.token = excluded.token OR d.expires_at <= clock_timestamp() \
                  RETURNING true"
             ),
@@ -163,22 +186,25 @@ impl Statements {
             // Rows locked in key order, as everywhere; a lease that ran out is not renewed
             // (the key is free: another claim may take it).
             renew: format!(
-                "UPDATE {t} SET expires_at = clock_timestamp() + $4::int8 * interval '1 microsecond' \
-                 WHERE ctid = ANY(ARRAY(\
+                "UPDATE {t} AS r SET expires_at = n.e, purge_at = greatest(r.purge_at, n.e) \
+                 FROM (SELECT clock_timestamp() + $4::int8 * interval '1 microsecond' AS e) AS n \
+                 WHERE r.ctid = ANY(ARRAY(\
                    SELECT d.ctid FROM {t} AS d \
                    JOIN unnest($2::bytea[], $3::uuid[]) AS u(k, t) ON d.key = u.k \
                    WHERE d.namespace = $1 AND d.token = u.t AND NOT d.done \
                    AND d.expires_at > clock_timestamp() ORDER BY d.key FOR UPDATE OF d)) \
-                 RETURNING key"
+                 RETURNING r.key"
             ),
             remove: delete(""),
             // `statement_timestamp()`, not `clock_timestamp()`: a stable value bounds the index
             // scan, where a volatile one would be a filter over the whole index. `SKIP LOCKED`:
             // the purges of several consumers never wait for each other, nor for a batch.
+            // `expires_at` as well: never later than `purge_at`, checked all the same.
             purge: format!(
                 "DELETE FROM {t} WHERE ctid = ANY(ARRAY(\
-                   SELECT ctid FROM {t} WHERE expires_at < statement_timestamp() \
-                   ORDER BY expires_at LIMIT $1 FOR UPDATE SKIP LOCKED))"
+                   SELECT ctid FROM {t} WHERE purge_at < statement_timestamp() \
+                   AND expires_at < statement_timestamp() \
+                   ORDER BY purge_at LIMIT $1 FOR UPDATE SKIP LOCKED))"
             ),
             table: t,
         }
@@ -257,11 +283,11 @@ mod tests {
             ".keys",
             "keys.",
             "ключи",
-            &"k".repeat(53),
+            &"k".repeat(55),
         ] {
             assert!(check_table(bad).is_err(), "{bad}");
         }
-        assert_eq!(check_table(&"k".repeat(52)), Ok(()));
+        assert_eq!(check_table(&"k".repeat(54)), Ok(()));
     }
 
     #[test]
@@ -269,9 +295,8 @@ mod tests {
         let s = Statements::new("dedup.keys");
         assert_eq!(s.table, "\"dedup\".\"keys\"");
         assert!(
-            s.create[1].starts_with(
-                "CREATE INDEX IF NOT EXISTS \"keys_expires_at\" ON \"dedup\".\"keys\""
-            )
+            s.create[1]
+                .starts_with("CREATE INDEX IF NOT EXISTS \"keys_purge_at\" ON \"dedup\".\"keys\"")
         );
         assert!(s.release.contains("AND d.token = u.t AND NOT d.done"));
         assert!(!s.remove.contains("$3"));

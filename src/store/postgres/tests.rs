@@ -281,3 +281,87 @@ async fn commit_all_in_marks_every_key_or_refuses() {
     tx.rollback().await.unwrap();
     cleanup(&store).await;
 }
+
+/// `expires_at` and `purge_at` of `key` in `table`, in seconds since the epoch.
+async fn times(conn: &mut PgConnection, table: &str, key: &[u8]) -> (f64, f64) {
+    sqlx::query_as(&format!(
+        "SELECT extract(epoch FROM expires_at)::float8, extract(epoch FROM purge_at)::float8 \
+         FROM {table} WHERE key = $1"
+    ))
+    .bind(key)
+    .fetch_one(conn)
+    .await
+    .expect("read the row's times")
+}
+
+/// A commit and a renewal change no indexed column (`purge_at` stays as the claim set it, past
+/// the lease and the ttl its commit gives): HOT updates, counted as such by PostgreSQL. A
+/// commit later than the claim expected moves `purge_at` with the expiry, never before it.
+#[tokio::test]
+async fn commits_and_renewals_are_hot_updates() {
+    let Ok(url) = std::env::var("STREAM_DEDUP_POSTGRES_URL") else {
+        eprintln!(
+            "skipped: commits_and_renewals_are_hot_updates (STREAM_DEDUP_POSTGRES_URL is not set)"
+        );
+        return;
+    };
+    let table = format!("unit_hot_{}", Token::new().to_string().replace('-', ""));
+    let store = PostgresStore::builder("hot")
+        .table(&table)
+        .max_connections(2)
+        .no_purge()
+        .connect(&url)
+        .await
+        .expect("connect");
+    let mut conn = PgConnection::connect(&url).await.unwrap();
+    let updates = format!(
+        "SELECT n_tup_upd, n_tup_hot_upd FROM pg_stat_xact_user_tables WHERE relid = '{table}'::regclass"
+    );
+
+    let lease = Duration::from_secs(30);
+    let batch = ClaimBatch::new(vec![b"k".to_vec()], lease).with_ttl(TTL);
+    let token = batch.token;
+    assert_eq!(store.claim(batch).await.unwrap(), [Claimed::Mine]);
+    let (expires, purge) = times(&mut conn, &table, b"k").await;
+    assert!(
+        (purge - expires - TTL.as_secs_f64()).abs() < 0.01,
+        "{expires} {purge}"
+    );
+
+    // A renewal: the expiry moves, `purge_at` does not.
+    let held: HeldKey = (b"k".to_vec(), token);
+    assert_eq!(store.renew(vec![held], lease).await.unwrap(), [true]);
+    let (renewed, same) = times(&mut conn, &table, b"k").await;
+    assert!(renewed > expires);
+    assert_eq!(same, purge);
+
+    // The commit, in a transaction that counts its own updates.
+    let mut tx = conn.begin().await.unwrap();
+    assert!(store.commit_in(&mut tx, b"k", token, TTL).await.unwrap());
+    let (updated, hot): (i64, i64) = sqlx::query_as(&updates).fetch_one(&mut *tx).await.unwrap();
+    assert_eq!((updated, hot), (1, 1), "the commit is a HOT update");
+    tx.commit().await.unwrap();
+    let (done_until, same) = times(&mut conn, &table, b"k").await;
+    assert!(
+        done_until <= same && same == purge,
+        "{done_until} {same} {purge}"
+    );
+
+    // A claim told a ttl shorter than its commit gives: the commit moves `purge_at` along.
+    let batch = ClaimBatch::new(vec![b"l".to_vec()], lease).with_ttl(Duration::from_secs(1));
+    let token = batch.token;
+    assert_eq!(store.claim(batch).await.unwrap(), [Claimed::Mine]);
+    assert!(
+        store
+            .commit_all_in(&mut conn, &[(b"l".to_vec(), token)], TTL)
+            .await
+            .unwrap()
+    );
+    let (expires, purge) = times(&mut conn, &table, b"l").await;
+    assert_eq!(expires, purge, "purged when it expires, not before");
+
+    sqlx::query(&format!("DROP TABLE {table}"))
+        .execute(&mut conn)
+        .await
+        .unwrap();
+}
