@@ -187,6 +187,13 @@ fn commit_with_futures_are_send(claim: Claim<String>, tx: Transaction<'_, Postgr
     send(&claim.commit_with(tx));
 }
 
+/// As above, for several claims at once.
+#[allow(dead_code)]
+fn commit_all_with_futures_are_send(claims: Vec<Claim<String>>, tx: Transaction<'_, Postgres>) {
+    fn send<F: Send>(_: &F) {}
+    send(&Claim::commit_all_with(claims, tx));
+}
+
 /// As above, for a whole handler.
 #[allow(dead_code)]
 fn handler_futures_are_send<'c>(

@@ -343,7 +343,8 @@ async fn commit_all_in_tx<T, Tx: ClaimTransaction>(
 ) -> Result<Vec<T>, CommitError<Vec<T>>> {
     // The keys to mark, per store and ttl (one statement each; one group for the claims of
     // one window), groups in the order of their first claim.
-    let mut groups: Vec<(Arc<dyn Any + Send + Sync>, Duration, Vec<HeldKey>)> = Vec::new();
+    type Group = (Arc<dyn Any + Send + Sync>, Duration, Vec<HeldKey>);
+    let mut groups: Vec<Group> = Vec::new();
     for ticket in guards.iter().filter_map(|g| g.0.as_ref()) {
         let Some(target) = ticket.tx_target() else {
             let _ = tx.rollback().await;
@@ -353,9 +354,7 @@ async fn commit_all_in_tx<T, Tx: ClaimTransaction>(
         if target.in_memory {
             continue;
         }
-        let same = |(store, ttl, _): &&mut (Arc<dyn Any + Send + Sync>, Duration, Vec<HeldKey>)| {
-            Arc::ptr_eq(store, &target.store) && *ttl == target.ttl
-        };
+        let same = |g: &&mut Group| Arc::ptr_eq(&g.0, &target.store) && g.1 == target.ttl;
         match groups.iter_mut().find(same) {
             Some(group) => group.2.push((target.key, target.token)),
             None => groups.push((target.store, target.ttl, vec![(target.key, target.token)])),
