@@ -78,15 +78,22 @@ fn builder(namespace: &str) -> MySqlStoreBuilder {
         .no_background_purge()
 }
 
-/// Effect alone and effect + `commit_in`, alternating.
-async fn transactions(pool: &MySqlPool, round: usize) {
-    let ns = format!("paired-{}-tx-{round}", std::process::id());
-    let store = builder(&ns).pool(pool.clone());
-    let keys: Vec<Vec<u8>> = workload(TRANSACTIONS, 7 + round as u64);
+/// A store in namespace `ns` and [`TRANSACTIONS`] keys (of generator `seed`) claimed in it,
+/// with their token.
+async fn claimed(pool: &MySqlPool, ns: &str, seed: u64) -> (MySqlStore, Vec<Vec<u8>>, Token) {
+    let store = builder(ns).pool(pool.clone());
+    let keys: Vec<Vec<u8>> = workload(TRANSACTIONS, seed);
     let batch = ClaimBatch::new(keys.clone(), Duration::from_secs(600));
     let token = batch.token;
     let claimed = store.claim(batch).await.expect("claim");
     assert!(claimed.iter().all(|c| *c == Claimed::Mine));
+    (store, keys, token)
+}
+
+/// Effect alone and effect + `commit_in`, alternating.
+async fn transactions(pool: &MySqlPool, round: usize) {
+    let ns = format!("paired-{}-tx-{round}", std::process::id());
+    let (store, keys, token) = claimed(pool, &ns, 7 + round as u64).await;
     let effect = format!("INSERT INTO {EFFECTS} (k, amount) VALUES (?, ?)");
     let mut took = [Duration::ZERO; 3];
     for (i, key) in keys.iter().enumerate() {
@@ -129,12 +136,7 @@ async fn transactions(pool: &MySqlPool, round: usize) {
 /// effects plus one `commit_all_in` of their keys (what `Claim::commit_all_with` sends).
 async fn transactions_of_several(pool: &MySqlPool, round: usize) {
     let ns = format!("paired-{}-several-{round}", std::process::id());
-    let store = builder(&ns).pool(pool.clone());
-    let keys: Vec<Vec<u8>> = workload(TRANSACTIONS, 11 + round as u64);
-    let batch = ClaimBatch::new(keys.clone(), Duration::from_secs(600));
-    let token = batch.token;
-    let claimed = store.claim(batch).await.expect("claim");
-    assert!(claimed.iter().all(|c| *c == Claimed::Mine));
+    let (store, keys, token) = claimed(pool, &ns, 11 + round as u64).await;
     let effect = format!("INSERT INTO {EFFECTS} (k, amount) VALUES (?, ?)");
     let mut took = [Duration::ZERO; 2];
     for (i, chunk) in keys.chunks(PER_TX).enumerate() {

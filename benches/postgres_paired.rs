@@ -22,7 +22,7 @@ use std::time::{Duration, Instant};
 
 use sqlx::{Executor as _, PgPool};
 use stream_dedup::sqlx;
-use stream_dedup::store::{ClaimBatch, ClaimStore, Claimed, PostgresStore};
+use stream_dedup::store::{ClaimBatch, ClaimStore, Claimed, PostgresStore, Token};
 
 const TABLE: &str = "stream_dedup_paired";
 const EFFECTS: &str = "stream_dedup_paired_effects";
@@ -32,9 +32,9 @@ const TRANSACTIONS: usize = 3_000;
 /// Effects per transaction in the rounds of several messages per transaction.
 const PER_TX: usize = 10;
 
-async fn round(pool: &PgPool, round: usize) -> f64 {
-    let ns = format!("paired-{}-{round}", std::process::id());
-    let store = PostgresStore::builder(&ns)
+/// A store in namespace `ns` and [`TRANSACTIONS`] keys claimed in it, with their token.
+async fn claimed(pool: &PgPool, ns: &str) -> (PostgresStore, Vec<Vec<u8>>, Token) {
+    let store = PostgresStore::builder(ns)
         .table(TABLE)
         .statement_timeout(Duration::from_secs(30))
         .no_purge()
@@ -48,6 +48,12 @@ async fn round(pool: &PgPool, round: usize) -> f64 {
     let token = batch.token;
     let claimed = store.claim(batch).await.expect("claim");
     assert!(claimed.iter().all(|c| *c == Claimed::Mine));
+    (store, keys, token)
+}
+
+async fn round(pool: &PgPool, round: usize) -> f64 {
+    let ns = format!("paired-{}-{round}", std::process::id());
+    let (store, keys, token) = claimed(pool, &ns).await;
     let effect = format!("INSERT INTO {EFFECTS} (k, amount) VALUES ($1, $2)");
     let mut took = [Duration::ZERO; 3];
     for (i, key) in keys.iter().enumerate() {
@@ -93,20 +99,7 @@ async fn round(pool: &PgPool, round: usize) -> f64 {
 /// answers the ratio of transactions per second.
 async fn round_of_several(pool: &PgPool, round: usize) -> f64 {
     let ns = format!("paired-{}-several-{round}", std::process::id());
-    let store = PostgresStore::builder(&ns)
-        .table(TABLE)
-        .statement_timeout(Duration::from_secs(30))
-        .no_purge()
-        .pool(pool.clone())
-        .await
-        .expect("store");
-    let keys: Vec<Vec<u8>> = (0..TRANSACTIONS)
-        .map(|i| format!("{ns}-{i:08}-{:0>16}", i * 7919).into_bytes())
-        .collect();
-    let batch = ClaimBatch::new(keys.clone(), Duration::from_secs(600));
-    let token = batch.token;
-    let claimed = store.claim(batch).await.expect("claim");
-    assert!(claimed.iter().all(|c| *c == Claimed::Mine));
+    let (store, keys, token) = claimed(pool, &ns).await;
     let effect = format!("INSERT INTO {EFFECTS} (k, amount) VALUES ($1, $2)");
     let mut took = [Duration::ZERO; 2];
     for (i, chunk) in keys.chunks(PER_TX).enumerate() {
