@@ -232,18 +232,38 @@ impl Inner {
         }
         self.ready().await?;
         let timeout = self.timeout;
-        for chunk in chunks(&sorted) {
-            let statement = self.sql.commit(&by_token(chunk), ttl);
-            // The statements answer the keys they left to another token: refused.
-            let refused = super::within(timeout, async {
-                (&mut *conn)
-                    .fetch_all(sqlx::raw_sql(&statement))
-                    .await
-                    .map_err(|e| conn::map_error(OP, e, timeout))
-            })
-            .await?;
-            if !refused.is_empty() {
-                return Ok(false);
+        let namespace = self.namespace.as_bytes();
+        let us = i64::try_from(sql::micros(ttl)).unwrap_or(i64::MAX);
+        // Per token, its keys in order: one prepared statement per chunk (of a shape's size).
+        // Its reply flags a refusal (the insert id): no read-back.
+        for (token, keys) in by_token(&sorted) {
+            let token = token.to_bytes();
+            for chunk in keys.chunks(KEYS_PER_STATEMENT) {
+                let n = sql::shape_for(chunk.len());
+                let last = chunk[chunk.len() - 1];
+                let mut args = MySqlArguments::default();
+                for key in chunk.iter().copied().chain(std::iter::repeat(last)).take(n) {
+                    add(&mut args, namespace)?;
+                    add(&mut args, key)?;
+                    add(&mut args, &token[..])?;
+                    add(&mut args, us)?;
+                }
+                for _ in 0..4 {
+                    add(&mut args, &token[..])?;
+                }
+                add(&mut args, us)?;
+                let statement = self.sql.commit_rows(n);
+                let query = sqlx::query_with::<MySql, _>(&statement, args).persistent(true);
+                let done = super::within(timeout, async {
+                    (&mut *conn)
+                        .execute(query)
+                        .await
+                        .map_err(|e| conn::map_error(OP, e, timeout))
+                })
+                .await?;
+                if done.last_insert_id() != 0 {
+                    return Ok(false);
+                }
             }
         }
         Ok(true)

@@ -467,8 +467,9 @@ impl MySqlStore {
 
     /// Marks several claims' keys done for `ttl` inside the caller's transaction:
     /// [`commit_in`](Self::commit_in) for a transaction that writes the effects of several
-    /// messages. One multi-row upsert per token (keys sorted), then the refused keys read
-    /// back, in one round trip (up to 1,000 keys; more in several). Answers `true` if every
+    /// messages. One prepared multi-row upsert per token that the keys were claimed under
+    /// (keys sorted; up to 1,000 a statement), whose reply says whether it refused any key:
+    /// one round trip per token, no read-back. Answers `true` if every
     /// key was still held by its claim's token (in flight, done by it already, or free) and
     /// is now marked; `false` if another claim holds one of them (or `keys` names one key
     /// under two tokens), and then the others may be marked: roll the transaction back.

@@ -135,6 +135,8 @@ enum Kind {
     Insert(Record),
     Returning(Record),
     Select(Record),
+    /// [`Sql::commit_rows`].
+    Commit,
 }
 
 /// Statement texts by kind and size.
@@ -276,6 +278,14 @@ impl Sql {
         &self.commit_one
     }
 
+    /// [`commit_one`](Sql::commit_one) for a chunk of `n` keys held by one token (a size of
+    /// [`SHAPES`], padded by repeating the last key, which changes nothing): the parameters
+    /// (namespace, key, token, µs of the ttl) per row, then the token four times and the µs.
+    /// The reply's insert id is 1 when any key was refused, 0 when every one was marked.
+    pub(super) fn commit_rows(&self, n: usize) -> Arc<str> {
+        self.shape(Kind::Commit, n, || commit_rows(&self.table, n))
+    }
+
     /// The statement of `kind` for `n` keys, built once.
     fn shape(&self, kind: Kind, n: usize, build: impl FnOnce() -> String) -> Arc<str> {
         let mut shapes = self.shapes.lock().unwrap_or_else(PoisonError::into_inner);
@@ -413,14 +423,21 @@ impl Sql {
 
 /// The text of [`Sql::commit_one`] for the quoted `table`.
 fn commit_one(table: &str) -> String {
+    commit_rows(table, 1)
+}
+
+/// [`Sql::commit_rows`]'s text.
+fn commit_rows(table: &str, n: usize) -> String {
     // `done` first (its condition reads the old token and expiry), then `token` (its own old
     // value and the old expiry), then `expires_at`: whether MariaDB evaluates the assignments
     // in order or simultaneously, each condition is "held by this token, or expired". Only
     // the refusal calls `LAST_INSERT_ID(1)` (`IF` evaluates the branch it takes only).
     let mine = format!("token = ? OR expires_at <= {NOW}");
+    let row = format!("(?, ?, ?, 1, {NOW} + INTERVAL ? MICROSECOND)");
+    let rows = vec![row.as_str(); n].join(", ");
     format!(
         "INSERT INTO {table} (namespace, k, token, done, expires_at) \
-         VALUES (?, ?, ?, 1, {NOW} + INTERVAL ? MICROSECOND) \
+         VALUES {rows} \
          ON DUPLICATE KEY UPDATE \
          done = IF({mine}, 1, done + 0 * LAST_INSERT_ID(1)), \
          token = IF({mine}, ?, token), \
