@@ -200,9 +200,9 @@ impl Inner {
             .collect())
     }
 
-    /// [`MySqlStore::commit_all_in`](super::MySqlStore::commit_all_in): the batch commit's
-    /// statements on the caller's connection, inside its transaction (no `BEGIN`/`COMMIT` of
-    /// their own); `true` if no key was refused.
+    /// [`MySqlStore::commit_all_in`](super::MySqlStore::commit_all_in): prepared multi-row
+    /// upserts ([`commit_rows`](sql::Sql::commit_rows)) on the caller's connection, inside its
+    /// transaction (no `BEGIN`/`COMMIT` of their own); `true` if no key was refused.
     pub(super) async fn commit_in_tx(
         &self,
         conn: &mut MySqlConnection,
