@@ -171,6 +171,16 @@ fn window<S: ClaimStore>(store: S) -> StoreWindow<S> {
         .timeout(Duration::from_secs(5))
 }
 
+/// A window whose claims' leases run out after `lease` (keep-alive off).
+fn short_lease(store: PostgresStore, lease: Duration) -> StoreWindow<PostgresStore> {
+    Window::max_keys(100)
+        .ttl(TTL)
+        .lease(lease)
+        .keep_alive(false)
+        .store(store)
+        .timeout(Duration::from_secs(5))
+}
+
 /// The next claim, within a deadline.
 async fn next<S: futures::Stream + Unpin>(claims: &mut S) -> S::Item {
     tokio::time::timeout(PATIENCE, claims.next())
@@ -275,14 +285,7 @@ async fn a_lost_lease_rolls_the_effect_back() {
     };
     let fx = Scratch::new(&url, "eo-lease").await;
     let lease = Duration::from_millis(500);
-    let short = |store: PostgresStore| {
-        Window::max_keys(100)
-            .ttl(TTL)
-            .lease(lease)
-            .keep_alive(false)
-            .store(store)
-            .timeout(Duration::from_secs(5))
-    };
+    let short = |store: PostgresStore| short_lease(store, lease);
     let store_a = fx.store().await;
     let pool_a = store_a.pool().clone();
     let mut a = pin!(
@@ -507,14 +510,7 @@ async fn commit_all_with_rolls_every_effect_back_when_one_lease_is_lost() {
     };
     let fx = Scratch::new(&url, "eo-all-lost").await;
     let lease = Duration::from_millis(500);
-    let short = |store: PostgresStore| {
-        Window::max_keys(100)
-            .ttl(TTL)
-            .lease(lease)
-            .keep_alive(false)
-            .store(store)
-            .timeout(Duration::from_secs(5))
-    };
+    let short = |store: PostgresStore| short_lease(store, lease);
     let store_a = fx.store().await;
     let pool_a = store_a.pool().clone();
     let orders: Vec<String> = (1..=3).map(|i| format!("order-{i}")).collect();
@@ -570,6 +566,91 @@ async fn commit_all_with_rolls_every_effect_back_when_one_lease_is_lost() {
         .unwrap();
     claim_b.commit_with(tx_b).await.expect("B still holds it");
     assert_eq!(fx.effects().await, [("order-2".to_owned(), 2)]);
+}
+
+/// `commit_all_with` fails whole: with a claim of a window on another store
+/// (`NotTransactional`), and when the `COMMIT` itself fails (a deferred constraint). Each
+/// time every effect is rolled back, every item given back, and every key released, so the
+/// redeliveries are processed again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(not(server_postgres), ignore = "set STREAM_DEDUP_POSTGRES_URL")]
+async fn commit_all_with_fails_whole_and_releases_every_key() {
+    let Some(url) = pg::url("commit_all_with_fails_whole_and_releases_every_key") else {
+        return;
+    };
+    let mut fx = Scratch::new(&url, "eo-all-fail").await;
+    let checks = table_name("eo_ck");
+    fx.tables.push(checks.clone());
+    fx.execute(&format!(
+        "CREATE TABLE {checks} (id int, UNIQUE (id) DEFERRABLE INITIALLY DEFERRED); \
+         INSERT INTO {checks} VALUES (1)"
+    ))
+    .await;
+    let store = fx.store().await;
+    let pool = store.pool().clone();
+    let (deliver, deliveries) = tokio::sync::mpsc::unbounded_channel::<String>();
+    let mut claims = Box::pin(
+        UnboundedReceiverStream::new(deliveries)
+            .claim_by_key(|m: &String| m.clone(), window(store))
+            .held_back(HeldBack::Wait { max_parked: 8 }),
+    );
+    let mut elsewhere = pin!(
+        stream::iter(["order-x".to_owned()])
+            .claim_by_key(|m: &String| m.clone(), window(MemoryStore::new()))
+    );
+    let orders = ["order-1".to_owned(), "order-2".to_owned()];
+    let deliver_both = || {
+        for order in &orders {
+            deliver.send(order.clone()).unwrap();
+        }
+    };
+
+    // A claim of a window on a MemoryStore among them: refused, nothing stays.
+    deliver_both();
+    let mut batch = vec![next(&mut claims).await, next(&mut claims).await];
+    batch.push(next(&mut elsewhere).await);
+    let mut tx = pool.begin().await.unwrap();
+    for claim in &batch {
+        write_effect(&mut tx, &fx.effects, claim, 1).await.unwrap();
+    }
+    let error = Claim::commit_all_with(batch, tx)
+        .await
+        .expect_err("not this store");
+    assert!(
+        matches!(error.error(), StoreError::NotTransactional(_)),
+        "{:?}",
+        error.error()
+    );
+    assert_eq!(error.into_item(), ["order-1", "order-2", "order-x"]);
+    assert!(fx.effects().await.is_empty());
+
+    // Delivered again: claimed again (released); now the COMMIT fails.
+    deliver_both();
+    let batch = vec![next(&mut claims).await, next(&mut claims).await];
+    let mut tx = pool.begin().await.unwrap();
+    for claim in &batch {
+        write_effect(&mut tx, &fx.effects, claim, 2).await.unwrap();
+    }
+    sqlx::query(&format!("INSERT INTO {checks} VALUES (1)"))
+        .execute(&mut *tx)
+        .await
+        .expect("deferred: checked at COMMIT");
+    let error = Claim::commit_all_with(batch, tx)
+        .await
+        .expect_err("COMMIT fails");
+    assert_eq!(error.into_item(), orders);
+    assert!(fx.effects().await.is_empty());
+
+    // Delivered again: claimed again, and this time committed.
+    deliver_both();
+    let batch = vec![next(&mut claims).await, next(&mut claims).await];
+    let mut tx = pool.begin().await.unwrap();
+    for claim in &batch {
+        write_effect(&mut tx, &fx.effects, claim, 3).await.unwrap();
+    }
+    assert_eq!(Claim::commit_all_with(batch, tx).await.unwrap(), orders);
+    assert_eq!(fx.effects().await.len(), 2);
+    assert_eq!(fx.key_rows().await, [true, true]);
 }
 
 // ---------------------------------------------------------------------------------------------

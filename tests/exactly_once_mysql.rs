@@ -16,7 +16,7 @@ use std::time::Duration;
 use futures::{StreamExt, stream};
 use stream_dedup::sqlx::{self, MySql, Transaction};
 use stream_dedup::store::{MemoryStore, MySqlStore, StoreError, Token};
-use stream_dedup::{Claim, DedupStreamExt, Window};
+use stream_dedup::{Claim, DedupStreamExt, StoreWindow, Window};
 use support::mysql_server;
 
 const TTL: Duration = Duration::from_secs(600);
@@ -94,6 +94,15 @@ async fn write_effect(
     .map(drop)
 }
 
+/// A window whose claims' leases run out after `lease` (keep-alive off).
+fn short_lease(store: MySqlStore, lease: Duration) -> StoreWindow<MySqlStore> {
+    Window::max_keys(100)
+        .ttl(TTL)
+        .lease(lease)
+        .keep_alive(false)
+        .store(store)
+}
+
 /// The effect and the key commit together; a redelivery to another consumer is a duplicate.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[cfg_attr(not(server_mysql), ignore = "set STREAM_DEDUP_MYSQL_URL")]
@@ -134,13 +143,7 @@ async fn a_lost_lease_rolls_the_effect_back() {
     };
     let fx = Scratch::new(&url, "eo-my-lease").await;
     let lease = Duration::from_millis(500);
-    let short = |store| {
-        Window::max_keys(100)
-            .ttl(TTL)
-            .lease(lease)
-            .keep_alive(false)
-            .store(store)
-    };
+    let short = |store| short_lease(store, lease);
     let store_a = fx.store().await;
     let mut a = pin!(
         stream::iter(["order-7".to_owned()])
@@ -189,13 +192,7 @@ async fn commit_all_with_commits_every_key_or_none() {
     };
     let fx = Scratch::new(&url, "eo-my-all").await;
     let lease = Duration::from_millis(500);
-    let short = |store| {
-        Window::max_keys(100)
-            .ttl(TTL)
-            .lease(lease)
-            .keep_alive(false)
-            .store(store)
-    };
+    let short = |store| short_lease(store, lease);
     let store_a = fx.store().await;
     let orders: Vec<String> = (1..=6).map(|i| format!("order-{i}")).collect();
     let mut a = pin!(

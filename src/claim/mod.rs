@@ -230,8 +230,9 @@ impl<T> Claim<T> {
     /// done **inside `tx`**, the transaction in which the effects of all their items were
     /// written, then commits `tx`, then marks the keys done in memory and gives the items back
     /// in the order of `claims`, ready to ack. For consumers that write the effects of several
-    /// messages in one transaction: the marks of one window's claims are one statement, so
-    /// their cost is shared by every effect of the transaction.
+    /// messages in one transaction, which `commit_with` (one claim per transaction) cannot
+    /// commit: the keys of one window's claims are marked by one statement (on MySQL, one per
+    /// read-ahead batch that claimed them).
     ///
     /// Every claim must still hold its key; if one does not (its lease ran out and another
     /// claim took it), `tx` is rolled back — every effect — and the error is

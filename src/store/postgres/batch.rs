@@ -2,6 +2,8 @@
 
 use std::cmp::Ordering;
 
+use crate::store::Token;
+
 /// The distinct keys of a batch, sorted as PostgreSQL sorts `bytea` (bytewise, then shorter
 /// first: the same order as Rust's `[u8]`), with, for every input key, where it went.
 ///
@@ -94,6 +96,16 @@ impl<'a> SortedHeld<'a> {
             rounds[round].push(i);
         }
         rounds
+    }
+
+    /// The keys and tokens of the pairs at `at` (indices into `pairs`), as the statements'
+    /// two array parameters.
+    pub(super) fn columns(&self, at: impl Iterator<Item = usize>) -> (Vec<&'a [u8]>, Vec<String>) {
+        at.map(|i| {
+            let (key, token) = self.pairs[i];
+            (key, Token::from_u128(token).to_string())
+        })
+        .unzip()
     }
 
     /// Per input pair, its distinct pair's answer.

@@ -181,11 +181,7 @@ impl Inner {
             vec![(0..sorted.pairs.len()).collect()]
         };
         for round in rounds {
-            let keys: Vec<&[u8]> = round.iter().map(|&i| sorted.pairs[i].0).collect();
-            let tokens: Vec<String> = round
-                .iter()
-                .map(|&i| Token::from_u128(sorted.pairs[i].1).to_string())
-                .collect();
+            let (keys, tokens) = sorted.columns(round.iter().copied());
             let rows = self
                 .fetch_all(op, || {
                     sqlx::query(sql)
@@ -226,12 +222,7 @@ impl Inner {
         }
         self.check_keys(held.iter().map(|(k, _)| k.as_slice()))?;
         let sorted = SortedHeld::new(held.iter().map(|(k, t)| (k.as_slice(), t.as_u128())));
-        let keys: Vec<&[u8]> = sorted.pairs.iter().map(|p| p.0).collect();
-        let tokens: Vec<String> = sorted
-            .pairs
-            .iter()
-            .map(|p| Token::from_u128(p.1).to_string())
-            .collect();
+        let (keys, tokens) = sorted.columns(0..sorted.pairs.len());
         self.fetch_all(op, || {
             sqlx::query(sql)
                 .bind(&*self.namespace)

@@ -390,12 +390,7 @@ impl PostgresStore {
             // write one row twice.
             return Ok(false);
         }
-        let sorted_keys: Vec<&[u8]> = sorted.pairs.iter().map(|p| p.0).collect();
-        let tokens: Vec<String> = sorted
-            .pairs
-            .iter()
-            .map(|p| Token::from_u128(p.1).to_string())
-            .collect();
+        let (sorted_keys, tokens) = sorted.columns(0..sorted.pairs.len());
         let statement = sqlx::query(&inner.sql.commit)
             .bind(&*inner.namespace)
             .bind(&sorted_keys)
